@@ -1,0 +1,169 @@
+//! The attention-scale policy, and the scaled dot-product attention that uses it.
+//!
+//! This is the one place where a softmax scale is chosen. Stable Diffusion was trained with 1/√d. At
+//! another resolution a self-attention layer attends over N keys instead of the T it was trained on, and
+//! the entropy of its attention rows drifts like log N (Jin et al., NeurIPS 2023, Eq. 5). Scaling the
+//! logits by √(log_T N / d) = (1/√d)·√(ln N / ln T) keeps that entropy at its training value.
+
+use candle_core::{DType, Result, Tensor};
+
+/// How the UNet's attention logits are scaled. A forward-time argument, so one loaded model renders
+/// every mode for the same seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionScale {
+    /// 1/√d everywhere, as the model was trained.
+    Default,
+    /// The paper's √(log_T N / d) in the UNet's self-attention; cross-attention keeps 1/√d.
+    /// `train_latent` is the training size in latent pixels (height, width), e.g. (64, 64) for
+    /// SD 2.1-base, from which each level's training token count T is derived.
+    Entropy { train_latent: (usize, usize) },
+}
+
+impl AttentionScale {
+    /// Softmax scale for a UNet self-attention layer at `level` (0 = full latent resolution, each level
+    /// below halves it) attending over `n_keys` tokens with heads of size `head_dim`.
+    pub fn self_attention(self, head_dim: usize, n_keys: usize, level: usize) -> f64 {
+        let default = default_scale(head_dim);
+        match self {
+            AttentionScale::Default => default,
+            AttentionScale::Entropy { train_latent } => {
+                let n = n_keys.max(2) as f64;
+                let t = train_tokens(train_latent, level).max(2) as f64;
+                // Written as default·√(ln N / ln T) so that N = T gives exactly 1/√d, bit for bit:
+                // the two modes must render identical images at the training size.
+                default * (n.ln() / t.ln()).sqrt()
+            }
+        }
+    }
+
+    /// Cross-attention attends over the 77 text tokens at every resolution: its scale never changes.
+    pub fn cross_attention(self, head_dim: usize) -> f64 {
+        default_scale(head_dim)
+    }
+}
+
+/// The scale the model was trained with.
+pub fn default_scale(head_dim: usize) -> f64 {
+    1.0 / (head_dim as f64).sqrt()
+}
+
+/// Token count of a UNet level at the training size: ⌈h₀/2^ℓ⌉·⌈w₀/2^ℓ⌉ (stride-2 convs with padding 1
+/// round odd sizes up).
+pub fn train_tokens((height, width): (usize, usize), level: usize) -> usize {
+    let halve = |mut x: usize| {
+        for _ in 0..level {
+            x = x.div_ceil(2);
+        }
+        x
+    };
+    halve(height) * halve(width)
+}
+
+/// Upper bound on the f32 attention scores held at once: queries are processed in chunks so that
+/// large images never materialise the full N×N matrix (64 MiB of f32 scores per chunk).
+const MAX_SCORES_PER_CHUNK: usize = 16 * 1024 * 1024;
+
+/// softmax(scale · q·kᵀ)·v with q (b, n_q, d), k and v (b, n_k, d) — b already folds batch and heads.
+///
+/// The softmax runs in f32 whatever the input dtype (as diffusers upcasts), and queries are chunked so
+/// memory stays bounded at large sizes; every query row is computed independently, so chunking does not
+/// change the result.
+pub fn scaled_dot_product_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    chunked_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK)
+}
+
+fn chunked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    max_scores: usize,
+) -> Result<Tensor> {
+    let (batch, n_queries, _head_dim) = q.dims3()?;
+    let n_keys = k.dim(1)?;
+    let in_dtype = q.dtype();
+    let k_t = k.to_dtype(DType::F32)?.t()?.contiguous()?; // (b, d, n_k)
+    let v = v.to_dtype(DType::F32)?.contiguous()?;
+    let rows_per_chunk = (max_scores / (batch * n_keys).max(1)).clamp(1, n_queries);
+    let mut outputs = Vec::with_capacity(n_queries.div_ceil(rows_per_chunk));
+    let mut start = 0;
+    while start < n_queries {
+        let len = rows_per_chunk.min(n_queries - start);
+        let q_chunk = q.narrow(1, start, len)?.to_dtype(DType::F32)?;
+        let scores = (q_chunk.matmul(&k_t)? * scale)?; // (b, len, n_k)
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        outputs.push(probs.matmul(&v)?); // (b, len, d)
+        start += len;
+    }
+    let out = if outputs.len() == 1 {
+        outputs.pop().unwrap()
+    } else {
+        Tensor::cat(&outputs, 1)?
+    };
+    out.to_dtype(in_dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    const SD21: (usize, usize) = (64, 64);
+
+    #[test]
+    fn training_tokens_per_level_for_sd21() {
+        let tokens: Vec<usize> = (0..4).map(|level| train_tokens(SD21, level)).collect();
+        assert_eq!(tokens, [4096, 1024, 256, 64]);
+        assert_eq!(train_tokens((9, 7), 1), 5 * 4);
+    }
+
+    #[test]
+    fn entropy_equals_default_at_the_training_size() {
+        let entropy = AttentionScale::Entropy { train_latent: SD21 };
+        for (level, n) in [(0, 4096), (1, 1024), (2, 256), (3, 64)] {
+            assert_eq!(
+                entropy.self_attention(64, n, level).to_bits(),
+                AttentionScale::Default
+                    .self_attention(64, n, level)
+                    .to_bits()
+            );
+        }
+    }
+
+    #[test]
+    fn entropy_scale_follows_the_paper() {
+        let entropy = AttentionScale::Entropy { train_latent: SD21 };
+        // 224 px → 28×28 = 784 tokens at the top level, trained on 4096.
+        let expected = ((784f64).ln() / (4096f64).ln() / 64.0).sqrt();
+        assert!((entropy.self_attention(64, 784, 0) - expected).abs() < 1e-15);
+        // Smaller images get a smaller scale (flatter attention), larger ones a larger one.
+        assert!(entropy.self_attention(64, 784, 0) < default_scale(64));
+        assert!(entropy.self_attention(64, 9216, 0) > default_scale(64));
+        // Clamped: one key would otherwise give ln 1 = 0.
+        assert!(entropy.self_attention(64, 1, 3) > 0.0);
+        assert_eq!(entropy.cross_attention(64), default_scale(64));
+    }
+
+    #[test]
+    fn chunked_attention_matches_the_plain_formula() -> Result<()> {
+        let device = Device::Cpu;
+        let q = Tensor::randn(0f32, 1., (3, 50, 8), &device)?;
+        let k = Tensor::randn(0f32, 1., (3, 40, 8), &device)?;
+        let v = Tensor::randn(0f32, 1., (3, 40, 8), &device)?;
+        let scale = 0.3;
+        let expected =
+            candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?.matmul(&v)?;
+        // One chunk, then chunks of 7 rows (the last one shorter).
+        for max_scores in [MAX_SCORES_PER_CHUNK, 3 * 40 * 7] {
+            let got = chunked_attention(&q, &k, &v, scale, max_scores)?;
+            let diff = (got - &expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-6, "max difference {diff}");
+        }
+        Ok(())
+    }
+}

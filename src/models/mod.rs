@@ -1,0 +1,4 @@
+//! The three networks of Stable Diffusion, one file each, with diffusers' parameter names.
+pub mod clip;
+pub mod unet;
+pub mod vae;

@@ -1,0 +1,939 @@
+//! SD 2.1-base's `UNet2DConditionModel`, built from its `unet/config.json`, with diffusers' parameter
+//! names so `diffusion_pytorch_model.safetensors` maps 1:1.
+//!
+//! Reference: diffusers 0.42.1 `models/unets/unet_2d_condition.py`, `unet_2d_blocks.py`,
+//! `transformers/transformer_2d.py`, `attention.py` (BasicTransformerBlock, FeedForward/GEGLU) and
+//! `attention_processor.py` (Attention + AttnProcessor2_0). We own this network because its attention
+//! scale is the point of the project and candle-transformers keeps that scale private; the ResNet
+//! blocks and timestep embeddings are candle-transformers' own, which match diffusers.
+//!
+//! Levels: down block i runs at level i (level 0 = full latent resolution), the mid block at the
+//! deepest level, up block j at level (blocks − 1 − j). The attention-scale policy needs the level to
+//! know how many tokens that layer saw in training.
+
+use crate::attention::{scaled_dot_product_attention, AttentionScale};
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{
+    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm,
+};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
+use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+use serde::Deserialize;
+
+// ---------------------------------------------------------------------------------------------
+// Config
+
+/// A config value diffusers accepts either as one number for every block or as a per-block list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlock {
+    One(usize),
+    Each(Vec<usize>),
+}
+
+impl PerBlock {
+    fn expand(&self, blocks: usize, name: &str) -> std::result::Result<Vec<usize>, String> {
+        match self {
+            PerBlock::One(value) => Ok(vec![*value; blocks]),
+            PerBlock::Each(values) if values.len() == blocks => Ok(values.clone()),
+            PerBlock::Each(values) => Err(format!(
+                "{name} has {} entries for {blocks} blocks",
+                values.len()
+            )),
+        }
+    }
+}
+
+/// `unet/config.json` as diffusers writes it. Unknown keys are ignored; keys that would change the
+/// network in a way this file does not implement are checked in [`UNetConfig::validate`].
+#[derive(Debug, Clone, Deserialize)]
+pub struct UNetConfigFile {
+    pub sample_size: PerBlock,
+    #[serde(default = "four")]
+    pub in_channels: usize,
+    #[serde(default = "four")]
+    pub out_channels: usize,
+    #[serde(default = "yes")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+    pub down_block_types: Vec<String>,
+    #[serde(default = "mid_block_type")]
+    pub mid_block_type: Option<String>,
+    pub up_block_types: Vec<String>,
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "two")]
+    pub layers_per_block: usize,
+    #[serde(default = "one")]
+    pub downsample_padding: usize,
+    #[serde(default = "one_f")]
+    pub mid_block_scale_factor: f64,
+    #[serde(default = "silu")]
+    pub act_fn: String,
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: usize,
+    #[serde(default = "norm_eps")]
+    pub norm_eps: f64,
+    pub cross_attention_dim: usize,
+    #[serde(default = "one_per_block")]
+    pub transformer_layers_per_block: PerBlock,
+    #[serde(default = "eight_per_block")]
+    pub attention_head_dim: PerBlock,
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock>,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default)]
+    pub upcast_attention: bool,
+    #[serde(default)]
+    pub only_cross_attention: serde_json::Value,
+    #[serde(default)]
+    pub dual_cross_attention: bool,
+    #[serde(default)]
+    pub center_input_sample: bool,
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub encoder_hid_dim: Option<usize>,
+    #[serde(default = "default_str")]
+    pub resnet_time_scale_shift: String,
+    #[serde(default = "one_f")]
+    pub resnet_out_scale_factor: f64,
+    #[serde(default)]
+    pub resnet_skip_time_act: bool,
+    #[serde(default = "positional")]
+    pub time_embedding_type: String,
+    #[serde(default)]
+    pub time_embedding_dim: Option<usize>,
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<usize>,
+    #[serde(default)]
+    pub timestep_post_act: Option<String>,
+    #[serde(default = "three")]
+    pub conv_in_kernel: usize,
+    #[serde(default = "three")]
+    pub conv_out_kernel: usize,
+    #[serde(default = "default_str")]
+    pub attention_type: String,
+    #[serde(default)]
+    pub cross_attention_norm: Option<String>,
+    #[serde(default)]
+    pub num_class_embeds: Option<usize>,
+}
+
+fn one() -> usize {
+    1
+}
+fn two() -> usize {
+    2
+}
+fn three() -> usize {
+    3
+}
+fn four() -> usize {
+    4
+}
+fn thirty_two() -> usize {
+    32
+}
+fn one_f() -> f64 {
+    1.0
+}
+fn yes() -> bool {
+    true
+}
+fn norm_eps() -> f64 {
+    1e-5
+}
+fn silu() -> String {
+    "silu".into()
+}
+fn default_str() -> String {
+    "default".into()
+}
+fn positional() -> String {
+    "positional".into()
+}
+fn mid_block_type() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
+fn one_per_block() -> PerBlock {
+    PerBlock::One(1)
+}
+fn eight_per_block() -> PerBlock {
+    PerBlock::One(8)
+}
+
+/// The resolved UNet configuration: every per-block value expanded, every unsupported option refused.
+#[derive(Debug, Clone)]
+pub struct UNetConfig {
+    /// Training size in latent pixels (height, width): `sample_size`.
+    pub sample_size: (usize, usize),
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f64,
+    /// Whether down block i has cross-attention (CrossAttnDownBlock2D) or not (DownBlock2D).
+    pub down_block_has_attention: Vec<bool>,
+    pub up_block_has_attention: Vec<bool>,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub downsample_padding: usize,
+    pub mid_block_scale_factor: f64,
+    pub norm_num_groups: usize,
+    pub norm_eps: f64,
+    pub cross_attention_dim: usize,
+    pub transformer_layers_per_block: Vec<usize>,
+    /// Attention heads per down block. diffusers' historic naming: SD 2.x's `attention_head_dim`
+    /// ([5, 10, 20, 20]) is really the head *count* when `num_attention_heads` is absent.
+    pub num_attention_heads: Vec<usize>,
+    pub use_linear_projection: bool,
+}
+
+impl UNetConfig {
+    pub fn from_file(file: UNetConfigFile) -> std::result::Result<Self, String> {
+        let blocks = file.block_out_channels.len();
+        let unsupported = |key: &str, value: &dyn std::fmt::Debug| {
+            format!("unet config: {key} = {value:?} is not supported by sdscale (SD 2.1-base layout only)")
+        };
+        let truthy = |value: &serde_json::Value| match value {
+            serde_json::Value::Bool(b) => *b,
+            serde_json::Value::Array(values) => values.iter().any(|v| v.as_bool() == Some(true)),
+            _ => false,
+        };
+        if file.upcast_attention {
+            return Err(unsupported("upcast_attention", &true));
+        }
+        if truthy(&file.only_cross_attention) {
+            return Err(unsupported(
+                "only_cross_attention",
+                &file.only_cross_attention,
+            ));
+        }
+        if file.dual_cross_attention {
+            return Err(unsupported("dual_cross_attention", &true));
+        }
+        if file.center_input_sample {
+            return Err(unsupported("center_input_sample", &true));
+        }
+        for (key, value) in [
+            ("class_embed_type", &file.class_embed_type),
+            ("addition_embed_type", &file.addition_embed_type),
+            ("timestep_post_act", &file.timestep_post_act),
+            ("cross_attention_norm", &file.cross_attention_norm),
+        ] {
+            if value.is_some() {
+                return Err(unsupported(key, value));
+            }
+        }
+        for (key, value) in [
+            ("encoder_hid_dim", &file.encoder_hid_dim),
+            ("time_embedding_dim", &file.time_embedding_dim),
+            ("time_cond_proj_dim", &file.time_cond_proj_dim),
+            ("num_class_embeds", &file.num_class_embeds),
+        ] {
+            if value.is_some() {
+                return Err(unsupported(key, value));
+            }
+        }
+        for (key, value, expected) in [
+            ("act_fn", &file.act_fn, "silu"),
+            (
+                "resnet_time_scale_shift",
+                &file.resnet_time_scale_shift,
+                "default",
+            ),
+            (
+                "time_embedding_type",
+                &file.time_embedding_type,
+                "positional",
+            ),
+            ("attention_type", &file.attention_type, "default"),
+        ] {
+            if value != expected {
+                return Err(unsupported(key, value));
+            }
+        }
+        if file.resnet_skip_time_act {
+            return Err(unsupported("resnet_skip_time_act", &true));
+        }
+        if file.conv_in_kernel != 3 || file.conv_out_kernel != 3 {
+            return Err(unsupported(
+                "conv_in_kernel/conv_out_kernel",
+                &(file.conv_in_kernel, file.conv_out_kernel),
+            ));
+        }
+        if file.mid_block_type.as_deref() != Some("UNetMidBlock2DCrossAttn") {
+            return Err(unsupported("mid_block_type", &file.mid_block_type));
+        }
+        if blocks == 0
+            || file.down_block_types.len() != blocks
+            || file.up_block_types.len() != blocks
+        {
+            return Err(format!(
+                "unet config: {} down blocks, {} up blocks and {blocks} block_out_channels must agree",
+                file.down_block_types.len(),
+                file.up_block_types.len()
+            ));
+        }
+        let down_block_has_attention = file
+            .down_block_types
+            .iter()
+            .map(|t| match t.as_str() {
+                "CrossAttnDownBlock2D" => Ok(true),
+                "DownBlock2D" => Ok(false),
+                other => Err(unsupported("down_block_types", &other)),
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let up_block_has_attention = file
+            .up_block_types
+            .iter()
+            .map(|t| match t.as_str() {
+                "CrossAttnUpBlock2D" => Ok(true),
+                "UpBlock2D" => Ok(false),
+                other => Err(unsupported("up_block_types", &other)),
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let num_attention_heads = match &file.num_attention_heads {
+            Some(heads) => heads.expand(blocks, "num_attention_heads")?,
+            None => file
+                .attention_head_dim
+                .expand(blocks, "attention_head_dim")?,
+        };
+        let sample_size = match &file.sample_size {
+            PerBlock::One(size) => (*size, *size),
+            PerBlock::Each(sizes) if sizes.len() == 2 => (sizes[0], sizes[1]),
+            PerBlock::Each(sizes) => return Err(unsupported("sample_size", sizes)),
+        };
+        for (i, (&channels, &heads)) in file
+            .block_out_channels
+            .iter()
+            .zip(&num_attention_heads)
+            .enumerate()
+        {
+            if heads == 0 || channels % heads != 0 {
+                return Err(format!("unet config: block {i} has {channels} channels, not divisible by {heads} heads"));
+            }
+            if channels % file.norm_num_groups != 0 {
+                return Err(format!(
+                    "unet config: block {i} has {channels} channels, not divisible by {} groups",
+                    file.norm_num_groups
+                ));
+            }
+        }
+        Ok(Self {
+            sample_size,
+            in_channels: file.in_channels,
+            out_channels: file.out_channels,
+            flip_sin_to_cos: file.flip_sin_to_cos,
+            freq_shift: file.freq_shift,
+            down_block_has_attention,
+            up_block_has_attention,
+            block_out_channels: file.block_out_channels,
+            layers_per_block: file.layers_per_block,
+            downsample_padding: file.downsample_padding,
+            mid_block_scale_factor: file.mid_block_scale_factor,
+            norm_num_groups: file.norm_num_groups,
+            norm_eps: file.norm_eps,
+            cross_attention_dim: file.cross_attention_dim,
+            transformer_layers_per_block: file
+                .transformer_layers_per_block
+                .expand(blocks, "transformer_layers_per_block")?,
+            num_attention_heads,
+            use_linear_projection: file.use_linear_projection,
+        })
+    }
+
+    /// The deepest level (the mid block's).
+    fn deepest_level(&self) -> usize {
+        self.block_out_channels.len() - 1
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention: diffusers' `Attention` with `AttnProcessor2_0`, the softmax scale chosen per call.
+
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        let inner_dim = heads * head_dim;
+        Ok(Self {
+            to_q: linear_no_bias(query_dim, inner_dim, vb.pp("to_q"))?,
+            to_k: linear_no_bias(context_dim, inner_dim, vb.pp("to_k"))?,
+            to_v: linear_no_bias(context_dim, inner_dim, vb.pp("to_v"))?,
+            to_out: linear(inner_dim, query_dim, vb.pp("to_out.0"))?,
+            heads,
+            head_dim,
+        })
+    }
+
+    /// `xs` (b, n, c) attends to `context` (b, m, c'); `scale` multiplies the q·k logits.
+    fn forward(&self, xs: &Tensor, context: &Tensor, scale: f64) -> Result<Tensor> {
+        let (b, n, _) = xs.dims3()?;
+        let split_heads = |t: Tensor| {
+            let m = t.dim(1)?;
+            // (b, m, heads·d) → (b·heads, m, d)
+            t.reshape((b, m, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .reshape((b * self.heads, m, self.head_dim))
+        };
+        let q = split_heads(self.to_q.forward(xs)?)?;
+        let k = split_heads(self.to_k.forward(context)?)?;
+        let v = split_heads(self.to_v.forward(context)?)?;
+        let out = scaled_dot_product_attention(&q, &k, &v, scale)?; // (b·heads, n, d)
+        let out = out
+            .reshape((b, self.heads, n, self.head_dim))?
+            .transpose(1, 2)?
+            .reshape((b, n, ()))?;
+        self.to_out.forward(&out)
+    }
+}
+
+/// diffusers' `FeedForward` with the GEGLU activation: proj → (hidden, gate) → hidden·gelu(gate) → out.
+struct FeedForward {
+    proj: Linear,
+    out: Linear,
+}
+
+impl FeedForward {
+    fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+        let inner_dim = 4 * dim;
+        Ok(Self {
+            proj: linear(dim, 2 * inner_dim, vb.pp("net.0.proj"))?,
+            out: linear(inner_dim, dim, vb.pp("net.2"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let projected = self.proj.forward(xs)?;
+        let halves = projected.chunk(2, D::Minus1)?;
+        // GEGLU uses the exact (erf) GELU.
+        self.out.forward(&(&halves[0] * halves[1].gelu_erf()?)?)
+    }
+}
+
+/// `BasicTransformerBlock`: self-attention, cross-attention to the text, GEGLU feed-forward, each
+/// pre-normalised with a residual.
+struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        head_dim: usize,
+        cfg: &UNetConfig,
+    ) -> Result<Self> {
+        Ok(Self {
+            norm1: layer_norm(dim, cfg.norm_eps, vb.pp("norm1"))?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim)?,
+            norm2: layer_norm(dim, cfg.norm_eps, vb.pp("norm2"))?,
+            attn2: Attention::new(
+                vb.pp("attn2"),
+                dim,
+                cfg.cross_attention_dim,
+                heads,
+                head_dim,
+            )?,
+            norm3: layer_norm(dim, cfg.norm_eps, vb.pp("norm3"))?,
+            ff: FeedForward::new(vb.pp("ff"), dim)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        text: &Tensor,
+        self_scale: f64,
+        cross_scale: f64,
+    ) -> Result<Tensor> {
+        let normed = self.norm1.forward(xs)?;
+        let xs = (self.attn1.forward(&normed, &normed, self_scale)? + xs)?;
+        let xs = (self
+            .attn2
+            .forward(&self.norm2.forward(&xs)?, text, cross_scale)?
+            + xs)?;
+        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+    }
+}
+
+/// 1×1 input/output projection of a `Transformer2DModel`: a Linear over tokens (SD 2.x,
+/// `use_linear_projection`) or a 1×1 conv over the image (SD 1.x).
+enum Projection {
+    Linear(Linear),
+    Conv(Conv2d),
+}
+
+impl Projection {
+    fn new(vb: VarBuilder, channels: usize, use_linear: bool) -> Result<Self> {
+        Ok(if use_linear {
+            Projection::Linear(linear(channels, channels, vb)?)
+        } else {
+            Projection::Conv(conv2d(channels, channels, 1, Conv2dConfig::default(), vb)?)
+        })
+    }
+}
+
+/// `Transformer2DModel` (continuous input): group norm, project into tokens, transformer blocks,
+/// project back, residual.
+struct Transformer2DModel {
+    norm: GroupNorm,
+    proj_in: Projection,
+    transformer_blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+    head_dim: usize,
+    level: usize,
+}
+
+impl Transformer2DModel {
+    fn new(
+        vb: VarBuilder,
+        channels: usize,
+        heads: usize,
+        layers: usize,
+        level: usize,
+        cfg: &UNetConfig,
+    ) -> Result<Self> {
+        let head_dim = channels / heads;
+        // diffusers hard-codes eps = 1e-6 for this group norm.
+        let norm = group_norm(cfg.norm_num_groups, channels, 1e-6, vb.pp("norm"))?;
+        let transformer_blocks = (0..layers)
+            .map(|i| {
+                BasicTransformerBlock::new(
+                    vb.pp("transformer_blocks").pp(i),
+                    channels,
+                    heads,
+                    head_dim,
+                    cfg,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm,
+            proj_in: Projection::new(vb.pp("proj_in"), channels, cfg.use_linear_projection)?,
+            transformer_blocks,
+            proj_out: Projection::new(vb.pp("proj_out"), channels, cfg.use_linear_projection)?,
+            head_dim,
+            level,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, text: &Tensor, scale: AttentionScale) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let residual = xs;
+        let xs = self.norm.forward(xs)?;
+        let to_tokens = |t: Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c)); // (b, h·w, c)
+        let mut xs = match &self.proj_in {
+            Projection::Linear(proj) => proj.forward(&to_tokens(xs)?)?,
+            Projection::Conv(proj) => to_tokens(proj.forward(&xs)?)?,
+        };
+        // The policy decides both scales here, once per layer and call: N = this layer's h·w keys.
+        let self_scale = scale.self_attention(self.head_dim, h * w, self.level);
+        let cross_scale = scale.cross_attention(self.head_dim);
+        for block in &self.transformer_blocks {
+            xs = block.forward(&xs, text, self_scale, cross_scale)?;
+        }
+        let to_image = |t: Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous(); // (b, c, h, w)
+        let xs = match &self.proj_out {
+            Projection::Linear(proj) => to_image(proj.forward(&xs)?)?,
+            Projection::Conv(proj) => proj.forward(&to_image(xs)?)?,
+        };
+        xs + residual
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blocks
+
+fn resnet(
+    vb: VarBuilder,
+    in_channels: usize,
+    out_channels: usize,
+    temb: usize,
+    cfg: &UNetConfig,
+    scale: f64,
+) -> Result<ResnetBlock2D> {
+    let config = ResnetBlock2DConfig {
+        out_channels: Some(out_channels),
+        temb_channels: Some(temb),
+        groups: cfg.norm_num_groups,
+        groups_out: None,
+        eps: cfg.norm_eps,
+        use_in_shortcut: None,
+        output_scale_factor: scale,
+    };
+    ResnetBlock2D::new(vb, in_channels, config)
+}
+
+/// `CrossAttnDownBlock2D` (with attentions) or `DownBlock2D` (without), plus an optional stride-2 conv.
+struct DownBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+    downsampler: Option<Conv2d>,
+}
+
+impl DownBlock {
+    /// Returns the block output and every intermediate state the up path concatenates back.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        text: &Tensor,
+        scale: AttentionScale,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut xs = xs.clone();
+        let mut res_samples = Vec::with_capacity(self.resnets.len() + 1);
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            xs = resnet.forward(&xs, Some(temb))?;
+            if let Some(attention) = self.attentions.get(i) {
+                xs = attention.forward(&xs, text, scale)?;
+            }
+            res_samples.push(xs.clone());
+        }
+        if let Some(downsampler) = &self.downsampler {
+            xs = downsampler.forward(&xs)?;
+            res_samples.push(xs.clone());
+        }
+        Ok((xs, res_samples))
+    }
+}
+
+/// `CrossAttnUpBlock2D` or `UpBlock2D`: each resnet first concatenates one skip connection.
+struct UpBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+    upsampler: Option<Conv2d>,
+}
+
+impl UpBlock {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        skips: &mut Vec<Tensor>,
+        upsample_size: Option<(usize, usize)>,
+        temb: &Tensor,
+        text: &Tensor,
+        scale: AttentionScale,
+    ) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            let skip = skips
+                .pop()
+                .expect("the down path produced one skip per up resnet");
+            xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, Some(temb))?;
+            if let Some(attention) = self.attentions.get(i) {
+                xs = attention.forward(&xs, text, scale)?;
+            }
+        }
+        if let Some(upsampler) = &self.upsampler {
+            // diffusers' Upsample2D: nearest-neighbour to the matching skip's size (not always 2×:
+            // odd latent sizes such as 7 → 4 must come back to 7), then a 3×3 conv.
+            let (h, w) = upsample_size.expect("every upsampling block has a skip below it");
+            xs = upsampler.forward(&xs.upsample_nearest2d(h, w)?)?;
+        }
+        Ok(xs)
+    }
+}
+
+/// `UNetMidBlock2DCrossAttn`: resnet, then (attention, resnet) pairs.
+struct MidBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+}
+
+impl MidBlock {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        text: &Tensor,
+        scale: AttentionScale,
+    ) -> Result<Tensor> {
+        let mut xs = self.resnets[0].forward(xs, Some(temb))?;
+        for (attention, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
+            xs = attention.forward(&xs, text, scale)?;
+            xs = resnet.forward(&xs, Some(temb))?;
+        }
+        Ok(xs)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The model
+
+pub struct UNet2DConditionModel {
+    time_proj: Timesteps,
+    time_embedding: TimestepEmbedding,
+    conv_in: Conv2d,
+    down_blocks: Vec<DownBlock>,
+    mid_block: MidBlock,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    pub config: UNetConfig,
+}
+
+impl UNet2DConditionModel {
+    pub fn new(vb: VarBuilder, cfg: UNetConfig) -> Result<Self> {
+        let channels = &cfg.block_out_channels;
+        let blocks = channels.len();
+        let time_embed_dim = channels[0] * 4;
+        let pad1 = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+
+        let time_proj = Timesteps::new(channels[0], cfg.flip_sin_to_cos, cfg.freq_shift);
+        let time_embedding =
+            TimestepEmbedding::new(vb.pp("time_embedding"), channels[0], time_embed_dim)?;
+        let conv_in = conv2d(cfg.in_channels, channels[0], 3, pad1, vb.pp("conv_in"))?;
+
+        let transformer = |vb: VarBuilder, c: usize, block: usize, level: usize| {
+            Transformer2DModel::new(
+                vb,
+                c,
+                cfg.num_attention_heads[block],
+                cfg.transformer_layers_per_block[block],
+                level,
+                &cfg,
+            )
+        };
+
+        let mut down_blocks = Vec::with_capacity(blocks);
+        for (i, &out_channels) in channels.iter().enumerate() {
+            let vb = vb.pp("down_blocks").pp(i);
+            let in_channels = if i == 0 { channels[0] } else { channels[i - 1] };
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..cfg.layers_per_block {
+                let c_in = if j == 0 { in_channels } else { out_channels };
+                resnets.push(resnet(
+                    vb.pp("resnets").pp(j),
+                    c_in,
+                    out_channels,
+                    time_embed_dim,
+                    &cfg,
+                    1.0,
+                )?);
+                if cfg.down_block_has_attention[i] {
+                    attentions.push(transformer(vb.pp("attentions").pp(j), out_channels, i, i)?);
+                }
+            }
+            let is_final_block = i + 1 == blocks;
+            let downsampler = if is_final_block {
+                None
+            } else {
+                let config = Conv2dConfig {
+                    padding: cfg.downsample_padding,
+                    stride: 2,
+                    ..Default::default()
+                };
+                Some(conv2d(
+                    out_channels,
+                    out_channels,
+                    3,
+                    config,
+                    vb.pp("downsamplers.0.conv"),
+                )?)
+            };
+            down_blocks.push(DownBlock {
+                resnets,
+                attentions,
+                downsampler,
+            });
+        }
+
+        let mid_channels = channels[blocks - 1];
+        let mid_block = {
+            let vb = vb.pp("mid_block");
+            let scale = cfg.mid_block_scale_factor;
+            MidBlock {
+                resnets: vec![
+                    resnet(
+                        vb.pp("resnets.0"),
+                        mid_channels,
+                        mid_channels,
+                        time_embed_dim,
+                        &cfg,
+                        scale,
+                    )?,
+                    resnet(
+                        vb.pp("resnets.1"),
+                        mid_channels,
+                        mid_channels,
+                        time_embed_dim,
+                        &cfg,
+                        scale,
+                    )?,
+                ],
+                attentions: vec![transformer(
+                    vb.pp("attentions.0"),
+                    mid_channels,
+                    blocks - 1,
+                    cfg.deepest_level(),
+                )?],
+            }
+        };
+
+        let reversed: Vec<usize> = channels.iter().rev().copied().collect();
+        let mut up_blocks = Vec::with_capacity(blocks);
+        for (i, &out_channels) in reversed.iter().enumerate() {
+            let vb = vb.pp("up_blocks").pp(i);
+            let prev_output_channels = if i == 0 { reversed[0] } else { reversed[i - 1] };
+            let in_channels = reversed[(i + 1).min(blocks - 1)];
+            let level = blocks - 1 - i;
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            let layers = cfg.layers_per_block + 1;
+            for j in 0..layers {
+                let skip_channels = if j == layers - 1 {
+                    in_channels
+                } else {
+                    out_channels
+                };
+                let c_in = if j == 0 {
+                    prev_output_channels
+                } else {
+                    out_channels
+                };
+                resnets.push(resnet(
+                    vb.pp("resnets").pp(j),
+                    c_in + skip_channels,
+                    out_channels,
+                    time_embed_dim,
+                    &cfg,
+                    1.0,
+                )?);
+                if cfg.up_block_has_attention[i] {
+                    // Up block i mirrors down block (blocks − 1 − i): same heads and depth.
+                    attentions.push(transformer(
+                        vb.pp("attentions").pp(j),
+                        out_channels,
+                        level,
+                        level,
+                    )?);
+                }
+            }
+            let is_final_block = i + 1 == blocks;
+            let upsampler = if is_final_block {
+                None
+            } else {
+                Some(conv2d(
+                    out_channels,
+                    out_channels,
+                    3,
+                    pad1,
+                    vb.pp("upsamplers.0.conv"),
+                )?)
+            };
+            up_blocks.push(UpBlock {
+                resnets,
+                attentions,
+                upsampler,
+            });
+        }
+
+        let conv_norm_out = group_norm(
+            cfg.norm_num_groups,
+            channels[0],
+            cfg.norm_eps,
+            vb.pp("conv_norm_out"),
+        )?;
+        let conv_out = conv2d(channels[0], cfg.out_channels, 3, pad1, vb.pp("conv_out"))?;
+        Ok(Self {
+            time_proj,
+            time_embedding,
+            conv_in,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out,
+            conv_out,
+            config: cfg,
+        })
+    }
+
+    /// Predicts the noise in `sample` (b, 4, h, w) at `timestep`, conditioned on `encoder_hidden_states`
+    /// (b, 77, cross_attention_dim), with the attention logits scaled by `scale`.
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        scale: AttentionScale,
+    ) -> Result<Tensor> {
+        let batch = sample.dim(0)?;
+        // 1. time: sinusoidal embedding of t (f32, as diffusers), then cast to the compute dtype.
+        let timesteps = Tensor::full(timestep as f32, batch, sample.device())?;
+        let t_emb = self
+            .time_proj
+            .forward(&timesteps)?
+            .to_dtype(sample.dtype())?;
+        let emb = self.time_embedding.forward(&t_emb)?;
+
+        // 2. pre-process
+        let mut xs = self.conv_in.forward(sample)?;
+
+        // 3. down: keep every intermediate state for the skip connections.
+        let mut skips = vec![xs.clone()];
+        for block in &self.down_blocks {
+            let (out, res_samples) = block.forward(&xs, &emb, encoder_hidden_states, scale)?;
+            xs = out;
+            skips.extend(res_samples);
+        }
+
+        // 4. mid
+        xs = self
+            .mid_block
+            .forward(&xs, &emb, encoder_hidden_states, scale)?;
+
+        // 5. up: each block consumes its skips from the end; it upsamples to the size of the next
+        // skip in line (diffusers' `upsample_size`), so odd sizes round-trip exactly.
+        for block in &self.up_blocks {
+            let remaining = skips.len() - block.resnets.len();
+            let upsample_size = match remaining {
+                0 => None,
+                _ => {
+                    let (_, _, h, w) = skips[remaining - 1].dims4()?;
+                    Some((h, w))
+                }
+            };
+            xs = block.forward(
+                &xs,
+                &mut skips,
+                upsample_size,
+                &emb,
+                encoder_hidden_states,
+                scale,
+            )?;
+        }
+
+        // 6. post-process
+        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        self.conv_out.forward(&xs)
+    }
+}

@@ -1,0 +1,304 @@
+//! DDIM (Song et al. 2020) exactly as diffusers' `DDIMScheduler` computes it, with eta = 0.
+//!
+//! Reference: diffusers 0.42.1 `schedulers/scheduling_ddim.py`. SD 2.1-base ships a *PNDM* scheduler
+//! config; diffusers' `DDIMScheduler.from_config` reads the shared fields and ignores `_class_name`,
+//! so we do the same: read the fields, fill DDIM's defaults for the missing ones, refuse what we do not
+//! implement.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use serde::Deserialize;
+use std::path::Path;
+
+/// The fields of `scheduler/scheduler_config.json` that DDIM reads; defaults are DDIMScheduler's.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct DdimConfig {
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    /// "linear" or "scaled_linear" (SD) ; "squaredcos_cap_v2" is refused.
+    pub beta_schedule: String,
+    pub trained_betas: Option<Vec<f64>>,
+    /// Whether the step past t = 0 uses ᾱ = 1 (true) or ᾱ₀ (false, as SD 2.1 says).
+    pub set_alpha_to_one: bool,
+    pub steps_offset: usize,
+    pub clip_sample: bool,
+    pub clip_sample_range: f64,
+    pub thresholding: bool,
+    /// "leading" (SD 2.1), "trailing" or "linspace".
+    pub timestep_spacing: String,
+    /// Only "epsilon" (SD 2.1-base) is implemented.
+    pub prediction_type: String,
+    pub rescale_betas_zero_snr: bool,
+}
+
+impl Default for DdimConfig {
+    fn default() -> Self {
+        // DDIMScheduler.__init__ defaults.
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 0.0001,
+            beta_end: 0.02,
+            beta_schedule: "linear".into(),
+            trained_betas: None,
+            set_alpha_to_one: true,
+            steps_offset: 0,
+            clip_sample: true,
+            clip_sample_range: 1.0,
+            thresholding: false,
+            timestep_spacing: "leading".into(),
+            prediction_type: "epsilon".into(),
+            rescale_betas_zero_snr: false,
+        }
+    }
+}
+
+impl DdimConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading scheduler config {}", path.display()))?;
+        let config: Self = serde_json::from_str(&text)
+            .with_context(|| format!("parsing scheduler config {}", path.display()))?;
+        config
+            .validate()
+            .with_context(|| format!("scheduler config {}", path.display()))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.prediction_type != "epsilon" {
+            bail!(
+                "prediction_type {:?} is not supported (sdscale implements SD 2.1-base's \"epsilon\"; \
+                 v-prediction models such as SD 2.1 768 are not supported yet)",
+                self.prediction_type
+            );
+        }
+        if self.thresholding {
+            bail!("thresholding: true is not supported");
+        }
+        if self.rescale_betas_zero_snr {
+            bail!("rescale_betas_zero_snr: true is not supported");
+        }
+        if !["linear", "scaled_linear"].contains(&self.beta_schedule.as_str())
+            && self.trained_betas.is_none()
+        {
+            bail!(
+                "beta_schedule {:?} is not supported (use linear or scaled_linear)",
+                self.beta_schedule
+            );
+        }
+        if !["leading", "trailing", "linspace"].contains(&self.timestep_spacing.as_str()) {
+            bail!(
+                "timestep_spacing {:?} is not supported",
+                self.timestep_spacing
+            );
+        }
+        if self.num_train_timesteps < 2 {
+            bail!("num_train_timesteps must be at least 2");
+        }
+        Ok(())
+    }
+}
+
+/// `torch.linspace(start, end, n, dtype=torch.float32)`: ATen fills the first half forward from `start`
+/// and the second half backward from `end`, in float32 (aten/src/ATen/native/cpu/RangeFactoriesKernel.cpp).
+fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
+    if n == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (n - 1) as f32;
+    let halfway = n / 2;
+    (0..n)
+        .map(|i| {
+            if i < halfway {
+                start + step * i as f32
+            } else {
+                end - step * (n - i - 1) as f32
+            }
+        })
+        .collect()
+}
+
+pub struct DdimScheduler {
+    /// ᾱ_t for every training timestep, float32 as in diffusers (`torch.cumprod` of float32 alphas).
+    pub alphas_cumprod: Vec<f32>,
+    /// The inference timesteps, from noisiest to cleanest (e.g. 981, 961, …, 1 for 50 leading steps).
+    pub timesteps: Vec<usize>,
+    final_alpha_cumprod: f32,
+    step_ratio: usize,
+    config: DdimConfig,
+}
+
+impl DdimScheduler {
+    pub fn new(config: &DdimConfig, num_inference_steps: usize) -> Result<Self> {
+        let n_train = config.num_train_timesteps;
+        if num_inference_steps == 0 || num_inference_steps > n_train {
+            bail!("steps must be between 1 and {n_train}, got {num_inference_steps}");
+        }
+        let betas: Vec<f32> = match (&config.trained_betas, config.beta_schedule.as_str()) {
+            (Some(betas), _) => betas.iter().map(|&b| b as f32).collect(),
+            (None, "linear") => {
+                linspace_f32(config.beta_start as f32, config.beta_end as f32, n_train)
+            }
+            // diffusers: torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=float32) ** 2
+            (None, _) => linspace_f32(
+                (config.beta_start).sqrt() as f32,
+                (config.beta_end).sqrt() as f32,
+                n_train,
+            )
+            .into_iter()
+            .map(|b| b * b)
+            .collect(),
+        };
+        let alphas_cumprod: Vec<f32> = betas
+            .iter()
+            .scan(1f32, |product, beta| {
+                *product *= 1.0 - beta;
+                Some(*product)
+            })
+            .collect();
+        let final_alpha_cumprod = if config.set_alpha_to_one {
+            1.0
+        } else {
+            alphas_cumprod[0]
+        };
+
+        let step_ratio = n_train / num_inference_steps;
+        // diffusers DDIMScheduler.set_timesteps
+        let timesteps: Vec<usize> = match config.timestep_spacing.as_str() {
+            "linspace" => (0..num_inference_steps)
+                .rev()
+                .map(|i| {
+                    let t = if num_inference_steps == 1 {
+                        0.0
+                    } else {
+                        i as f64 * (n_train - 1) as f64 / (num_inference_steps - 1) as f64
+                    };
+                    round_half_even(t) as usize
+                })
+                .collect(),
+            "trailing" => {
+                let ratio = n_train as f64 / num_inference_steps as f64;
+                (0..num_inference_steps)
+                    .map(|i| round_half_even(n_train as f64 - i as f64 * ratio) as usize - 1)
+                    .collect()
+            }
+            _ => (0..num_inference_steps)
+                .rev()
+                .map(|i| i * step_ratio + config.steps_offset)
+                .collect(),
+        };
+        Ok(Self {
+            alphas_cumprod,
+            timesteps,
+            final_alpha_cumprod,
+            step_ratio,
+            config: config.clone(),
+        })
+    }
+
+    /// (ᾱ_t, ᾱ_prev) for a step from `timestep`, in f32 as diffusers keeps them.
+    fn alphas(&self, timestep: usize) -> (f32, f32) {
+        let alpha_prod_t = self.alphas_cumprod[timestep];
+        // diffusers: prev_timestep = timestep - num_train_timesteps // num_inference_steps
+        let alpha_prod_t_prev = match timestep.checked_sub(self.step_ratio) {
+            Some(prev) => self.alphas_cumprod[prev],
+            None => self.final_alpha_cumprod,
+        };
+        (alpha_prod_t, alpha_prod_t_prev)
+    }
+
+    /// One DDIM step: `prev_sample` from `sample` and the predicted noise, computed in f32 with the same
+    /// operations, in the same order, as diffusers' `step` (eta = 0, epsilon prediction):
+    ///   pred_original_sample = (sample − √(1−ᾱ_t)·ε) / √ᾱ_t
+    ///   prev_sample = √ᾱ_prev · pred_original_sample + √(1−ᾱ_prev) · ε
+    pub fn step(
+        &self,
+        model_output: &Tensor,
+        timestep: usize,
+        sample: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (alpha_prod_t, alpha_prod_t_prev) = self.alphas(timestep);
+        let beta_prod_t = 1.0 - alpha_prod_t;
+        let dtype = sample.dtype();
+        let sample = sample.to_dtype(DType::F32)?;
+        let model_output = model_output.to_dtype(DType::F32)?;
+        // A true division (not a multiplication by the reciprocal), as torch divides.
+        let sqrt_alpha_prod_t = Tensor::new(alpha_prod_t.sqrt(), sample.device())?;
+        let mut pred_original_sample = (sample - (&model_output * beta_prod_t.sqrt() as f64)?)?
+            .broadcast_div(&sqrt_alpha_prod_t)?;
+        if self.config.clip_sample {
+            let range = self.config.clip_sample_range as f32;
+            pred_original_sample = pred_original_sample.clamp(-range, range)?;
+        }
+        // std_dev_t = 0 for eta = 0, so the direction term is √(1 − ᾱ_prev)·ε.
+        let pred_sample_direction = (model_output * (1.0 - alpha_prod_t_prev).sqrt() as f64)?;
+        let prev_sample =
+            ((pred_original_sample * alpha_prod_t_prev.sqrt() as f64)? + pred_sample_direction)?;
+        prev_sample.to_dtype(dtype)
+    }
+}
+
+/// numpy's `round` (half to even), which diffusers' timestep spacings use.
+fn round_half_even(x: f64) -> f64 {
+    let rounded = x.round();
+    if (x - x.trunc()).abs() == 0.5 && rounded % 2.0 != 0.0 {
+        rounded - x.signum()
+    } else {
+        rounded
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sd21_config() -> DdimConfig {
+        DdimConfig {
+            beta_start: 0.00085,
+            beta_end: 0.012,
+            beta_schedule: "scaled_linear".into(),
+            set_alpha_to_one: false,
+            steps_offset: 1,
+            clip_sample: false,
+            ..DdimConfig::default()
+        }
+    }
+
+    #[test]
+    fn fifty_leading_steps_with_offset() {
+        let scheduler = DdimScheduler::new(&sd21_config(), 50).unwrap();
+        assert_eq!(scheduler.timesteps.len(), 50);
+        assert_eq!(scheduler.timesteps[0], 981);
+        assert_eq!(scheduler.timesteps[1], 961);
+        assert_eq!(*scheduler.timesteps.last().unwrap(), 1);
+    }
+
+    #[test]
+    fn zero_and_too_many_steps_are_refused() {
+        assert!(DdimScheduler::new(&sd21_config(), 0).is_err());
+        assert!(DdimScheduler::new(&sd21_config(), 1001).is_err());
+    }
+
+    #[test]
+    fn v_prediction_is_refused() {
+        let config = DdimConfig {
+            prediction_type: "v_prediction".into(),
+            ..sd21_config()
+        };
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("v_prediction"));
+    }
+
+    #[test]
+    fn round_half_even_matches_numpy() {
+        assert_eq!(round_half_even(0.5), 0.0);
+        assert_eq!(round_half_even(1.5), 2.0);
+        assert_eq!(round_half_even(2.5), 2.0);
+        assert_eq!(round_half_even(2.4), 2.0);
+    }
+}

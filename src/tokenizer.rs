@@ -1,0 +1,215 @@
+//! The CLIP BPE tokenizer, built to give exactly the ids transformers' `CLIPTokenizer` gives.
+//!
+//! SD 2.1-base ships `tokenizer/vocab.json` + `merges.txt` (no `tokenizer.json`). transformers 5's
+//! `CLIPTokenizer` (models/clip/tokenization_clip.py) builds a `tokenizers` pipeline from them: NFC,
+//! whitespace runs → " ", lowercase; split on CLIP's word regex, then byte-level; BPE with the `</w>`
+//! end-of-word suffix; `<|startoftext|> … <|endoftext|>` around the ids. We assemble the same pipeline
+//! as a tokenizer.json document and hand it to the `tokenizers` crate, so both sides run the same code.
+//!
+//! One quirk we keep on purpose: the special tokens (bos, eos, unk and SD 2.x's pad token `!`) are
+//! "added tokens", matched in the raw text before any normalisation. So every `!` in a prompt becomes
+//! id 0 on its own (never merged into `!!` or `!</w>`), and a literal `<|endoftext|>` ends the text early
+//! for the text encoder's purposes. transformers does the same; the fixture ids pin it.
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::path::Path;
+use tokenizers::Tokenizer;
+
+/// CLIP's context length: every prompt becomes exactly this many ids.
+pub const MAX_LENGTH: usize = 77;
+
+pub struct ClipTokenizer {
+    tokenizer: Tokenizer,
+    bos_id: u32,
+    eos_id: u32,
+    pad_id: u32,
+}
+
+/// The result of tokenizing one prompt.
+pub struct Tokens {
+    /// Exactly [`MAX_LENGTH`] ids: bos, the prompt's tokens, eos, then padding.
+    pub ids: Vec<u32>,
+    /// The text that did not fit and was dropped (empty when nothing was).
+    pub truncated_text: String,
+}
+
+impl ClipTokenizer {
+    /// Loads `dir/tokenizer.json` when present, else builds the tokenizer from `vocab.json` +
+    /// `merges.txt` and the special tokens named in `special_tokens_map.json`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let special = read_special_tokens(dir)?;
+        let json_path = dir.join("tokenizer.json");
+        let tokenizer = if json_path.is_file() {
+            Tokenizer::from_file(&json_path)
+                .map_err(anyhow::Error::from_boxed)
+                .with_context(|| format!("loading {}", json_path.display()))?
+        } else {
+            let document = clip_tokenizer_json(dir, &special)?;
+            Tokenizer::from_bytes(serde_json::to_vec(&document)?)
+                .map_err(anyhow::Error::from_boxed)
+                .with_context(|| format!("building the CLIP tokenizer from {}", dir.display()))?
+        };
+        let id = |token: &str| {
+            tokenizer.token_to_id(token).with_context(|| {
+                format!(
+                    "{}: special token {token:?} is not in the vocabulary",
+                    dir.display()
+                )
+            })
+        };
+        Ok(Self {
+            bos_id: id(&special.bos)?,
+            eos_id: id(&special.eos)?,
+            pad_id: id(&special.pad)?,
+            tokenizer,
+        })
+    }
+
+    /// Tokenizes like `tokenizer(prompt, padding="max_length", max_length=77, truncation=True)`.
+    pub fn encode(&self, prompt: &str) -> Result<Tokens> {
+        let encoding = self
+            .tokenizer
+            .encode(prompt, false)
+            .map_err(anyhow::Error::from_boxed)?;
+        let body = encoding.get_ids();
+        let room = MAX_LENGTH - 2;
+        let kept = &body[..body.len().min(room)];
+        let truncated_text = if body.len() > room {
+            self.decode(&body[room..])?
+        } else {
+            String::new()
+        };
+        let mut ids = Vec::with_capacity(MAX_LENGTH);
+        ids.push(self.bos_id);
+        ids.extend_from_slice(kept);
+        ids.push(self.eos_id);
+        ids.resize(MAX_LENGTH, self.pad_id);
+        Ok(Tokens {
+            ids,
+            truncated_text,
+        })
+    }
+
+    /// Readable text for ids, as CLIPTokenizer decodes: byte-level decode, `</w>` → space.
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        let text = self
+            .tokenizer
+            .decode(ids, true)
+            .map_err(anyhow::Error::from_boxed)?;
+        Ok(text
+            .replace("</w>", " ")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "))
+    }
+}
+
+struct SpecialTokens {
+    bos: String,
+    eos: String,
+    unk: String,
+    pad: String,
+}
+
+/// `special_tokens_map.json`: each entry is a string or an `{"content": …}` object. Missing entries
+/// take CLIPTokenizer's defaults (and SD 2.x's file sets pad to `!`).
+fn read_special_tokens(dir: &Path) -> Result<SpecialTokens> {
+    let path = dir.join("special_tokens_map.json");
+    let map: Value = if path.is_file() {
+        serde_json::from_str(
+            &std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?,
+        )
+        .with_context(|| format!("parsing {}", path.display()))?
+    } else {
+        json!({})
+    };
+    let get = |key: &str, default: &str| -> String {
+        match &map[key] {
+            Value::String(s) => s.clone(),
+            Value::Object(o) => o
+                .get("content")
+                .and_then(Value::as_str)
+                .unwrap_or(default)
+                .to_string(),
+            _ => default.to_string(),
+        }
+    };
+    Ok(SpecialTokens {
+        bos: get("bos_token", "<|startoftext|>"),
+        eos: get("eos_token", "<|endoftext|>"),
+        unk: get("unk_token", "<|endoftext|>"),
+        pad: get("pad_token", "<|endoftext|>"),
+    })
+}
+
+/// The tokenizer.json that transformers' CLIPTokenizer builds from vocab.json + merges.txt.
+fn clip_tokenizer_json(dir: &Path, special: &SpecialTokens) -> Result<Value> {
+    let vocab_path = dir.join("vocab.json");
+    let merges_path = dir.join("merges.txt");
+    let vocab: serde_json::Map<String, Value> = serde_json::from_str(
+        &std::fs::read_to_string(&vocab_path)
+            .with_context(|| format!("reading {} (the model's tokenizer folder needs vocab.json and merges.txt, or tokenizer.json)", vocab_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", vocab_path.display()))?;
+    let merges_text = std::fs::read_to_string(&merges_path)
+        .with_context(|| format!("reading {}", merges_path.display()))?;
+    // Like transformers: skip the "#version" header and blank lines; each line is "left right".
+    let merges = merges_text
+        .lines()
+        .filter(|line| !line.starts_with("#version") && !line.trim().is_empty())
+        .map(|line| match line.split_once(' ') {
+            Some((left, right)) => Ok(json!([left, right])),
+            None => bail!("{}: malformed merge line {line:?}", merges_path.display()),
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    // Added tokens in the order transformers registers them (pad, bos, eos; unk usually equals eos).
+    let mut added_tokens = Vec::new();
+    for token in [&special.pad, &special.bos, &special.eos, &special.unk] {
+        let id = vocab
+            .get(token.as_str())
+            .and_then(Value::as_u64)
+            .with_context(|| {
+                format!(
+                    "{}: special token {token:?} is missing",
+                    vocab_path.display()
+                )
+            })?;
+        if added_tokens
+            .iter()
+            .any(|t: &Value| t["content"] == token.as_str())
+        {
+            continue;
+        }
+        added_tokens.push(json!({
+            "id": id, "content": token, "single_word": false, "lstrip": false, "rstrip": false,
+            "normalized": false, "special": true
+        }));
+    }
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added_tokens,
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "NFC"},
+            {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
+            {"type": "Lowercase"}
+        ]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex":
+                "<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+"},
+             "behavior": "Removed", "invert": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
+        ]},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": special.unk, "continuing_subword_prefix": "",
+            "end_of_word_suffix": "</w>", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges
+        }
+    }))
+}
