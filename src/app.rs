@@ -35,11 +35,8 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
 }
 
 pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
-    err.chain().any(|cause| {
-        cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
-    })
+    err.chain()
+        .any(|cause| cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe))
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -51,10 +48,7 @@ pub fn run(cli: Cli) -> Result<()> {
 fn gen(args: GenArgs) -> Result<()> {
     let request = GenRequest::try_from(args).map_err(bad_input)?;
     if request.seed_is_random {
-        eprintln!(
-            "sdscale: seed {} (pass --seed {} to reproduce this image)",
-            request.seed, request.seed
-        );
+        eprintln!("sdscale: seed {} (pass --seed {} to reproduce this image)", request.seed, request.seed);
     }
     // Refuse an existing or unwritable output before minutes of work, when its name is known already.
     if let Some(output) = &request.output {
@@ -64,26 +58,19 @@ fn gen(args: GenArgs) -> Result<()> {
     let started = Instant::now();
     let files = ModelFiles::resolve(&request.model, request.dtype).map_err(bad_input)?;
     let pipeline = Pipeline::load(&files, &request.device, request.dtype).map_err(bad_input)?;
-    eprintln!(
-        "sdscale: loaded {} in {:.2?}",
-        request.model.display_name(),
-        started.elapsed()
-    );
+    eprintln!("sdscale: loaded {} in {:.2?}", request.model.display_name(), started.elapsed());
 
     let (train_width, train_height) = pipeline.training_size();
     let width = request.width.unwrap_or(train_width);
     let height = request.height.unwrap_or(train_height);
     let attention = match request.mode {
         Mode::Default => crate::attention::AttentionScale::Default,
-        Mode::Entropy => {
-            pipeline.entropy_scale(request.train_size.unwrap_or((train_width, train_height)))
-        }
+        Mode::Entropy => pipeline.entropy_scale(request.train_size.unwrap_or((train_width, train_height))),
     };
     let output = match &request.output {
         Some(path) => path.clone(),
         None => {
-            let path =
-                output::default_output_name(&request.prompt, request.seed, request.mode.as_str());
+            let path = output::default_output_name(&request.prompt, request.seed, request.mode.as_str());
             output::check_output(&path, request.overwrite).map_err(bad_input)?;
             path
         }
@@ -109,12 +96,7 @@ fn gen(args: GenArgs) -> Result<()> {
     );
 
     let parameters = a1111_parameters(&request, width, height);
-    output::write_png(
-        &output,
-        &image,
-        &[("parameters", parameters)],
-        request.overwrite,
-    )?;
+    output::write_png(&output, &image, &[("parameters", parameters)], request.overwrite)?;
     output::print_path(&output)
 }
 
@@ -123,21 +105,13 @@ fn stderr_progress() -> impl FnMut(Event) {
     let terminal = std::io::stderr().is_terminal();
     move |event| match event {
         Event::Warning(message) => eprintln!("sdscale: warning: {message}"),
-        Event::Step {
-            index,
-            total,
-            timestep,
-        } if terminal => {
+        Event::Step { index, total, timestep } if terminal => {
             eprint!("\rsdscale: step {}/{total} (t={timestep})", index + 1);
             if index + 1 == total {
                 eprintln!();
             }
         }
-        Event::Step {
-            index,
-            total,
-            timestep,
-        } => eprintln!("sdscale: step {}/{total} (t={timestep})", index + 1),
+        Event::Step { index, total, timestep } => eprintln!("sdscale: step {}/{total} (t={timestep})", index + 1),
         Event::Stage(name, elapsed) => eprintln!("sdscale: {name}: {elapsed:.2?}"),
     }
 }

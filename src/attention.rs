@@ -68,22 +68,11 @@ const MAX_SCORES_PER_CHUNK: usize = 16 * 1024 * 1024;
 /// The softmax runs in f32 whatever the input dtype (as diffusers upcasts), and queries are chunked so
 /// memory stays bounded at large sizes; every query row is computed independently, so chunking does not
 /// change the result.
-pub fn scaled_dot_product_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-) -> Result<Tensor> {
+pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     chunked_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK)
 }
 
-fn chunked_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    max_scores: usize,
-) -> Result<Tensor> {
+fn chunked_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, max_scores: usize) -> Result<Tensor> {
     let (batch, n_queries, _head_dim) = q.dims3()?;
     let n_keys = k.dim(1)?;
     let in_dtype = q.dtype();
@@ -100,11 +89,7 @@ fn chunked_attention(
         outputs.push(probs.matmul(&v)?); // (b, len, d)
         start += len;
     }
-    let out = if outputs.len() == 1 {
-        outputs.pop().unwrap()
-    } else {
-        Tensor::cat(&outputs, 1)?
-    };
+    let out = if outputs.len() == 1 { outputs.pop().unwrap() } else { Tensor::cat(&outputs, 1)? };
     out.to_dtype(in_dtype)
 }
 
@@ -128,9 +113,7 @@ mod tests {
         for (level, n) in [(0, 4096), (1, 1024), (2, 256), (3, 64)] {
             assert_eq!(
                 entropy.self_attention(64, n, level).to_bits(),
-                AttentionScale::Default
-                    .self_attention(64, n, level)
-                    .to_bits()
+                AttentionScale::Default.self_attention(64, n, level).to_bits()
             );
         }
     }
@@ -156,8 +139,7 @@ mod tests {
         let k = Tensor::randn(0f32, 1., (3, 40, 8), &device)?;
         let v = Tensor::randn(0f32, 1., (3, 40, 8), &device)?;
         let scale = 0.3;
-        let expected =
-            candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?.matmul(&v)?;
+        let expected = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?.matmul(&v)?;
         // One chunk, then chunks of 7 rows (the last one shorter).
         for max_scores in [MAX_SCORES_PER_CHUNK, 3 * 40 * 7] {
             let got = chunked_attention(&q, &k, &v, scale, max_scores)?;

@@ -157,16 +157,10 @@ impl TryFrom<GenArgs> for GenRequest {
             }
         }
         if args.steps == 0 || args.steps > MAX_STEPS {
-            bail!(
-                "--steps {} is out of range; use 1 to {MAX_STEPS} (50 is the usual)",
-                args.steps
-            );
+            bail!("--steps {} is out of range; use 1 to {MAX_STEPS} (50 is the usual)", args.steps);
         }
         if !args.guidance.is_finite() {
-            bail!(
-                "--guidance {} is not a finite number; use e.g. 7.5",
-                args.guidance
-            );
+            bail!("--guidance {} is not a finite number; use e.g. 7.5", args.guidance);
         }
         let (seed, seed_is_random) = match args.seed {
             Some(seed) => (
@@ -179,11 +173,7 @@ impl TryFrom<GenArgs> for GenRequest {
             ),
             None => (random_seed(), true),
         };
-        let mode = if args.entropy_scale {
-            Mode::Entropy
-        } else {
-            args.mode
-        };
+        let mode = if args.entropy_scale { Mode::Entropy } else { args.mode };
         let train_size = args.train_size.as_deref().map(parse_size).transpose()?;
         let device = parse_device(&args.device)?;
         let dtype = match args.dtype.as_deref() {
@@ -192,12 +182,7 @@ impl TryFrom<GenArgs> for GenRequest {
             Some(name) => parse_dtype(name)?,
         };
         if let Some(output) = &args.output {
-            if output
-                .extension()
-                .and_then(|e| e.to_str())
-                .map(|e| e.to_ascii_lowercase())
-                != Some("png".into())
-            {
+            if output.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()) != Some("png".into()) {
                 bail!("-o {}: the output must be a .png file", output.display());
             }
         }
@@ -234,11 +219,9 @@ fn validate_side(name: &str, value: usize) -> Result<()> {
 
 /// "WxH" → (width, height), each a valid side.
 fn parse_size(text: &str) -> Result<(usize, usize)> {
-    let parsed = text
-        .split_once(['x', 'X'])
-        .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)));
-    let (width, height) = parsed
-        .with_context(|| format!("--train-size {text:?}: expected WIDTHxHEIGHT, e.g. 512x512"))?;
+    let parsed = text.split_once(['x', 'X']).and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)));
+    let (width, height) =
+        parsed.with_context(|| format!("--train-size {text:?}: expected WIDTHxHEIGHT, e.g. 512x512"))?;
     validate_side("--train-size width", width)?;
     validate_side("--train-size height", height)?;
     Ok((width, height))
@@ -258,14 +241,11 @@ fn parse_device(spec: &str) -> Result<Device> {
         if !candle_core::utils::cuda_is_available() {
             bail!("--device {spec}: this sdscale was built without CUDA; rebuild with `cargo build --release --features cuda` or use --device cpu");
         }
-        Device::new_cuda(ordinal)
-            .with_context(|| format!("--device {spec}: cannot open CUDA device {ordinal}"))
+        Device::new_cuda(ordinal).with_context(|| format!("--device {spec}: cannot open CUDA device {ordinal}"))
     };
     match spec {
         "cpu" => Ok(Device::Cpu),
-        "auto" if candle_core::utils::cuda_is_available() => {
-            Ok(Device::new_cuda(0).unwrap_or(Device::Cpu))
-        }
+        "auto" if candle_core::utils::cuda_is_available() => Ok(Device::new_cuda(0).unwrap_or(Device::Cpu)),
         "auto" => Ok(Device::Cpu),
         "cuda" => cuda(0),
         _ => match spec.strip_prefix("cuda:").map(str::parse::<usize>) {
@@ -279,11 +259,7 @@ fn parse_device(spec: &str) -> Result<Device> {
 fn random_seed() -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
+    hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
     hasher.finish() as u32
 }
 
@@ -300,23 +276,14 @@ mod tests {
 
     #[test]
     fn sizes_must_be_multiples_of_eight() {
-        assert!(request(&["--width", "100"])
-            .unwrap_err()
-            .to_string()
-            .contains("multiple of 8"));
-        assert!(request(&["--height", "56"])
-            .unwrap_err()
-            .to_string()
-            .contains("at least 64"));
+        assert!(request(&["--width", "100"]).unwrap_err().to_string().contains("multiple of 8"));
+        assert!(request(&["--height", "56"]).unwrap_err().to_string().contains("at least 64"));
         assert!(request(&["--width", "224", "--height", "224"]).is_ok());
     }
 
     #[test]
     fn seeds_beyond_32_bits_are_refused() {
-        assert!(request(&["--seed", "4294967296"])
-            .unwrap_err()
-            .to_string()
-            .contains("4294967295"));
+        assert!(request(&["--seed", "4294967296"]).unwrap_err().to_string().contains("4294967295"));
         assert_eq!(request(&["--seed", "4294967295"]).unwrap().seed, u32::MAX);
     }
 
@@ -332,18 +299,12 @@ mod tests {
         assert!(request(&["--steps", "0"]).is_err());
         assert!(request(&["--steps", "100000"]).is_err());
         assert!(request(&["--guidance", "NaN"]).is_err());
-        assert_eq!(
-            request(&["--train-size", "768x512"]).unwrap().train_size,
-            Some((768, 512))
-        );
+        assert_eq!(request(&["--train-size", "768x512"]).unwrap().train_size, Some((768, 512)));
         assert!(request(&["--train-size", "768"]).is_err());
     }
 
     #[test]
     fn output_must_be_png() {
-        assert!(request(&["-o", "out.jpg"])
-            .unwrap_err()
-            .to_string()
-            .contains(".png"));
+        assert!(request(&["-o", "out.jpg"]).unwrap_err().to_string().contains(".png"));
     }
 }

@@ -3,6 +3,11 @@ use sdscale::{app, cli::Cli};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Errors are one line for users: stop candle from capturing a backtrace into every error message
+    // (set RUST_LIB_BACKTRACE=1 to get them back when debugging).
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     match app::run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         // `sdscale … | head` closing the pipe early is not an error.

@@ -12,38 +12,24 @@ use std::path::{Path, PathBuf};
 /// cannot be written; creates missing parent folders.
 pub fn check_output(path: &Path, overwrite: bool) -> Result<()> {
     if path.is_dir() {
-        bail!(
-            "output {} is a folder; pass a file name ending in .png",
-            path.display()
-        );
+        bail!("output {} is a folder; pass a file name ending in .png", path.display());
     }
     if path.exists() && !overwrite {
-        bail!(
-            "output {} already exists; pass --overwrite to replace it, or choose another -o",
-            path.display()
-        );
+        bail!("output {} already exists; pass --overwrite to replace it, or choose another -o", path.display());
     }
     let folder = parent_folder(path);
-    fs::create_dir_all(&folder)
-        .with_context(|| format!("cannot create output folder {}", folder.display()))?;
+    fs::create_dir_all(&folder).with_context(|| format!("cannot create output folder {}", folder.display()))?;
     // Probe with a real temporary file: permissions, read-only mounts and full disks all show up here.
     let probe = temp_path(path);
-    File::create(&probe)
-        .with_context(|| format!("cannot write to output folder {}", folder.display()))?;
+    File::create(&probe).with_context(|| format!("cannot write to output folder {}", folder.display()))?;
     let _ = fs::remove_file(&probe);
     Ok(())
 }
 
 /// Writes `image` as a PNG with text chunks (`keyword`, `text`), atomically.
-pub fn write_png(
-    path: &Path,
-    image: &RgbImage,
-    text_chunks: &[(&str, String)],
-    overwrite: bool,
-) -> Result<()> {
+pub fn write_png(path: &Path, image: &RgbImage, text_chunks: &[(&str, String)], overwrite: bool) -> Result<()> {
     let temp = temp_path(path);
-    let result =
-        write_png_file(&temp, image, text_chunks).and_then(|()| publish(&temp, path, overwrite));
+    let result = write_png_file(&temp, image, text_chunks).and_then(|()| publish(&temp, path, overwrite));
     if result.is_err() {
         let _ = fs::remove_file(&temp);
     }
@@ -66,8 +52,7 @@ fn write_png_file(temp: &Path, image: &RgbImage, text_chunks: &[(&str, String)])
         png_writer.finish()?;
     }
     let file = writer.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()
-        .with_context(|| format!("writing {}", temp.display()))?;
+    file.sync_all().with_context(|| format!("writing {}", temp.display()))?;
     Ok(())
 }
 
@@ -75,8 +60,7 @@ fn write_png_file(temp: &Path, image: &RgbImage, text_chunks: &[(&str, String)])
 /// absent" atomic even if another process raced us to the name.
 fn publish(temp: &Path, path: &Path, overwrite: bool) -> Result<()> {
     if overwrite {
-        return fs::rename(temp, path)
-            .with_context(|| format!("cannot move the image into {}", path.display()));
+        return fs::rename(temp, path).with_context(|| format!("cannot move the image into {}", path.display()));
     }
     match fs::hard_link(temp, path) {
         Ok(()) => {
@@ -84,14 +68,12 @@ fn publish(temp: &Path, path: &Path, overwrite: bool) -> Result<()> {
             Ok(())
         }
         Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
-            bail!(
-                "output {} appeared while generating; not overwriting it (pass --overwrite)",
-                path.display()
-            )
+            bail!("output {} appeared while generating; not overwriting it (pass --overwrite)", path.display())
         }
         // Filesystems without hard links: fall back to check-then-rename.
-        Err(_) if !path.exists() => fs::rename(temp, path)
-            .with_context(|| format!("cannot move the image into {}", path.display())),
+        Err(_) if !path.exists() => {
+            fs::rename(temp, path).with_context(|| format!("cannot move the image into {}", path.display()))
+        }
         Err(err) => Err(err).with_context(|| format!("cannot write {}", path.display())),
     }
 }
@@ -105,26 +87,16 @@ fn parent_folder(path: &Path) -> PathBuf {
 
 /// `.NAME.PID.tmp` beside the target: hidden, and never ending in `.png`.
 fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     parent_folder(path).join(format!(".{name}.{}.tmp", std::process::id()))
 }
 
 /// A file-name-safe slug of a prompt: lowercase ASCII words joined by '-', at most `max_len` bytes.
 pub fn slug(prompt: &str, max_len: usize) -> String {
     let mut slug = String::new();
-    for word in prompt
-        .split(|c: char| !c.is_ascii_alphanumeric())
-        .filter(|w| !w.is_empty())
-    {
+    for word in prompt.split(|c: char| !c.is_ascii_alphanumeric()).filter(|w| !w.is_empty()) {
         let word = word.to_ascii_lowercase();
-        let extra = if slug.is_empty() {
-            word.len()
-        } else {
-            word.len() + 1
-        };
+        let extra = if slug.is_empty() { word.len() } else { word.len() + 1 };
         if slug.len() + extra > max_len {
             if slug.is_empty() {
                 slug.push_str(&word[..max_len]);
@@ -174,16 +146,10 @@ mod tests {
         let path = dir.path().join("out.png");
         let image = RgbImage::from_pixel(8, 8, image::Rgb([1, 2, 3]));
         write_png(&path, &image, &[("parameters", "x".into())], false).unwrap();
-        assert!(check_output(&path, false)
-            .unwrap_err()
-            .to_string()
-            .contains("already exists"));
+        assert!(check_output(&path, false).unwrap_err().to_string().contains("already exists"));
         assert!(write_png(&path, &image, &[], false).is_err());
         write_png(&path, &image, &[], true).unwrap();
-        let names: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("out.png")]);
         assert_eq!(image::open(&path).unwrap().to_rgb8(), image);
     }

@@ -33,11 +33,7 @@ pub struct GenerateRequest {
 /// What `generate` reports while it runs; the caller decides how (or whether) to show it.
 pub enum Event<'a> {
     Warning(String),
-    Step {
-        index: usize,
-        total: usize,
-        timestep: usize,
-    },
+    Step { index: usize, total: usize, timestep: usize },
     Stage(&'a str, std::time::Duration),
 }
 
@@ -57,20 +53,13 @@ impl Pipeline {
         let scheduler_config = DdimConfig::load(&files.scheduler_config)?;
 
         let text_config: ClipTextConfig = read_json(&files.text_encoder_config)?;
-        let text_encoder = ClipTextTransformer::new(
-            var_builder(&files.text_encoder_weights, dtype, device)?,
-            &text_config,
-        )
-        .with_context(|| {
-            format!(
-                "loading the text encoder from {}",
-                files.text_encoder_weights.display()
-            )
-        })?;
+        let text_encoder =
+            ClipTextTransformer::new(var_builder(&files.text_encoder_weights, dtype, device)?, &text_config)
+                .with_context(|| format!("loading the text encoder from {}", files.text_encoder_weights.display()))?;
 
         let unet_file: UNetConfigFile = read_json(&files.unet_config)?;
-        let unet_config = UNetConfig::from_file(unet_file)
-            .map_err(|e| anyhow!("{}: {e}", files.unet_config.display()))?;
+        let unet_config =
+            UNetConfig::from_file(unet_file).map_err(|e| anyhow!("{}: {e}", files.unet_config.display()))?;
         ensure!(
             unet_config.cross_attention_dim == text_config.hidden_size,
             "{}: the UNet wants {}-wide text embeddings but the text encoder makes {}",
@@ -78,16 +67,11 @@ impl Pipeline {
             unet_config.cross_attention_dim,
             text_config.hidden_size
         );
-        let unet = UNet2DConditionModel::new(
-            var_builder(&files.unet_weights, dtype, device)?,
-            unet_config,
-        )
-        .with_context(|| format!("loading the UNet from {}", files.unet_weights.display()))?;
+        let unet = UNet2DConditionModel::new(var_builder(&files.unet_weights, dtype, device)?, unet_config)
+            .with_context(|| format!("loading the UNet from {}", files.unet_weights.display()))?;
 
         let vae_config: VaeConfig = read_json(&files.vae_config)?;
-        vae_config
-            .validate()
-            .map_err(|e| anyhow!("{}: {e}", files.vae_config.display()))?;
+        vae_config.validate().map_err(|e| anyhow!("{}: {e}", files.vae_config.display()))?;
         ensure!(
             vae_config.latent_channels == unet.config.in_channels,
             "{}: the VAE has {} latent channels but the UNet takes {}",
@@ -98,15 +82,7 @@ impl Pipeline {
         let vae = VaeDecoder::new(var_builder(&files.vae_weights, dtype, device)?, vae_config)
             .with_context(|| format!("loading the VAE from {}", files.vae_weights.display()))?;
 
-        Ok(Self {
-            tokenizer,
-            text_encoder,
-            unet,
-            vae,
-            scheduler_config,
-            device: device.clone(),
-            dtype,
-        })
+        Ok(Self { tokenizer, text_encoder, unet, vae, scheduler_config, device: device.clone(), dtype })
     }
 
     /// Pixels per latent pixel: 2^(VAE blocks − 1) = 8 for SD.
@@ -123,16 +99,10 @@ impl Pipeline {
     /// The attention policy for a mode, with T derived from `train_size` (pixels, width × height).
     pub fn entropy_scale(&self, (width, height): (usize, usize)) -> AttentionScale {
         let factor = self.vae_scale_factor();
-        AttentionScale::Entropy {
-            train_latent: (height.div_ceil(factor), width.div_ceil(factor)),
-        }
+        AttentionScale::Entropy { train_latent: (height.div_ceil(factor), width.div_ceil(factor)) }
     }
 
-    pub fn generate(
-        &self,
-        request: &GenerateRequest,
-        on_event: &mut dyn FnMut(Event),
-    ) -> Result<RgbImage> {
+    pub fn generate(&self, request: &GenerateRequest, on_event: &mut dyn FnMut(Event)) -> Result<RgbImage> {
         let factor = self.vae_scale_factor();
         ensure!(
             request.width % factor == 0 && request.height % factor == 0,
@@ -149,11 +119,7 @@ impl Pipeline {
         on_event(Event::Stage("text encoder", started.elapsed()));
 
         // 2. the initial noise, always drawn on the CPU in f32 so a seed means the same on every device.
-        let latents = self.prepare_latents(
-            request.seed,
-            request.width / factor,
-            request.height / factor,
-        )?;
+        let latents = self.prepare_latents(request.seed, request.width / factor, request.height / factor)?;
 
         // 3. denoise
         let started = std::time::Instant::now();
@@ -161,31 +127,19 @@ impl Pipeline {
         let mut latents = latents;
         let total = scheduler.timesteps.len();
         for (index, &timestep) in scheduler.timesteps.iter().enumerate() {
-            let latent_model_input = if do_classifier_free_guidance {
-                Tensor::cat(&[&latents, &latents], 0)?
-            } else {
-                latents.clone()
-            };
-            let noise_pred = self.unet.forward(
-                &latent_model_input,
-                timestep as f64,
-                &prompt_embeds,
-                request.attention,
-            )?;
+            let latent_model_input =
+                if do_classifier_free_guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let noise_pred =
+                self.unet.forward(&latent_model_input, timestep as f64, &prompt_embeds, request.attention)?;
             let noise_pred = if do_classifier_free_guidance {
                 let noise_pred_uncond = noise_pred.narrow(0, 0, 1)?;
                 let noise_pred_text = noise_pred.narrow(0, 1, 1)?;
-                (&noise_pred_uncond
-                    + ((noise_pred_text - &noise_pred_uncond)? * request.guidance_scale)?)?
+                (&noise_pred_uncond + ((noise_pred_text - &noise_pred_uncond)? * request.guidance_scale)?)?
             } else {
                 noise_pred
             };
             latents = scheduler.step(&noise_pred, timestep, &latents)?;
-            on_event(Event::Step {
-                index,
-                total,
-                timestep,
-            });
+            on_event(Event::Step { index, total, timestep });
         }
         on_event(Event::Stage("denoising", started.elapsed()));
 
@@ -218,46 +172,25 @@ impl Pipeline {
             }
             ids.extend(tokens.ids);
         }
-        let input_ids = Tensor::from_vec(
-            ids,
-            (texts.len(), crate::tokenizer::MAX_LENGTH),
-            &self.device,
-        )?;
-        Ok(self
-            .text_encoder
-            .forward(&input_ids)?
-            .to_dtype(self.dtype)?)
+        let input_ids = Tensor::from_vec(ids, (texts.len(), crate::tokenizer::MAX_LENGTH), &self.device)?;
+        Ok(self.text_encoder.forward(&input_ids)?.to_dtype(self.dtype)?)
     }
 
     /// `torch.randn((1, 4, h, w), generator=torch.Generator("cpu").manual_seed(seed))`, then moved to the
     /// compute device and dtype (DDIM's init_noise_sigma is 1).
-    pub fn prepare_latents(
-        &self,
-        seed: u32,
-        latent_width: usize,
-        latent_height: usize,
-    ) -> Result<Tensor> {
+    pub fn prepare_latents(&self, seed: u32, latent_width: usize, latent_height: usize) -> Result<Tensor> {
         let channels = self.unet.config.in_channels;
         let shape = (1, channels, latent_height, latent_width);
-        let noise = randn(
-            &mut TorchGenerator::new(seed),
-            channels * latent_height * latent_width,
-        );
-        Ok(Tensor::from_vec(noise, shape, &Device::Cpu)?
-            .to_device(&self.device)?
-            .to_dtype(self.dtype)?)
+        let noise = randn(&mut TorchGenerator::new(seed), channels * latent_height * latent_width);
+        Ok(Tensor::from_vec(noise, shape, &Device::Cpu)?.to_device(&self.device)?.to_dtype(self.dtype)?)
     }
 
     /// Latents → 8-bit RGB, as diffusers: decode(latents / scaling_factor), (x/2 + 0.5).clamp(0, 1),
     /// ×255 and round half to even (numpy's round), not truncate.
     pub fn decode_latents(&self, latents: &Tensor) -> Result<RgbImage> {
-        let scaling = Tensor::new(self.vae.config.scaling_factor as f32, &self.device)?
-            .to_dtype(self.dtype)?;
+        let scaling = Tensor::new(self.vae.config.scaling_factor as f32, &self.device)?.to_dtype(self.dtype)?;
         let image = self.vae.decode(&latents.broadcast_div(&scaling)?)?;
-        let image = ((image / 2.0)? + 0.5)?
-            .clamp(0f32, 1f32)?
-            .to_dtype(DType::F32)?
-            .squeeze(0)?;
+        let image = ((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?.to_dtype(DType::F32)?.squeeze(0)?;
         let (_, height, width) = image.dims3()?;
         let pixels: Vec<u8> = image
             .permute((1, 2, 0))? // (h, w, 3)
@@ -266,8 +199,7 @@ impl Pipeline {
             .into_iter()
             .map(|v| (v * 255.0).round_ties_even() as u8)
             .collect();
-        RgbImage::from_raw(width as u32, height as u32, pixels)
-            .context("decoded image has an unexpected size")
+        RgbImage::from_raw(width as u32, height as u32, pixels).context("decoded image has an unexpected size")
     }
 
     /// Direct access for tests and benchmarks that check one network against its reference.

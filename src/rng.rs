@@ -19,9 +19,7 @@ impl TorchGenerator {
         let mut state = [0u32; 624];
         state[0] = seed;
         for i in 1..624 {
-            state[i] = 1_812_433_253u32
-                .wrapping_mul(state[i - 1] ^ (state[i - 1] >> 30))
-                .wrapping_add(i as u32);
+            state[i] = 1_812_433_253u32.wrapping_mul(state[i - 1] ^ (state[i - 1] >> 30)).wrapping_add(i as u32);
         }
         Self { state, index: 624 }
     }
@@ -75,10 +73,7 @@ fn normal_fill_16(block: &mut [f32]) {
 /// Only lengths of at least 16 follow this path in torch (shorter tensors use a scalar path we do not
 /// need: SD latents always have far more than 16 values), so shorter requests are refused.
 pub fn randn(generator: &mut TorchGenerator, len: usize) -> Vec<f32> {
-    assert!(
-        len >= 16,
-        "torch-compatible randn needs at least 16 values, got {len}"
-    );
+    assert!(len >= 16, "torch-compatible randn needs at least 16 values, got {len}");
     let mut data: Vec<f32> = (0..len).map(|_| generator.uniform_f32()).collect();
     for block in data.chunks_exact_mut(16) {
         normal_fill_16(block);

@@ -56,13 +56,11 @@ impl Default for DdimConfig {
 
 impl DdimConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading scheduler config {}", path.display()))?;
-        let config: Self = serde_json::from_str(&text)
-            .with_context(|| format!("parsing scheduler config {}", path.display()))?;
-        config
-            .validate()
-            .with_context(|| format!("scheduler config {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading scheduler config {}", path.display()))?;
+        let config: Self =
+            serde_json::from_str(&text).with_context(|| format!("parsing scheduler config {}", path.display()))?;
+        config.validate().with_context(|| format!("scheduler config {}", path.display()))?;
         Ok(config)
     }
 
@@ -80,19 +78,11 @@ impl DdimConfig {
         if self.rescale_betas_zero_snr {
             bail!("rescale_betas_zero_snr: true is not supported");
         }
-        if !["linear", "scaled_linear"].contains(&self.beta_schedule.as_str())
-            && self.trained_betas.is_none()
-        {
-            bail!(
-                "beta_schedule {:?} is not supported (use linear or scaled_linear)",
-                self.beta_schedule
-            );
+        if !["linear", "scaled_linear"].contains(&self.beta_schedule.as_str()) && self.trained_betas.is_none() {
+            bail!("beta_schedule {:?} is not supported (use linear or scaled_linear)", self.beta_schedule);
         }
         if !["leading", "trailing", "linspace"].contains(&self.timestep_spacing.as_str()) {
-            bail!(
-                "timestep_spacing {:?} is not supported",
-                self.timestep_spacing
-            );
+            bail!("timestep_spacing {:?} is not supported", self.timestep_spacing);
         }
         if self.num_train_timesteps < 2 {
             bail!("num_train_timesteps must be at least 2");
@@ -102,7 +92,8 @@ impl DdimConfig {
 }
 
 /// `torch.linspace(start, end, n, dtype=torch.float32)`: ATen fills the first half forward from `start`
-/// and the second half backward from `end`, in float32 (aten/src/ATen/native/cpu/RangeFactoriesKernel.cpp).
+/// and the second half backward from `end`, with fused multiply-adds in float32
+/// (aten/src/ATen/native/cpu/RangeFactoriesKernel.cpp).
 fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
     if n == 1 {
         return vec![start];
@@ -110,18 +101,12 @@ fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
     let step = (end - start) / (n - 1) as f32;
     let halfway = n / 2;
     (0..n)
-        .map(|i| {
-            if i < halfway {
-                start + step * i as f32
-            } else {
-                end - step * (n - i - 1) as f32
-            }
-        })
+        .map(|i| if i < halfway { step.mul_add(i as f32, start) } else { (-step).mul_add((n - 1 - i) as f32, end) })
         .collect()
 }
 
 pub struct DdimScheduler {
-    /// ᾱ_t for every training timestep, float32 as in diffusers (`torch.cumprod` of float32 alphas).
+    /// ᾱ_t for every training timestep, float32 as in diffusers.
     pub alphas_cumprod: Vec<f32>,
     /// The inference timesteps, from noisiest to cleanest (e.g. 981, 961, …, 1 for 50 leading steps).
     pub timesteps: Vec<usize>,
@@ -138,31 +123,22 @@ impl DdimScheduler {
         }
         let betas: Vec<f32> = match (&config.trained_betas, config.beta_schedule.as_str()) {
             (Some(betas), _) => betas.iter().map(|&b| b as f32).collect(),
-            (None, "linear") => {
-                linspace_f32(config.beta_start as f32, config.beta_end as f32, n_train)
-            }
+            (None, "linear") => linspace_f32(config.beta_start as f32, config.beta_end as f32, n_train),
             // diffusers: torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=float32) ** 2
-            (None, _) => linspace_f32(
-                (config.beta_start).sqrt() as f32,
-                (config.beta_end).sqrt() as f32,
-                n_train,
-            )
-            .into_iter()
-            .map(|b| b * b)
-            .collect(),
+            (None, _) => linspace_f32((config.beta_start).sqrt() as f32, (config.beta_end).sqrt() as f32, n_train)
+                .into_iter()
+                .map(|b| b * b)
+                .collect(),
         };
+        // torch.cumprod of the f32 alphas accumulates in double and rounds each value to f32.
         let alphas_cumprod: Vec<f32> = betas
             .iter()
-            .scan(1f32, |product, beta| {
-                *product *= 1.0 - beta;
-                Some(*product)
+            .scan(1f64, |product, beta| {
+                *product *= (1.0 - beta) as f64;
+                Some(*product as f32)
             })
             .collect();
-        let final_alpha_cumprod = if config.set_alpha_to_one {
-            1.0
-        } else {
-            alphas_cumprod[0]
-        };
+        let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
 
         let step_ratio = n_train / num_inference_steps;
         // diffusers DDIMScheduler.set_timesteps
@@ -184,18 +160,9 @@ impl DdimScheduler {
                     .map(|i| round_half_even(n_train as f64 - i as f64 * ratio) as usize - 1)
                     .collect()
             }
-            _ => (0..num_inference_steps)
-                .rev()
-                .map(|i| i * step_ratio + config.steps_offset)
-                .collect(),
+            _ => (0..num_inference_steps).rev().map(|i| i * step_ratio + config.steps_offset).collect(),
         };
-        Ok(Self {
-            alphas_cumprod,
-            timesteps,
-            final_alpha_cumprod,
-            step_ratio,
-            config: config.clone(),
-        })
+        Ok(Self { alphas_cumprod, timesteps, final_alpha_cumprod, step_ratio, config: config.clone() })
     }
 
     /// (ᾱ_t, ᾱ_prev) for a step from `timestep`, in f32 as diffusers keeps them.
@@ -213,12 +180,7 @@ impl DdimScheduler {
     /// operations, in the same order, as diffusers' `step` (eta = 0, epsilon prediction):
     ///   pred_original_sample = (sample − √(1−ᾱ_t)·ε) / √ᾱ_t
     ///   prev_sample = √ᾱ_prev · pred_original_sample + √(1−ᾱ_prev) · ε
-    pub fn step(
-        &self,
-        model_output: &Tensor,
-        timestep: usize,
-        sample: &Tensor,
-    ) -> candle_core::Result<Tensor> {
+    pub fn step(&self, model_output: &Tensor, timestep: usize, sample: &Tensor) -> candle_core::Result<Tensor> {
         let (alpha_prod_t, alpha_prod_t_prev) = self.alphas(timestep);
         let beta_prod_t = 1.0 - alpha_prod_t;
         let dtype = sample.dtype();
@@ -226,16 +188,15 @@ impl DdimScheduler {
         let model_output = model_output.to_dtype(DType::F32)?;
         // A true division (not a multiplication by the reciprocal), as torch divides.
         let sqrt_alpha_prod_t = Tensor::new(alpha_prod_t.sqrt(), sample.device())?;
-        let mut pred_original_sample = (sample - (&model_output * beta_prod_t.sqrt() as f64)?)?
-            .broadcast_div(&sqrt_alpha_prod_t)?;
+        let mut pred_original_sample =
+            (sample - (&model_output * beta_prod_t.sqrt() as f64)?)?.broadcast_div(&sqrt_alpha_prod_t)?;
         if self.config.clip_sample {
             let range = self.config.clip_sample_range as f32;
             pred_original_sample = pred_original_sample.clamp(-range, range)?;
         }
         // std_dev_t = 0 for eta = 0, so the direction term is √(1 − ᾱ_prev)·ε.
         let pred_sample_direction = (model_output * (1.0 - alpha_prod_t_prev).sqrt() as f64)?;
-        let prev_sample =
-            ((pred_original_sample * alpha_prod_t_prev.sqrt() as f64)? + pred_sample_direction)?;
+        let prev_sample = ((pred_original_sample * alpha_prod_t_prev.sqrt() as f64)? + pred_sample_direction)?;
         prev_sample.to_dtype(dtype)
     }
 }
@@ -283,15 +244,8 @@ mod tests {
 
     #[test]
     fn v_prediction_is_refused() {
-        let config = DdimConfig {
-            prediction_type: "v_prediction".into(),
-            ..sd21_config()
-        };
-        assert!(config
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("v_prediction"));
+        let config = DdimConfig { prediction_type: "v_prediction".into(), ..sd21_config() };
+        assert!(config.validate().unwrap_err().to_string().contains("v_prediction"));
     }
 
     #[test]

@@ -51,90 +51,95 @@ impl ClipTokenizer {
                 .with_context(|| format!("building the CLIP tokenizer from {}", dir.display()))?
         };
         let id = |token: &str| {
-            tokenizer.token_to_id(token).with_context(|| {
-                format!(
-                    "{}: special token {token:?} is not in the vocabulary",
-                    dir.display()
-                )
-            })
+            tokenizer
+                .token_to_id(token)
+                .with_context(|| format!("{}: special token {token:?} is not in the vocabulary", dir.display()))
         };
         Ok(Self {
-            bos_id: id(&special.bos)?,
-            eos_id: id(&special.eos)?,
-            pad_id: id(&special.pad)?,
+            bos_id: id(&special.bos.content)?,
+            eos_id: id(&special.eos.content)?,
+            pad_id: id(&special.pad.content)?,
             tokenizer,
         })
     }
 
     /// Tokenizes like `tokenizer(prompt, padding="max_length", max_length=77, truncation=True)`.
     pub fn encode(&self, prompt: &str) -> Result<Tokens> {
-        let encoding = self
-            .tokenizer
-            .encode(prompt, false)
-            .map_err(anyhow::Error::from_boxed)?;
+        let encoding = self.tokenizer.encode(prompt, false).map_err(anyhow::Error::from_boxed)?;
         let body = encoding.get_ids();
         let room = MAX_LENGTH - 2;
         let kept = &body[..body.len().min(room)];
-        let truncated_text = if body.len() > room {
-            self.decode(&body[room..])?
-        } else {
-            String::new()
-        };
+        let truncated_text = if body.len() > room { self.decode(&body[room..])? } else { String::new() };
         let mut ids = Vec::with_capacity(MAX_LENGTH);
         ids.push(self.bos_id);
         ids.extend_from_slice(kept);
         ids.push(self.eos_id);
         ids.resize(MAX_LENGTH, self.pad_id);
-        Ok(Tokens {
-            ids,
-            truncated_text,
-        })
+        Ok(Tokens { ids, truncated_text })
     }
 
     /// Readable text for ids, as CLIPTokenizer decodes: byte-level decode, `</w>` → space.
     fn decode(&self, ids: &[u32]) -> Result<String> {
-        let text = self
-            .tokenizer
-            .decode(ids, true)
-            .map_err(anyhow::Error::from_boxed)?;
-        Ok(text
-            .replace("</w>", " ")
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" "))
+        let text = self.tokenizer.decode(ids, true).map_err(anyhow::Error::from_boxed)?;
+        Ok(text.replace("</w>", " ").split_whitespace().collect::<Vec<_>>().join(" "))
+    }
+}
+
+/// One special token and how it is matched: a plain string in the config files means "match the raw
+/// text exactly"; an AddedToken object carries its own flags (SD 2.x: bos/eos/unk are `normalized`,
+/// so they also match after lowercasing; the pad `!` is a plain string).
+#[derive(Clone)]
+struct SpecialToken {
+    content: String,
+    flags: Value,
+}
+
+impl SpecialToken {
+    fn from_config(value: &Value) -> Option<Self> {
+        match value {
+            Value::String(content) => Some(Self { content: content.clone(), flags: json!({}) }),
+            Value::Object(object) => {
+                let content = object.get("content")?.as_str()?.to_string();
+                Some(Self { content, flags: value.clone() })
+            }
+            _ => None,
+        }
+    }
+
+    fn flag(&self, name: &str, default: bool) -> bool {
+        self.flags.get(name).and_then(Value::as_bool).unwrap_or(default)
     }
 }
 
 struct SpecialTokens {
-    bos: String,
-    eos: String,
-    unk: String,
-    pad: String,
+    bos: SpecialToken,
+    eos: SpecialToken,
+    unk: SpecialToken,
+    pad: SpecialToken,
 }
 
-/// `special_tokens_map.json`: each entry is a string or an `{"content": …}` object. Missing entries
-/// take CLIPTokenizer's defaults (and SD 2.x's file sets pad to `!`).
+/// Reads the special tokens as transformers does: `tokenizer_config.json`, overridden by
+/// `special_tokens_map.json`; CLIPTokenizer's defaults for anything missing.
 fn read_special_tokens(dir: &Path) -> Result<SpecialTokens> {
-    let path = dir.join("special_tokens_map.json");
-    let map: Value = if path.is_file() {
-        serde_json::from_str(
-            &std::fs::read_to_string(&path)
-                .with_context(|| format!("reading {}", path.display()))?,
-        )
-        .with_context(|| format!("parsing {}", path.display()))?
-    } else {
-        json!({})
-    };
-    let get = |key: &str, default: &str| -> String {
-        match &map[key] {
-            Value::String(s) => s.clone(),
-            Value::Object(o) => o
-                .get("content")
-                .and_then(Value::as_str)
-                .unwrap_or(default)
-                .to_string(),
-            _ => default.to_string(),
+    let mut merged = serde_json::Map::new();
+    for name in ["tokenizer_config.json", "special_tokens_map.json"] {
+        let path = dir.join(name);
+        if !path.is_file() {
+            continue;
         }
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let map: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
+            if let Some(value) = map.get(key).filter(|v| !v.is_null()) {
+                merged.insert(key.to_string(), value.clone());
+            }
+        }
+    }
+    let get = |key: &str, default: &str| {
+        merged
+            .get(key)
+            .and_then(SpecialToken::from_config)
+            .unwrap_or_else(|| SpecialToken { content: default.to_string(), flags: json!({}) })
     };
     Ok(SpecialTokens {
         bos: get("bos_token", "<|startoftext|>"),
@@ -148,13 +153,16 @@ fn read_special_tokens(dir: &Path) -> Result<SpecialTokens> {
 fn clip_tokenizer_json(dir: &Path, special: &SpecialTokens) -> Result<Value> {
     let vocab_path = dir.join("vocab.json");
     let merges_path = dir.join("merges.txt");
-    let vocab: serde_json::Map<String, Value> = serde_json::from_str(
-        &std::fs::read_to_string(&vocab_path)
-            .with_context(|| format!("reading {} (the model's tokenizer folder needs vocab.json and merges.txt, or tokenizer.json)", vocab_path.display()))?,
-    )
-    .with_context(|| format!("parsing {}", vocab_path.display()))?;
-    let merges_text = std::fs::read_to_string(&merges_path)
-        .with_context(|| format!("reading {}", merges_path.display()))?;
+    let vocab: serde_json::Map<String, Value> =
+        serde_json::from_str(&std::fs::read_to_string(&vocab_path).with_context(|| {
+            format!(
+                "reading {} (the model's tokenizer folder needs vocab.json and merges.txt, or tokenizer.json)",
+                vocab_path.display()
+            )
+        })?)
+        .with_context(|| format!("parsing {}", vocab_path.display()))?;
+    let merges_text =
+        std::fs::read_to_string(&merges_path).with_context(|| format!("reading {}", merges_path.display()))?;
     // Like transformers: skip the "#version" header and blank lines; each line is "left right".
     let merges = merges_text
         .lines()
@@ -168,24 +176,18 @@ fn clip_tokenizer_json(dir: &Path, special: &SpecialTokens) -> Result<Value> {
     // Added tokens in the order transformers registers them (pad, bos, eos; unk usually equals eos).
     let mut added_tokens = Vec::new();
     for token in [&special.pad, &special.bos, &special.eos, &special.unk] {
+        let content = token.content.as_str();
         let id = vocab
-            .get(token.as_str())
+            .get(content)
             .and_then(Value::as_u64)
-            .with_context(|| {
-                format!(
-                    "{}: special token {token:?} is missing",
-                    vocab_path.display()
-                )
-            })?;
-        if added_tokens
-            .iter()
-            .any(|t: &Value| t["content"] == token.as_str())
-        {
+            .with_context(|| format!("{}: special token {content:?} is missing", vocab_path.display()))?;
+        if added_tokens.iter().any(|t: &Value| t["content"] == content) {
             continue;
         }
         added_tokens.push(json!({
-            "id": id, "content": token, "single_word": false, "lstrip": false, "rstrip": false,
-            "normalized": false, "special": true
+            "id": id, "content": content, "special": true,
+            "single_word": token.flag("single_word", false), "lstrip": token.flag("lstrip", false),
+            "rstrip": token.flag("rstrip", false), "normalized": token.flag("normalized", false)
         }));
     }
     Ok(json!({
@@ -207,7 +209,7 @@ fn clip_tokenizer_json(dir: &Path, special: &SpecialTokens) -> Result<Value> {
         "post_processor": null,
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {
-            "type": "BPE", "dropout": null, "unk_token": special.unk, "continuing_subword_prefix": "",
+            "type": "BPE", "dropout": null, "unk_token": special.unk.content, "continuing_subword_prefix": "",
             "end_of_word_suffix": "</w>", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
             "vocab": vocab, "merges": merges
         }

@@ -14,10 +14,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone)]
 pub enum ModelSource {
     Dir(PathBuf),
-    Hub {
-        repo: String,
-        revision: Option<String>,
-    },
+    Hub { repo: String, revision: Option<String> },
 }
 
 impl ModelSource {
@@ -29,17 +26,11 @@ impl ModelSource {
         }
         let looks_like_repo = spec.split('/').count() == 2
             && !spec.starts_with('.')
-            && spec.split('/').all(|part| {
-                !part.is_empty()
-                    && part
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            });
+            && spec
+                .split('/')
+                .all(|part| !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)));
         if looks_like_repo && !path.exists() {
-            return Ok(ModelSource::Hub {
-                repo: spec.to_string(),
-                revision,
-            });
+            return Ok(ModelSource::Hub { repo: spec.to_string(), revision });
         }
         if path.exists() {
             bail!("--model {spec}: not a folder (pass a diffusers-layout model folder or a Hub repo id owner/name)");
@@ -51,14 +42,8 @@ impl ModelSource {
     pub fn display_name(&self) -> String {
         match self {
             ModelSource::Dir(dir) => dir.display().to_string(),
-            ModelSource::Hub {
-                repo,
-                revision: Some(rev),
-            } => format!("{repo}@{rev}"),
-            ModelSource::Hub {
-                repo,
-                revision: None,
-            } => repo.clone(),
+            ModelSource::Hub { repo, revision: Some(rev) } => format!("{repo}@{rev}"),
+            ModelSource::Hub { repo, revision: None } => repo.clone(),
         }
     }
 }
@@ -77,12 +62,8 @@ pub struct ModelFiles {
     pub tokenizer_dir: PathBuf,
 }
 
-const TOKENIZER_FILES: [&str; 4] = [
-    "tokenizer/vocab.json",
-    "tokenizer/merges.txt",
-    "tokenizer/special_tokens_map.json",
-    "tokenizer/tokenizer.json",
-];
+const TOKENIZER_FILES: [&str; 4] =
+    ["tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer.json"];
 
 impl ModelFiles {
     pub fn resolve(source: &ModelSource, dtype: DType) -> Result<Self> {
@@ -105,7 +86,11 @@ impl ModelFiles {
             let candidates = weight_candidates(component, stem, dtype);
             candidates.iter().map(|name| dir.join(name)).find(|p| p.is_file()).with_context(|| {
                 let pickle = dir.join(component).join(format!("{stem}.bin"));
-                let hint = if pickle.is_file() { " (only a pickle .bin is there; sdscale never loads pickles: convert it to safetensors)" } else { "" };
+                let hint = if pickle.is_file() {
+                    " (only a pickle .bin is there; sdscale never loads pickles: convert it to safetensors)"
+                } else {
+                    ""
+                };
                 format!("model folder {} has no {}{hint}", dir.display(), candidates.last().unwrap())
             })
         };
@@ -136,17 +121,8 @@ impl ModelFiles {
         let api = if offline {
             None
         } else {
-            let token = std::env::var("HF_TOKEN")
-                .ok()
-                .filter(|t| !t.is_empty())
-                .or_else(|| Cache::from_env().token());
-            Some(
-                ApiBuilder::from_env()
-                    .with_token(token)
-                    .with_progress(true)
-                    .build()?
-                    .repo(repo),
-            )
+            let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()).or_else(|| Cache::from_env().token());
+            Some(ApiBuilder::from_env().with_token(token).with_progress(true).build()?.repo(repo))
         };
         let how_to_fix = format!(
             "download it where there is network (e.g. `hf download {repo_id}`) and pass the folder with --model DIR, or set HF_HOME to a cache that holds it"
@@ -159,18 +135,12 @@ impl ModelFiles {
                 }
             }
             match &api {
-                None => Err(format!(
-                    "{name} is not in the Hugging Face cache and HF_HUB_OFFLINE is set"
-                )),
-                Some(api) => api
-                    .get(name)
-                    .or_else(|err| cache.get(name).ok_or(err.to_string())),
+                None => Err(format!("{name} is not in the Hugging Face cache and HF_HUB_OFFLINE is set")),
+                Some(api) => api.get(name).or_else(|err| cache.get(name).ok_or(err.to_string())),
             }
         };
         let required = |name: &str| -> Result<PathBuf> {
-            fetch(name).map_err(|err| {
-                anyhow::anyhow!("cannot get {name} of Hub model {repo_id}: {err}; {how_to_fix}")
-            })
+            fetch(name).map_err(|err| anyhow::anyhow!("cannot get {name} of Hub model {repo_id}: {err}; {how_to_fix}"))
         };
         let weights = |component: &str, stem: &str| -> Result<PathBuf> {
             let candidates = weight_candidates(component, stem, dtype);
@@ -181,10 +151,7 @@ impl ModelFiles {
                     Err(err) => last_err = err,
                 }
             }
-            bail!(
-                "cannot get {} of Hub model {repo_id}: {last_err}; {how_to_fix}",
-                candidates.last().unwrap()
-            )
+            bail!("cannot get {} of Hub model {repo_id}: {last_err}; {how_to_fix}", candidates.last().unwrap())
         };
         let unet_config = required("unet/config.json")?;
         let tokenizer_json = fetch("tokenizer/tokenizer.json").ok();
@@ -223,17 +190,12 @@ fn weight_candidates(component: &str, stem: &str, dtype: DType) -> Vec<String> {
 /// network asks for it by name. A truncated or corrupt file fails here, naming the file.
 pub fn var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
     // SAFETY: the file is mapped read-only; like every mmap user we assume nobody truncates it meanwhile.
-    unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }.with_context(|| {
-        format!(
-            "reading weights {} (truncated or not a safetensors file?)",
-            path.display()
-        )
-    })
+    unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
+        .with_context(|| format!("reading weights {} (truncated or not a safetensors file?)", path.display()))
 }
 
 /// Reads and parses one JSON config file.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }

@@ -39,9 +39,7 @@ impl Activation {
         match name {
             "gelu" => Ok(Self::Gelu),
             "quick_gelu" => Ok(Self::QuickGelu),
-            other => candle_core::bail!(
-                "text encoder hidden_act {other:?} is not supported (gelu, quick_gelu)"
-            ),
+            other => candle_core::bail!("text encoder hidden_act {other:?} is not supported (gelu, quick_gelu)"),
         }
     }
 
@@ -63,25 +61,16 @@ struct ClipTextEmbeddings {
 
 impl ClipTextEmbeddings {
     fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
-        let token_embedding =
-            candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("token_embedding"))?;
-        let position_embedding = candle_nn::embedding(
-            cfg.max_position_embeddings,
-            cfg.hidden_size,
-            vb.pp("position_embedding"),
-        )?;
-        Ok(Self {
-            token_embedding,
-            position_embedding,
-        })
+        let token_embedding = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("token_embedding"))?;
+        let position_embedding =
+            candle_nn::embedding(cfg.max_position_embeddings, cfg.hidden_size, vb.pp("position_embedding"))?;
+        Ok(Self { token_embedding, position_embedding })
     }
 
     fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         let seq_len = input_ids.dim(1)?;
         let position_ids = Tensor::arange(0u32, seq_len as u32, input_ids.device())?;
-        self.token_embedding
-            .forward(input_ids)?
-            .broadcast_add(&self.position_embedding.forward(&position_ids)?)
+        self.token_embedding.forward(input_ids)?.broadcast_add(&self.position_embedding.forward(&position_ids)?)
     }
 }
 
@@ -109,21 +98,14 @@ impl ClipAttention {
 
     fn forward(&self, xs: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
         let (b, n, c) = xs.dims3()?;
-        let heads = |t: Tensor| {
-            t.reshape((b, n, self.num_heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
+        let heads = |t: Tensor| t.reshape((b, n, self.num_heads, self.head_dim))?.transpose(1, 2)?.contiguous();
         let q = heads(self.q_proj.forward(xs)?)?; // (b, heads, n, d)
         let k = heads(self.k_proj.forward(xs)?)?;
         let v = heads(self.v_proj.forward(xs)?)?;
         let in_dtype = q.dtype();
-        let scores = (q
-            .to_dtype(DType::F32)?
-            .matmul(&k.to_dtype(DType::F32)?.t()?)?
-            * (self.head_dim as f64).powf(-0.5))?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(causal_mask)?)?
-            .to_dtype(in_dtype)?;
+        let scores =
+            (q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)? * (self.head_dim as f64).powf(-0.5))?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(causal_mask)?)?.to_dtype(in_dtype)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?; // (b, n, c)
         self.out_proj.forward(&out)
     }
@@ -145,8 +127,7 @@ impl ClipMlp {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc2
-            .forward(&self.activation.forward(&self.fc1.forward(xs)?)?)
+        self.fc2.forward(&self.activation.forward(&self.fc1.forward(xs)?)?)
     }
 }
 
@@ -168,10 +149,7 @@ impl ClipEncoderLayer {
     }
 
     fn forward(&self, xs: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
-        let xs = (xs
-            + self
-                .self_attn
-                .forward(&self.layer_norm1.forward(xs)?, causal_mask)?)?;
+        let xs = (xs + self.self_attn.forward(&self.layer_norm1.forward(xs)?, causal_mask)?)?;
         &xs + self.mlp.forward(&self.layer_norm2.forward(&xs)?)?
     }
 }
@@ -189,25 +167,14 @@ impl ClipTextTransformer {
     /// `vb` points at the model root: the weights live under `text_model.` in the files SD 2.1 ships
     /// (transformers ≥ 5 writes them without that prefix); both spellings are accepted.
     pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
-        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
-            vb.pp("text_model")
-        } else {
-            vb
-        };
+        let vb =
+            if vb.contains_tensor("text_model.embeddings.token_embedding.weight") { vb.pp("text_model") } else { vb };
         let embeddings = ClipTextEmbeddings::new(vb.pp("embeddings"), cfg)?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| ClipEncoderLayer::new(vb.pp("encoder.layers").pp(i), cfg))
             .collect::<Result<Vec<_>>>()?;
-        let final_layer_norm = layer_norm(
-            cfg.hidden_size,
-            cfg.layer_norm_eps,
-            vb.pp("final_layer_norm"),
-        )?;
-        Ok(Self {
-            embeddings,
-            layers,
-            final_layer_norm,
-        })
+        let final_layer_norm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("final_layer_norm"))?;
+        Ok(Self { embeddings, layers, final_layer_norm })
     }
 
     /// `input_ids` (b, n) u32 → `last_hidden_state` (b, n, hidden), final layer norm applied, as
@@ -225,8 +192,7 @@ impl ClipTextTransformer {
 
 /// (n, n) f32: 0 on and below the diagonal, −∞ above, so token i only sees tokens ≤ i.
 fn causal_mask(n: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..n)
-        .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    let mask: Vec<f32> =
+        (0..n).flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Tensor::from_vec(mask, (n, n), device)
 }

@@ -13,9 +13,7 @@
 
 use crate::attention::{scaled_dot_product_attention, AttentionScale};
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{
-    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm,
-};
+use candle_nn::{conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
@@ -37,10 +35,7 @@ impl PerBlock {
         match self {
             PerBlock::One(value) => Ok(vec![*value; blocks]),
             PerBlock::Each(values) if values.len() == blocks => Ok(values.clone()),
-            PerBlock::Each(values) => Err(format!(
-                "{name} has {} entries for {blocks} blocks",
-                values.len()
-            )),
+            PerBlock::Each(values) => Err(format!("{name} has {} entries for {blocks} blocks", values.len())),
         }
     }
 }
@@ -208,10 +203,7 @@ impl UNetConfig {
             return Err(unsupported("upcast_attention", &true));
         }
         if truthy(&file.only_cross_attention) {
-            return Err(unsupported(
-                "only_cross_attention",
-                &file.only_cross_attention,
-            ));
+            return Err(unsupported("only_cross_attention", &file.only_cross_attention));
         }
         if file.dual_cross_attention {
             return Err(unsupported("dual_cross_attention", &true));
@@ -241,16 +233,8 @@ impl UNetConfig {
         }
         for (key, value, expected) in [
             ("act_fn", &file.act_fn, "silu"),
-            (
-                "resnet_time_scale_shift",
-                &file.resnet_time_scale_shift,
-                "default",
-            ),
-            (
-                "time_embedding_type",
-                &file.time_embedding_type,
-                "positional",
-            ),
+            ("resnet_time_scale_shift", &file.resnet_time_scale_shift, "default"),
+            ("time_embedding_type", &file.time_embedding_type, "positional"),
             ("attention_type", &file.attention_type, "default"),
         ] {
             if value != expected {
@@ -261,18 +245,12 @@ impl UNetConfig {
             return Err(unsupported("resnet_skip_time_act", &true));
         }
         if file.conv_in_kernel != 3 || file.conv_out_kernel != 3 {
-            return Err(unsupported(
-                "conv_in_kernel/conv_out_kernel",
-                &(file.conv_in_kernel, file.conv_out_kernel),
-            ));
+            return Err(unsupported("conv_in_kernel/conv_out_kernel", &(file.conv_in_kernel, file.conv_out_kernel)));
         }
         if file.mid_block_type.as_deref() != Some("UNetMidBlock2DCrossAttn") {
             return Err(unsupported("mid_block_type", &file.mid_block_type));
         }
-        if blocks == 0
-            || file.down_block_types.len() != blocks
-            || file.up_block_types.len() != blocks
-        {
+        if blocks == 0 || file.down_block_types.len() != blocks || file.up_block_types.len() != blocks {
             return Err(format!(
                 "unet config: {} down blocks, {} up blocks and {blocks} block_out_channels must agree",
                 file.down_block_types.len(),
@@ -299,21 +277,14 @@ impl UNetConfig {
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let num_attention_heads = match &file.num_attention_heads {
             Some(heads) => heads.expand(blocks, "num_attention_heads")?,
-            None => file
-                .attention_head_dim
-                .expand(blocks, "attention_head_dim")?,
+            None => file.attention_head_dim.expand(blocks, "attention_head_dim")?,
         };
         let sample_size = match &file.sample_size {
             PerBlock::One(size) => (*size, *size),
             PerBlock::Each(sizes) if sizes.len() == 2 => (sizes[0], sizes[1]),
             PerBlock::Each(sizes) => return Err(unsupported("sample_size", sizes)),
         };
-        for (i, (&channels, &heads)) in file
-            .block_out_channels
-            .iter()
-            .zip(&num_attention_heads)
-            .enumerate()
-        {
+        for (i, (&channels, &heads)) in file.block_out_channels.iter().zip(&num_attention_heads).enumerate() {
             if heads == 0 || channels % heads != 0 {
                 return Err(format!("unet config: block {i} has {channels} channels, not divisible by {heads} heads"));
             }
@@ -366,13 +337,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(
-        vb: VarBuilder,
-        query_dim: usize,
-        context_dim: usize,
-        heads: usize,
-        head_dim: usize,
-    ) -> Result<Self> {
+    fn new(vb: VarBuilder, query_dim: usize, context_dim: usize, heads: usize, head_dim: usize) -> Result<Self> {
         let inner_dim = heads * head_dim;
         Ok(Self {
             to_q: linear_no_bias(query_dim, inner_dim, vb.pp("to_q"))?,
@@ -390,18 +355,13 @@ impl Attention {
         let split_heads = |t: Tensor| {
             let m = t.dim(1)?;
             // (b, m, heads·d) → (b·heads, m, d)
-            t.reshape((b, m, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .reshape((b * self.heads, m, self.head_dim))
+            t.reshape((b, m, self.heads, self.head_dim))?.transpose(1, 2)?.reshape((b * self.heads, m, self.head_dim))
         };
         let q = split_heads(self.to_q.forward(xs)?)?;
         let k = split_heads(self.to_k.forward(context)?)?;
         let v = split_heads(self.to_v.forward(context)?)?;
         let out = scaled_dot_product_attention(&q, &k, &v, scale)?; // (b·heads, n, d)
-        let out = out
-            .reshape((b, self.heads, n, self.head_dim))?
-            .transpose(1, 2)?
-            .reshape((b, n, ()))?;
+        let out = out.reshape((b, self.heads, n, self.head_dim))?.transpose(1, 2)?.reshape((b, n, ()))?;
         self.to_out.forward(&out)
     }
 }
@@ -441,42 +401,21 @@ struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    fn new(
-        vb: VarBuilder,
-        dim: usize,
-        heads: usize,
-        head_dim: usize,
-        cfg: &UNetConfig,
-    ) -> Result<Self> {
+    fn new(vb: VarBuilder, dim: usize, heads: usize, head_dim: usize, cfg: &UNetConfig) -> Result<Self> {
         Ok(Self {
             norm1: layer_norm(dim, cfg.norm_eps, vb.pp("norm1"))?,
             attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim)?,
             norm2: layer_norm(dim, cfg.norm_eps, vb.pp("norm2"))?,
-            attn2: Attention::new(
-                vb.pp("attn2"),
-                dim,
-                cfg.cross_attention_dim,
-                heads,
-                head_dim,
-            )?,
+            attn2: Attention::new(vb.pp("attn2"), dim, cfg.cross_attention_dim, heads, head_dim)?,
             norm3: layer_norm(dim, cfg.norm_eps, vb.pp("norm3"))?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
         })
     }
 
-    fn forward(
-        &self,
-        xs: &Tensor,
-        text: &Tensor,
-        self_scale: f64,
-        cross_scale: f64,
-    ) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, text: &Tensor, self_scale: f64, cross_scale: f64) -> Result<Tensor> {
         let normed = self.norm1.forward(xs)?;
         let xs = (self.attn1.forward(&normed, &normed, self_scale)? + xs)?;
-        let xs = (self
-            .attn2
-            .forward(&self.norm2.forward(&xs)?, text, cross_scale)?
-            + xs)?;
+        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, text, cross_scale)? + xs)?;
         self.ff.forward(&self.norm3.forward(&xs)?)? + xs
     }
 }
@@ -522,15 +461,7 @@ impl Transformer2DModel {
         // diffusers hard-codes eps = 1e-6 for this group norm.
         let norm = group_norm(cfg.norm_num_groups, channels, 1e-6, vb.pp("norm"))?;
         let transformer_blocks = (0..layers)
-            .map(|i| {
-                BasicTransformerBlock::new(
-                    vb.pp("transformer_blocks").pp(i),
-                    channels,
-                    heads,
-                    head_dim,
-                    cfg,
-                )
-            })
+            .map(|i| BasicTransformerBlock::new(vb.pp("transformer_blocks").pp(i), channels, heads, head_dim, cfg))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             norm,
@@ -641,9 +572,7 @@ impl UpBlock {
     ) -> Result<Tensor> {
         let mut xs = xs.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
-            let skip = skips
-                .pop()
-                .expect("the down path produced one skip per up resnet");
+            let skip = skips.pop().expect("the down path produced one skip per up resnet");
             xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, Some(temb))?;
             if let Some(attention) = self.attentions.get(i) {
                 xs = attention.forward(&xs, text, scale)?;
@@ -666,13 +595,7 @@ struct MidBlock {
 }
 
 impl MidBlock {
-    fn forward(
-        &self,
-        xs: &Tensor,
-        temb: &Tensor,
-        text: &Tensor,
-        scale: AttentionScale,
-    ) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, temb: &Tensor, text: &Tensor, scale: AttentionScale) -> Result<Tensor> {
         let mut xs = self.resnets[0].forward(xs, Some(temb))?;
         for (attention, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
             xs = attention.forward(&xs, text, scale)?;
@@ -702,14 +625,10 @@ impl UNet2DConditionModel {
         let channels = &cfg.block_out_channels;
         let blocks = channels.len();
         let time_embed_dim = channels[0] * 4;
-        let pad1 = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
+        let pad1 = Conv2dConfig { padding: 1, ..Default::default() };
 
         let time_proj = Timesteps::new(channels[0], cfg.flip_sin_to_cos, cfg.freq_shift);
-        let time_embedding =
-            TimestepEmbedding::new(vb.pp("time_embedding"), channels[0], time_embed_dim)?;
+        let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), channels[0], time_embed_dim)?;
         let conv_in = conv2d(cfg.in_channels, channels[0], 3, pad1, vb.pp("conv_in"))?;
 
         let transformer = |vb: VarBuilder, c: usize, block: usize, level: usize| {
@@ -731,14 +650,7 @@ impl UNet2DConditionModel {
             let mut attentions = Vec::new();
             for j in 0..cfg.layers_per_block {
                 let c_in = if j == 0 { in_channels } else { out_channels };
-                resnets.push(resnet(
-                    vb.pp("resnets").pp(j),
-                    c_in,
-                    out_channels,
-                    time_embed_dim,
-                    &cfg,
-                    1.0,
-                )?);
+                resnets.push(resnet(vb.pp("resnets").pp(j), c_in, out_channels, time_embed_dim, &cfg, 1.0)?);
                 if cfg.down_block_has_attention[i] {
                     attentions.push(transformer(vb.pp("attentions").pp(j), out_channels, i, i)?);
                 }
@@ -747,24 +659,10 @@ impl UNet2DConditionModel {
             let downsampler = if is_final_block {
                 None
             } else {
-                let config = Conv2dConfig {
-                    padding: cfg.downsample_padding,
-                    stride: 2,
-                    ..Default::default()
-                };
-                Some(conv2d(
-                    out_channels,
-                    out_channels,
-                    3,
-                    config,
-                    vb.pp("downsamplers.0.conv"),
-                )?)
+                let config = Conv2dConfig { padding: cfg.downsample_padding, stride: 2, ..Default::default() };
+                Some(conv2d(out_channels, out_channels, 3, config, vb.pp("downsamplers.0.conv"))?)
             };
-            down_blocks.push(DownBlock {
-                resnets,
-                attentions,
-                downsampler,
-            });
+            down_blocks.push(DownBlock { resnets, attentions, downsampler });
         }
 
         let mid_channels = channels[blocks - 1];
@@ -773,29 +671,10 @@ impl UNet2DConditionModel {
             let scale = cfg.mid_block_scale_factor;
             MidBlock {
                 resnets: vec![
-                    resnet(
-                        vb.pp("resnets.0"),
-                        mid_channels,
-                        mid_channels,
-                        time_embed_dim,
-                        &cfg,
-                        scale,
-                    )?,
-                    resnet(
-                        vb.pp("resnets.1"),
-                        mid_channels,
-                        mid_channels,
-                        time_embed_dim,
-                        &cfg,
-                        scale,
-                    )?,
+                    resnet(vb.pp("resnets.0"), mid_channels, mid_channels, time_embed_dim, &cfg, scale)?,
+                    resnet(vb.pp("resnets.1"), mid_channels, mid_channels, time_embed_dim, &cfg, scale)?,
                 ],
-                attentions: vec![transformer(
-                    vb.pp("attentions.0"),
-                    mid_channels,
-                    blocks - 1,
-                    cfg.deepest_level(),
-                )?],
+                attentions: vec![transformer(vb.pp("attentions.0"), mid_channels, blocks - 1, cfg.deepest_level())?],
             }
         };
 
@@ -810,16 +689,8 @@ impl UNet2DConditionModel {
             let mut attentions = Vec::new();
             let layers = cfg.layers_per_block + 1;
             for j in 0..layers {
-                let skip_channels = if j == layers - 1 {
-                    in_channels
-                } else {
-                    out_channels
-                };
-                let c_in = if j == 0 {
-                    prev_output_channels
-                } else {
-                    out_channels
-                };
+                let skip_channels = if j == layers - 1 { in_channels } else { out_channels };
+                let c_in = if j == 0 { prev_output_channels } else { out_channels };
                 resnets.push(resnet(
                     vb.pp("resnets").pp(j),
                     c_in + skip_channels,
@@ -830,39 +701,19 @@ impl UNet2DConditionModel {
                 )?);
                 if cfg.up_block_has_attention[i] {
                     // Up block i mirrors down block (blocks − 1 − i): same heads and depth.
-                    attentions.push(transformer(
-                        vb.pp("attentions").pp(j),
-                        out_channels,
-                        level,
-                        level,
-                    )?);
+                    attentions.push(transformer(vb.pp("attentions").pp(j), out_channels, level, level)?);
                 }
             }
             let is_final_block = i + 1 == blocks;
             let upsampler = if is_final_block {
                 None
             } else {
-                Some(conv2d(
-                    out_channels,
-                    out_channels,
-                    3,
-                    pad1,
-                    vb.pp("upsamplers.0.conv"),
-                )?)
+                Some(conv2d(out_channels, out_channels, 3, pad1, vb.pp("upsamplers.0.conv"))?)
             };
-            up_blocks.push(UpBlock {
-                resnets,
-                attentions,
-                upsampler,
-            });
+            up_blocks.push(UpBlock { resnets, attentions, upsampler });
         }
 
-        let conv_norm_out = group_norm(
-            cfg.norm_num_groups,
-            channels[0],
-            cfg.norm_eps,
-            vb.pp("conv_norm_out"),
-        )?;
+        let conv_norm_out = group_norm(cfg.norm_num_groups, channels[0], cfg.norm_eps, vb.pp("conv_norm_out"))?;
         let conv_out = conv2d(channels[0], cfg.out_channels, 3, pad1, vb.pp("conv_out"))?;
         Ok(Self {
             time_proj,
@@ -889,10 +740,7 @@ impl UNet2DConditionModel {
         let batch = sample.dim(0)?;
         // 1. time: sinusoidal embedding of t (f32, as diffusers), then cast to the compute dtype.
         let timesteps = Tensor::full(timestep as f32, batch, sample.device())?;
-        let t_emb = self
-            .time_proj
-            .forward(&timesteps)?
-            .to_dtype(sample.dtype())?;
+        let t_emb = self.time_proj.forward(&timesteps)?.to_dtype(sample.dtype())?;
         let emb = self.time_embedding.forward(&t_emb)?;
 
         // 2. pre-process
@@ -907,9 +755,7 @@ impl UNet2DConditionModel {
         }
 
         // 4. mid
-        xs = self
-            .mid_block
-            .forward(&xs, &emb, encoder_hidden_states, scale)?;
+        xs = self.mid_block.forward(&xs, &emb, encoder_hidden_states, scale)?;
 
         // 5. up: each block consumes its skips from the end; it upsamples to the size of the next
         // skip in line (diffusers' `upsample_size`), so odd sizes round-trip exactly.
@@ -922,14 +768,7 @@ impl UNet2DConditionModel {
                     Some((h, w))
                 }
             };
-            xs = block.forward(
-                &xs,
-                &mut skips,
-                upsample_size,
-                &emb,
-                encoder_hidden_states,
-                scale,
-            )?;
+            xs = block.forward(&xs, &mut skips, upsample_size, &emb, encoder_hidden_states, scale)?;
         }
 
         // 6. post-process

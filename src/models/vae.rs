@@ -59,14 +59,8 @@ fn scaling_factor() -> f64 {
 
 impl VaeConfig {
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if let Some(t) = self
-            .up_block_types
-            .iter()
-            .find(|t| *t != "UpDecoderBlock2D")
-        {
-            return Err(format!(
-                "vae config: up block type {t:?} is not supported (UpDecoderBlock2D only)"
-            ));
+        if let Some(t) = self.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
+            return Err(format!("vae config: up block type {t:?} is not supported (UpDecoderBlock2D only)"));
         }
         if !self.mid_block_add_attention {
             return Err("vae config: mid_block_add_attention = false is not supported".into());
@@ -96,18 +90,11 @@ impl VaeDecoder {
     pub fn new(vb: VarBuilder, cfg: VaeConfig) -> Result<Self> {
         let channels = &cfg.block_out_channels;
         let blocks = channels.len();
-        let pad1 = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
+        let pad1 = Conv2dConfig { padding: 1, ..Default::default() };
         let post_quant_conv = match cfg.use_post_quant_conv {
-            true => Some(conv2d(
-                cfg.latent_channels,
-                cfg.latent_channels,
-                1,
-                Default::default(),
-                vb.pp("post_quant_conv"),
-            )?),
+            true => {
+                Some(conv2d(cfg.latent_channels, cfg.latent_channels, 1, Default::default(), vb.pp("post_quant_conv"))?)
+            }
             false => None,
         };
         let vb = vb.pp("decoder");
@@ -136,22 +123,9 @@ impl VaeDecoder {
                 UpDecoderBlock2D::new(vb.pp("up_blocks").pp(i), in_channels, reversed[i], config)
             })
             .collect::<Result<Vec<_>>>()?;
-        let conv_norm_out = group_norm(
-            cfg.norm_num_groups,
-            channels[0],
-            1e-6,
-            vb.pp("conv_norm_out"),
-        )?;
+        let conv_norm_out = group_norm(cfg.norm_num_groups, channels[0], 1e-6, vb.pp("conv_norm_out"))?;
         let conv_out = conv2d(channels[0], cfg.out_channels, 3, pad1, vb.pp("conv_out"))?;
-        Ok(Self {
-            post_quant_conv,
-            conv_in,
-            mid_block,
-            up_blocks,
-            conv_norm_out,
-            conv_out,
-            config: cfg,
-        })
+        Ok(Self { post_quant_conv, conv_in, mid_block, up_blocks, conv_norm_out, conv_out, config: cfg })
     }
 
     /// Decodes *unscaled* latents (b, 4, h, w), i.e. already divided by `scaling_factor`, to images

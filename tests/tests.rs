@@ -1,0 +1,9 @@
+//! One integration-test crate (as ripgrep does), with a module per concern. Everything runs offline on
+//! the committed fixture model, against reference outputs made by `scripts/make_fixtures.py` with
+//! diffusers 0.42.1 / transformers 5.24 / torch 2.11.
+
+mod util;
+
+mod cli;
+mod images;
+mod reference;

@@ -1,0 +1,74 @@
+//! Shared helpers: fixture paths, the fixture pipeline, running the real binary, comparing images.
+
+use candle_core::{DType, Device, Tensor};
+use sdscale::pipeline::Pipeline;
+use sdscale::weights::{ModelFiles, ModelSource};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn tiny_model() -> PathBuf {
+    fixtures().join("tiny-sd")
+}
+
+pub fn reference(name: &str) -> PathBuf {
+    fixtures().join("reference").join(name)
+}
+
+pub fn read_json(name: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(reference(name)).unwrap()).unwrap()
+}
+
+pub fn load_tensors(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(reference(name), &Device::Cpu).unwrap()
+}
+
+/// The fixture model, loaded once per test process (f32, CPU, as the references were made).
+pub fn pipeline() -> &'static Pipeline {
+    static PIPELINE: OnceLock<Pipeline> = OnceLock::new();
+    PIPELINE.get_or_init(|| {
+        let files = ModelFiles::resolve(&ModelSource::Dir(tiny_model()), DType::F32).unwrap();
+        Pipeline::load(&files, &Device::Cpu, DType::F32).unwrap()
+    })
+}
+
+/// Largest absolute difference and largest reference magnitude, for relative tolerances.
+pub fn max_abs_diff(got: &Tensor, want: &Tensor) -> (f32, f32) {
+    assert_eq!(got.dims(), want.dims(), "shape mismatch");
+    let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    (diff, scale)
+}
+
+/// Runs the real `sdscale` binary in `dir`.
+pub fn sdscale(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sdscale"))
+        .args(args)
+        .current_dir(dir)
+        .env("HF_HOME", dir.join("hf-home"))
+        .output()
+        .expect("running sdscale")
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// (mean, max) absolute difference in 8-bit levels between two images of the same size.
+pub fn image_diff(a: &Path, b: &Path) -> (f64, u8) {
+    let a = image::open(a).unwrap().to_rgb8();
+    let b = image::open(b).unwrap().to_rgb8();
+    assert_eq!(a.dimensions(), b.dimensions(), "image sizes differ");
+    let diffs: Vec<u8> = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).collect();
+    let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
+    (mean, diffs.into_iter().max().unwrap())
+}
