@@ -72,15 +72,15 @@ fn non_square_entropy() {
     check("wide160x96_entropy.png");
 }
 
-/// 56×72 px → 7×9 latents → 4×5 → 2×3 → 1×2: diffusers' upsample_size path.
+/// 72×88 px → 11×9 latents → 6×5 → 3×3 → 2×2: diffusers' upsample_size path.
 #[test]
 fn odd_latent_size_default() {
-    check("odd56x72_default.png");
+    check("odd72x88_default.png");
 }
 
 #[test]
 fn odd_latent_size_entropy() {
-    check("odd56x72_entropy.png");
+    check("odd72x88_entropy.png");
 }
 
 /// A prompt over 77 tokens (truncated, with a warning naming the dropped words) and a negative prompt.

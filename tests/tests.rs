@@ -5,5 +5,6 @@
 mod util;
 
 mod cli;
+mod full_size;
 mod images;
 mod reference;

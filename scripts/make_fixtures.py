@@ -1,0 +1,1025 @@
+#!/usr/bin/env python3
+"""Reference-fixture generator for sdscale (Rust port of diffusers' SD 2.1-base pipeline).
+
+What it writes (default invocation):
+  tests/fixtures/tiny-sd/     a tiny random-weight model in the *real* SD 2.1-base on-disk layout
+                              (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)
+  tests/fixtures/reference/   f32 reference outputs of diffusers/transformers for that model
+                              (tokenizer ids, torch.randn streams, DDIM schedule and step, text
+                              encoder, UNet forward in default/entropy attention mode, VAE decode,
+                              whole-pipeline PNGs)
+
+With `--full DIR` it instead writes a full-size SD 2.1-base architecture with random weights into
+DIR (benchmarks only; no references; 5.2 GB on disk, ~30 s, ~4 GB peak RAM).
+
+Rerun from the repository root, with the reference environment kept outside the repository:
+    python3 -m venv ~/.venvs/sdscale-ref
+    ~/.venvs/sdscale-ref/bin/pip install -r scripts/requirements.txt
+    ~/.venvs/sdscale-ref/bin/pip install --no-deps open-clip-torch==3.3.0   # only for its BPE vocab file
+    ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py
+    ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --full ~/.cache/sdscale/sd21-random
+
+Do not install ftfy: transformers 5's CLIPTokenizer is a `tokenizers` pipeline that never uses it,
+and sdscale mirrors exactly that pipeline.
+
+The output is deterministic: every random tensor comes from a fixed torch seed, the thread count is
+pinned, and rerunning on the same machine reproduces identical files (byte for byte).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import gzip
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+# Quiet, offline, reproducible: set before the HF libraries are imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+import diffusers  # noqa: E402
+import transformers  # noqa: E402
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+TINY_DIR = FIXTURES / "tiny-sd"
+REF_DIR = FIXTURES / "reference"
+
+# --------------------------------------------------------------------------------------------
+# Model configurations
+# --------------------------------------------------------------------------------------------
+
+# The real stabilityai/stable-diffusion-2-1-base scheduler file, verbatim. The pipeline swaps in
+# DDIMScheduler.from_config(this), exactly like the diffusers docs do for SD 2.x.
+SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.8.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+# Keys shared by the tiny and the full UNet: SD 2.1-base's exact block structure.
+UNET_COMMON = dict(
+    in_channels=4,
+    out_channels=4,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    layers_per_block=2,
+    use_linear_projection=True,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    norm_eps=1e-5,
+    act_fn="silu",
+    center_input_sample=False,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    dual_cross_attention=False,
+    only_cross_attention=False,
+    upcast_attention=False,
+)
+# NB: diffusers' `attention_head_dim` is, for SD 2.x configs, the number of HEADS per block
+# (SD 2.1: [5, 10, 20, 20] heads of 64 channels). Tiny heads: [2,4,4,4] -> head dims 8,4,8,8.
+TINY_UNET = dict(
+    UNET_COMMON,
+    block_out_channels=[16, 16, 32, 32],
+    attention_head_dim=[2, 4, 4, 4],
+    norm_num_groups=8,
+    cross_attention_dim=16,
+    sample_size=16,  # training size 128 px -> 256, 64, 16, 4 tokens per level
+)
+FULL_UNET = dict(
+    UNET_COMMON,
+    block_out_channels=[320, 640, 1280, 1280],
+    attention_head_dim=[5, 10, 20, 20],
+    norm_num_groups=32,
+    cross_attention_dim=1024,
+    sample_size=64,
+)
+
+TEXT_COMMON = dict(
+    vocab_size=49408,
+    max_position_embeddings=77,
+    hidden_act="gelu",  # exact erf GELU, as SD 2.1's text_encoder/config.json says
+    layer_norm_eps=1e-5,
+    # SD 2.1's config values (legacy: they do not match the tokenizer's ids; config fields only).
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
+    projection_dim=512,
+    attention_dropout=0.0,
+    dropout=0.0,
+    initializer_factor=1.0,
+    initializer_range=0.02,
+)
+TINY_TEXT = dict(TEXT_COMMON, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+# 23 layers: diffusers' SD 2.x text encoder is OpenCLIP ViT-H's text tower cut at the penultimate layer.
+FULL_TEXT = dict(TEXT_COMMON, hidden_size=1024, num_hidden_layers=23, num_attention_heads=16, intermediate_size=4096)
+
+VAE_COMMON = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    scaling_factor=0.18215,
+)
+TINY_VAE = dict(VAE_COMMON, block_out_channels=[16, 16, 32, 32], norm_num_groups=8, sample_size=128)
+FULL_VAE = dict(VAE_COMMON, block_out_channels=[128, 256, 512, 512], norm_num_groups=32, sample_size=768)
+
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "_diffusers_version": diffusers.__version__,
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+# Seeds of the random weights (one per component, so changing one model leaves the others alone).
+SEED_UNET, SEED_TEXT, SEED_VAE = 1001, 1002, 1003
+
+# Random init gives near-uniform self-attention, where the softmax scale (the thing sdscale's
+# `entropy` mode changes) hardly matters. Multiplying every UNet attn1 to_q/to_k weight by this
+# factor multiplies the attention logits by its square, sharp enough that default and entropy mode
+# give visibly different images, yet not so sharp that float rounding (classic vs SDPA attention)
+# changes the images. Chosen with --search-f for block_out_channels [16, 16, 32, 32]
+# (192x192, 4 DDIM steps; levels of 255):
+#   F   mode diff mean  kernel diff mean (default / entropy)
+#   6        1.69          0.00017 / 0.00023     (below the 2.0 threshold)
+#   6.5      2.29          0.00024 / 0.00038
+#   7        3.54          0.00064 / 0.00075     <- chosen: 1.8x margin on the mode side, ~130x on the kernel side
+#   7.5      4.68          0.0014  / 0.0020
+#   8        5.92          0.0027  / 0.0060
+#   9        7.93          0.026   / 0.079
+#  10        9.74          0.087   / 0.22        (kernel max |Δ| already 3 levels)
+#  12       13.9           0.91    / 1.75        (chaotic: rounding noise is amplified)
+# main() asserts both conditions on every run.
+ATTN_SHARPEN = 7.0
+# Knob for the VAE decoder's conv_out, should a random decoder give flat grey images (8-bit
+# quantisation would then hide errors). With these seeds the images already have a pixel std of
+# ~45 levels, so it stays 1; main() asserts the contrast.
+VAE_CONV_OUT_GAIN = 1.0
+
+# Acceptance thresholds of the calibration, in levels of 255.
+MIN_MODE_DIFF_MEAN = 2.0
+MAX_PROC_DIFF_MEAN = 0.1
+MAX_PROC_DIFF_MAX = 4.0
+MIN_IMAGE_STD = 10.0
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer files
+# --------------------------------------------------------------------------------------------
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (= GPT-2's) reversible byte -> printable unicode char table, in CLIP's order."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def write_tokenizer(out: Path) -> None:
+    """vocab.json + merges.txt derived from open_clip's BPE file exactly as CLIP's SimpleTokenizer
+    derives its vocabulary, plus the special-token files of the real SD 2.1-base repo (pad "!")."""
+    spec = importlib.util.find_spec("open_clip")  # locate the package without importing it (needs torchvision)
+    if spec is None or spec.origin is None:
+        sys.exit("open_clip not installed: pip install --no-deps open-clip-torch==3.3.0")
+    bpe_path = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab]
+    vocab += ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == 49408 and len(set(vocab)) == 49408
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "vocab.json", "w", encoding="utf-8") as f:
+        json.dump({tok: i for i, tok in enumerate(vocab)}, f, ensure_ascii=False)
+    with open(out / "merges.txt", "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+        f.writelines(f"{a} {b}\n" for a, b in merges)
+
+    # The real repo's files (written by transformers 4.2x): bos/eos/unk as "normalized" AddedTokens,
+    # pad as the plain string "!". The "!" matters: see TOKENIZER_NOTES.
+    def added(content: str, legacy_type: bool) -> dict:
+        d = {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+        return {"__type": "AddedToken", **d} if legacy_type else d
+
+    special_map = {
+        "bos_token": added("<|startoftext|>", False),
+        "eos_token": added("<|endoftext|>", False),
+        "pad_token": "!",
+        "unk_token": added("<|endoftext|>", False),
+    }
+    tokenizer_config = {
+        "add_prefix_space": False,
+        "bos_token": added("<|startoftext|>", True),
+        "do_lower_case": True,
+        "eos_token": added("<|endoftext|>", True),
+        "errors": "replace",
+        "model_max_length": 77,
+        "name_or_path": "stabilityai/stable-diffusion-2",
+        "pad_token": "!",
+        "special_tokens_map_file": "./special_tokens_map.json",
+        "tokenizer_class": "CLIPTokenizer",
+        "unk_token": added("<|endoftext|>", True),
+    }
+    write_json(out / "special_tokens_map.json", special_map)
+    write_json(out / "tokenizer_config.json", tokenizer_config)
+
+
+# --------------------------------------------------------------------------------------------
+# Random models, saved in the real (legacy) key layout
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def perturb_constant_params(model: torch.nn.Module, seed: int) -> None:
+    """Default init leaves norm weights at 1 and many biases at 0 (all of CLIP's); a port that
+    ignored them would still pass. Give every constant parameter tensor random values around
+    its constant instead."""
+    gen = torch.Generator().manual_seed(seed)
+    for _, p in sorted(model.named_parameters()):
+        flat = p.detach().reshape(-1)
+        if flat.numel() > 0 and bool((flat == flat[0]).all()):
+            p.copy_(flat[0] + 0.1 * torch.randn(p.shape, generator=gen))
+
+
+@torch.no_grad()
+def build_unet(cfg: dict, seed: int, sharpen: float) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**cfg)
+    perturb_constant_params(unet, seed + 1)
+    if sharpen != 1.0:
+        for name, module in unet.named_modules():
+            if name.endswith("attn1"):
+                module.to_q.weight.mul_(sharpen)
+                module.to_k.weight.mul_(sharpen)
+    return unet.eval()
+
+
+@torch.no_grad()
+def build_text_encoder(cfg: dict, seed: int) -> CLIPTextModel:
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(**cfg)
+    config.architectures = ["CLIPTextModel"]
+    model = CLIPTextModel(config)
+    perturb_constant_params(model, seed + 1)
+    return model.eval()
+
+
+@torch.no_grad()
+def build_vae(cfg: dict, seed: int, conv_out_gain: float) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**cfg)
+    perturb_constant_params(vae, seed + 1)
+    vae.decoder.conv_out.weight.mul_(conv_out_gain)
+    vae.decoder.conv_out.bias.mul_(conv_out_gain)
+    return vae.eval()
+
+
+# Old diffusers names of the VAE's attention block, as in the real SD 2.1 file.
+VAE_LEGACY_ATTN_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+
+def vae_legacy_key(key: str) -> str:
+    if ".attentions." in key:
+        for new, old in VAE_LEGACY_ATTN_NAMES.items():
+            if f".{new}." in key:
+                return key.replace(f".{new}.", f".{old}.")
+    return key
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o644)  # safetensors creates 0600 files
+
+
+def save_model_folder(out: Path, unet, text_encoder, vae) -> None:
+    """Write the SD 2.1-base folder layout. Weights are f32; key names follow the real repo:
+    text encoder keys carry the `text_model.` prefix (transformers < 5 layout) and the VAE's
+    mid-block attention uses query/key/value/proj_attn."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "model_index.json", MODEL_INDEX)
+    write_tokenizer(out / "tokenizer")
+    (out / "scheduler").mkdir(exist_ok=True)
+    write_json(out / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+
+    for name, model in (("unet", unet), ("vae", vae)):
+        (out / name).mkdir(exist_ok=True)
+        model.save_config(out / name)  # config.json, all keys as diffusers writes them
+        state = model.state_dict()
+        if name == "vae":
+            state = {vae_legacy_key(k): v for k, v in state.items()}
+        save_safetensors(state, out / name / "diffusion_pytorch_model.safetensors")
+        del state
+        gc.collect()
+
+    (out / "text_encoder").mkdir(exist_ok=True)
+    text_encoder.config.save_pretrained(out / "text_encoder")
+    state = {f"text_model.{k}": v for k, v in text_encoder.state_dict().items()}
+    save_safetensors(state, out / "text_encoder" / "model.safetensors")
+
+
+# --------------------------------------------------------------------------------------------
+# sdscale's `entropy` attention scale, as a diffusers attention processor
+# --------------------------------------------------------------------------------------------
+
+
+def level_token_count(sample_size, level: int) -> int:
+    """Tokens at UNet level `level` for the training latent size (each downsample is a
+    stride-2, pad-1, 3x3 conv: ceil(n/2))."""
+    h0, w0 = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+    return math.ceil(h0 / 2**level) * math.ceil(w0 / 2**level)
+
+
+def module_level(name: str, num_blocks: int) -> int:
+    """UNet level of an attention module path: down block i -> i, up block j -> n-1-j, mid -> n-1."""
+    parts = name.split(".")
+    if parts[0] == "down_blocks":
+        return int(parts[1])
+    if parts[0] == "up_blocks":
+        return num_blocks - 1 - int(parts[1])
+    if parts[0] == "mid_block":
+        return num_blocks - 1
+    raise ValueError(f"unexpected attention module {name}")
+
+
+def entropy_scale(head_dim: int, n_keys: int, train_tokens: int) -> float:
+    """λ = (1/√d)·√(ln max(N,2) / ln max(T,2)), in float64."""
+    return (1.0 / math.sqrt(head_dim)) * math.sqrt(math.log(max(n_keys, 2)) / math.log(max(train_tokens, 2)))
+
+
+class EntropyAttnProcessor:
+    """diffusers' AttnProcessor2_0 with one change: the softmax scale is the entropy-invariant λ
+    (for the layer's actual key count N and its training-size token count T) instead of 1/√d.
+    `classic=True` computes the same thing with AttnProcessor's explicit baddbmm + softmax, to
+    measure how much the choice of attention kernel moves the outputs."""
+
+    def __init__(self, train_tokens: int, classic: bool = False):
+        self.train_tokens = train_tokens
+        self.classic = classic
+        self.log: list[dict] | None = None  # set to a list to record (N, d, λ) per call
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        scale = entropy_scale(head_dim, key.shape[-2], self.train_tokens)
+        if self.log is not None:
+            self.log.append({"N": key.shape[-2], "d": head_dim, "T": self.train_tokens, "scale": scale})
+
+        if self.classic:
+            q = query.reshape(-1, *query.shape[2:])
+            k = key.reshape(-1, *key.shape[2:])
+            v = value.reshape(-1, *value.shape[2:])
+            if attention_mask is None:
+                bias, beta = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=q.dtype), 0
+            else:
+                bias, beta = attention_mask.reshape(-1, *attention_mask.shape[2:]), 1
+            scores = torch.baddbmm(bias, q, k.transpose(-1, -2), beta=beta, alpha=scale)
+            hidden_states = torch.bmm(scores.softmax(dim=-1), v).view(query.shape)
+        else:
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=scale
+            )
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def set_attention_mode(unet, vae, mode: str, classic: bool = False) -> dict[str, EntropyAttnProcessor]:
+    """`default`: stock attention everywhere. `entropy`: λ for every UNet self-attention (attn1);
+    cross-attention (attn2) and the VAE keep 1/√d. `classic` picks diffusers' AttnProcessor
+    (explicit softmax) instead of AttnProcessor2_0 (SDPA). Returns the entropy processors by path."""
+    assert mode in ("default", "entropy")
+    stock = AttnProcessor if classic else AttnProcessor2_0
+    num_blocks = len(unet.config.block_out_channels)
+    procs, entropy_procs = {}, {}
+    for path in unet.attn_processors:
+        if mode == "entropy" and path.endswith("attn1.processor"):
+            train_tokens = level_token_count(unet.config.sample_size, module_level(path, num_blocks))
+            procs[path] = entropy_procs[path] = EntropyAttnProcessor(train_tokens, classic)
+        else:
+            procs[path] = stock()
+    unet.set_attn_processor(procs)
+    vae.set_attn_processor(stock())
+    return entropy_procs
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def write_json(path: Path, obj, compact_list: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        if compact_list:  # one entry per line: readable diffs without one int per line
+            f.write("[\n" + ",\n".join(json.dumps(e) for e in obj) + "\n]\n")
+        else:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+
+
+def randn(shape, seed: int) -> torch.Tensor:
+    """The draw diffusers' randn_tensor makes for SD latents on CPU."""
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+
+
+def tiny_pipeline(unet, text_encoder, vae, tokenizer) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_pipeline(folder: Path) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, requires_safety_checker=False, dtype=torch.float32
+    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def render(pipe, case: dict, classic: bool = False):
+    """Run the whole pipeline for one image case; returns (PIL image, final latents)."""
+    set_attention_mode(pipe.unet, pipe.vae, case["mode"], classic)
+    final = {}
+
+    def grab(_pipe, _i, _t, kwargs):
+        final["latents"] = kwargs["latents"].clone()
+        return kwargs
+
+    image = pipe(
+        case["prompt"],
+        negative_prompt=case["negative_prompt"],
+        height=case["height"],
+        width=case["width"],
+        num_inference_steps=case["steps"],
+        guidance_scale=case["guidance"],
+        generator=torch.Generator("cpu").manual_seed(case["seed"]),
+        callback_on_step_end=grab,
+    ).images[0]
+    return image, final["latents"]
+
+
+def image_diff(a, b) -> tuple[float, float]:
+    """Mean and max |Δ| of two 8-bit images, in levels of 255."""
+    d = np.abs(np.asarray(a, dtype=np.int32) - np.asarray(b, dtype=np.int32))
+    return float(d.mean()), float(d.max())
+
+
+# --------------------------------------------------------------------------------------------
+# Reference cases
+# --------------------------------------------------------------------------------------------
+
+LONG_PROMPT = " ".join(
+    (
+        "a highly detailed matte painting of a small corgi standing on a sunny beach at golden hour, "
+        "with waves crashing on the rocks behind it, seagulls flying overhead, a lighthouse in the "
+        "distance, soft volumetric light, dramatic clouds, reflections on the wet sand, footprints "
+        "leading to the water, a red ball half buried in the sand, palm trees swaying in the wind, "
+        "children building sandcastles, colorful umbrellas, a sailboat on the horizon, by a famous "
+        "artist, trending on artstation, octane render, unreal engine, eight k resolution, sharp "
+        "focus, intricate details, cinematic composition, award winning photograph, vivid colors, "
+        "wide angle lens, shallow depth of field, bokeh, warm tones, peaceful atmosphere, summer "
+        "vacation mood, postcard style, high dynamic range, masterpiece, best quality, ultra "
+        "realistic, professional lighting"
+    ).split()
+)
+assert len(LONG_PROMPT.split()) >= 120, len(LONG_PROMPT.split())
+
+TOKEN_PROMPTS = [
+    "a corgi on a beach",
+    "",
+    "A CORGI ON A BEACH",
+    "a photo of a cat, 4k, highly detailed, trending on artstation",
+    "Hello, World! How's it going?!?",
+    "!!! wow!! hello!world !",  # "!" is the pad token: matched as a special token in the raw text
+    "1234 5.6 3rd 10,000 0x1F",
+    "it's don't they'll we've I'm you're she'd IT'S",
+    "it\u2019s curly apostrophe don''t ''quoted'' 'single' \"double\"",
+    "a  corgi\ton\na\r\nbeach\n\nnew paragraph",
+    "   leading and trailing spaces   ",
+    "café naïve résumé",
+    "cafe\u0301 nai\u0308ve re\u0301sume\u0301 q\u0301",  # combining marks (NFC composes all but q́)
+    "一只柯基犬在海滩上",
+    "ｶﾀｶﾅ カタカナ ひらがな 한국어",
+    "корги на пляже ЁЖИК",
+    "كلب على الشاطئ",
+    "Ελληνικά ΟΔΟΣ ΣΟΦΟΣ",  # final sigma: per-char lowercasing gives σ, not ς
+    "ÀÉÎÕÜ ß ẞ İstanbul",  # İ lowercases to two code points
+    "Ｆｕｌｌｗｉｄｔｈ ＡＢＣ １２３",
+    "x² ½ Ⅻ ٣ ३",  # non-ASCII numerics
+    "🐶🏖️ corgi",
+    "\U0001F468\u200D\U0001F469\u200D\U0001F467 family 👍🏽",
+    "&amp; &lt;b&gt; &quot;quoted&quot; &#39;",
+    "https://example.com/path?query=1&x=y#frag",
+    "snake_case-and-kebab.case/path\\back",
+    "(masterpiece:1.2), [bad], {curly} <lora:foo:0.8>",
+    "#hashtag @mention $100 50% ~tilde~ a,b;c:d",
+    "<|endoftext|> in the middle <|startoftext|> too",
+    "<|ENDOFTEXT|> upper-case special",
+    "x<|startoftext|>y<|endoftext|>z",
+    "a\u00a0corgi\u2003on\u3000a\u2009beach",  # no-break / em / ideographic / thin spaces
+    "tab\u000bvt\u000cff\u0085nel\u2028ls",
+    "zero\u200bwidth\u200cnon\u200djoiner\ufeffbom",
+    "control\u0007bell\u001bescape",
+    "supercalifragilisticexpialidocious pneumonoultramicroscopicsilicovolcanoconiosis",
+    "dog dog dog dog",
+    " ".join(["a"] * 74),  # 74 + 2 specials: one pad
+    " ".join(["a"] * 75),  # exactly fills 77
+    " ".join(["a"] * 76),  # one token truncated
+    LONG_PROMPT,
+]
+
+# Whole-pipeline cases. Width/height in pixels; the UNet trains at 128 px (16 latents).
+IMAGE_PROMPT = "a corgi on a beach"
+IMAGE_CASES = [
+    ("sq192_default", IMAGE_PROMPT, None, 192, 192, 7.5, 42, "default"),
+    ("sq192_entropy", IMAGE_PROMPT, None, 192, 192, 7.5, 42, "entropy"),
+    ("train128_default", IMAGE_PROMPT, None, 128, 128, 7.5, 42, "default"),
+    ("train128_entropy", IMAGE_PROMPT, None, 128, 128, 7.5, 42, "entropy"),
+    ("wide160x96_default", IMAGE_PROMPT, None, 160, 96, 7.5, 7, "default"),
+    ("wide160x96_entropy", IMAGE_PROMPT, None, 160, 96, 7.5, 7, "entropy"),
+    ("odd72x88_default", IMAGE_PROMPT, None, 72, 88, 7.5, 11, "default"),  # latents 11x9 -> 6x5 -> 3x3 -> 2x2
+    ("odd72x88_entropy", IMAGE_PROMPT, None, 72, 88, 7.5, 11, "entropy"),
+    ("long_negative_entropy", LONG_PROMPT, "blurry, low quality, watermark", 128, 192, 7.5, 1234, "entropy"),
+    ("guidance1_entropy", IMAGE_PROMPT, None, 192, 192, 1.0, 42, "entropy"),
+]
+IMAGE_STEPS = 4
+
+
+def image_case_dict(case) -> dict:
+    name, prompt, negative, width, height, guidance, seed, mode = case
+    return {
+        "file": f"{name}.png",
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "width": width,
+        "height": height,
+        "steps": IMAGE_STEPS,
+        "guidance": guidance,
+        "seed": seed,
+        "mode": mode,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Reference generation
+# --------------------------------------------------------------------------------------------
+
+
+# TOKENIZER_NOTES: what transformers 5.24's CLIPTokenizer (a `tokenizers` 0.23 pipeline built in
+# tokenization_clip.py from vocab.json + merges.txt; no Python BPE, ftfy never used) does, and what
+# tokens.json pins down:
+#  1. Added tokens are cut out first. "!" (the SD 2.x pad token, a plain string in the config) becomes
+#     a special AddedToken with normalized=False: every "!" in the RAW text is split off as id 0
+#     ("!" without </w>), so "hello!!" -> hello</w>, !, ! instead of CLIP's "!!</w>".
+#     <|startoftext|>/<|endoftext|> are normalized=True added tokens: matched in the lower-cased
+#     text ("<|ENDOFTEXT|>" -> 49407) and kept mid-sequence.
+#  2. Normalizer on each remaining piece: NFC, Replace(regex \s+ -> " "), Lowercase (char by char:
+#     final sigma stays σ, İ -> i + U+0307).
+#  3. Pre-tokenizer: Split(regex <\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|
+#     [\p{N}]|[^\s\p{L}\p{N}]+, behavior Removed, invert) = keep the matches, drop whitespace; then
+#     ByteLevel(add_prefix_space=False, use_regex=True): GPT-2 byte->unicode mapping (its GPT-2
+#     regex does not split the pieces any further).
+#  4. BPE(end_of_word_suffix="</w>", continuing_subword_prefix="", unk "<|endoftext|>",
+#     fuse_unk=False, no dropout): merges by rank, "</w>" on each word's last symbol.
+#  5. Post-processor RobertaProcessing(cls=<|startoftext|> 49406, sep=<|endoftext|> 49407);
+#     truncation to 77 keeps bos + 75 tokens + eos; padding (right) with pad id 0.
+def make_tokens(tokenizer) -> list[dict]:
+    out = []
+    for prompt in TOKEN_PROMPTS:
+        ids = tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+        ids_full = tokenizer(prompt).input_ids
+        assert len(ids) == 77
+        out.append({"prompt": prompt, "ids": ids, "ids_full": ids_full})
+    return out
+
+
+def make_randn() -> tuple[dict, list]:
+    seeds = [0, 1, 42, 4294967295, 123456789]
+    # numel < 16 and numel % 16 != 0 take different code paths in torch's CPU normal_.
+    shapes = [(15,), (16,), (17,), (100,), (1, 4, 16, 16), (1, 4, 9, 13), (1, 4, 28, 28), (1, 4, 64, 64)]
+    tensors, index = {}, []
+    for seed in seeds:
+        for shape in shapes:
+            key = f"seed{seed}_{'x'.join(map(str, shape))}"
+            tensors[key] = randn(shape, seed)
+            index.append({"key": key, "seed": seed, "shape": list(shape)})
+    return tensors, index
+
+
+def make_scheduler() -> dict:
+    base = DDIMScheduler.from_config(SCHEDULER_CONFIG)
+    cases = []
+    for spacing in ("leading", "trailing", "linspace"):
+        sched = DDIMScheduler.from_config(SCHEDULER_CONFIG, timestep_spacing=spacing)
+        for steps in (1, 3, 10, 50):
+            sched.set_timesteps(steps)
+            cases.append({"timestep_spacing": spacing, "num_inference_steps": steps,
+                          "timesteps": sched.timesteps.tolist()})
+    return {
+        "note": "DDIMScheduler.from_config(scheduler_config) of the model; betas/alphas_cumprod are "
+        "the scheduler's float32 tensors (computed in f32: linspace of sqrt betas, squared, cumprod), "
+        "written as exact doubles. final_alpha_cumprod = alphas_cumprod[0] (set_alpha_to_one false) "
+        "is used when the previous timestep is negative. 'leading' is the default spacing.",
+        # (_use_default_values is a set: unordered, so left out to keep the file reproducible)
+        "config": {k: v for k, v in sorted(base.config.items()) if k != "_use_default_values"},
+        "betas": base.betas.tolist(),
+        "alphas_cumprod": base.alphas_cumprod.tolist(),
+        "final_alpha_cumprod": float(base.final_alpha_cumprod),
+        "cases": cases,
+    }
+
+
+@torch.no_grad()
+def make_text(pipe) -> tuple[dict, dict]:
+    prompt, negative = "a corgi on a beach", ""
+
+    def tok(text):
+        return pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+    ids, neg_ids = tok(prompt), tok(negative)
+    embeds = pipe.text_encoder(ids)[0]
+    neg_embeds = pipe.text_encoder(neg_ids)[0]
+    # The pipeline's own path must give the very same tensors.
+    p, n = pipe.encode_prompt(prompt, "cpu", 1, True, negative)
+    assert torch.equal(p, embeds) and torch.equal(n, neg_embeds)
+    tensors = {"input_ids": ids, "negative_input_ids": neg_ids,
+               "prompt_embeds": embeds, "negative_prompt_embeds": neg_embeds}
+    meta = {"prompt": prompt, "negative_prompt": negative,
+            "dtypes": {"input_ids": "int64", "negative_input_ids": "int64", "prompt_embeds": "float32",
+                       "negative_prompt_embeds": "float32"},
+            "note": "embeds = CLIPTextModel(ids).last_hidden_state (final_layer_norm applied), no attention mask"}
+    return tensors, meta
+
+
+@torch.no_grad()
+def make_unet(pipe, prompt_embeds) -> tuple[dict, dict]:
+    timestep = 501
+    cases = [
+        # (key prefix, shape, seed); "" = a non-training size, 160 px wide x 192 px tall
+        ("", (1, 4, 24, 20), 3),
+        ("train", (1, 4, 16, 16), 4),
+        ("odd", (1, 4, 9, 7), 6),
+    ]
+    tensors = {"encoder_hidden_states": prompt_embeds}
+    meta = {"timestep": timestep, "timestep_dtype": "int64 scalar tensor (as the pipeline passes it)",
+            "encoder_hidden_states": "prompt_embeds of text.safetensors ('a corgi on a beach')", "cases": []}
+    for prefix, shape, seed in cases:
+        sample = randn(shape, seed)
+        sample_key = f"sample_{prefix}" if prefix else "sample"
+        tensors[sample_key] = sample
+        entry = {"sample": sample_key, "shape": list(shape), "seed": seed}
+        for mode in ("default", "entropy"):
+            procs = set_attention_mode(pipe.unet, pipe.vae, mode)
+            for p in procs.values():
+                p.log = []
+            out = pipe.unet(sample, torch.tensor(timestep), encoder_hidden_states=prompt_embeds).sample
+            out_key = f"out_{prefix}_{mode}" if prefix else f"out_{mode}"
+            tensors[out_key] = out
+            entry[f"out_{mode}"] = out_key
+            if mode == "entropy":
+                entry["attn1_scales"] = [
+                    {"module": path.removesuffix(".processor"), **p.log[0]} for path, p in procs.items()
+                ]
+        meta["cases"].append(entry)
+    set_attention_mode(pipe.unet, pipe.vae, "default")
+    return tensors, meta
+
+
+@torch.no_grad()
+def make_ddim() -> tuple[dict, dict]:
+    sched = DDIMScheduler.from_config(SCHEDULER_CONFIG)
+    steps = 10
+    sched.set_timesteps(steps)
+    tensors, meta = {}, {"num_inference_steps": steps, "eta": 0.0, "cases": []}
+    # index 3: an ordinary step; index 9 (t=1): prev timestep < 0 -> final_alpha_cumprod.
+    for suffix, index, seeds in (("", 3, (8, 9)), ("_last", 9, (10, 11))):
+        t = int(sched.timesteps[index])
+        sample, model_output = randn((1, 4, 16, 16), seeds[0]), randn((1, 4, 16, 16), seeds[1])
+        out = sched.step(model_output, t, sample, eta=0.0)
+        tensors.update({f"sample{suffix}": sample, f"model_output{suffix}": model_output,
+                        f"prev_sample{suffix}": out.prev_sample,
+                        f"pred_original_sample{suffix}": out.pred_original_sample})
+        prev_t = t - sched.config.num_train_timesteps // steps
+        meta["cases"].append({"suffix": suffix, "index": index, "timestep": t, "prev_timestep": prev_t,
+                              "alpha_prod_t": float(sched.alphas_cumprod[t]),
+                              "alpha_prod_t_prev": float(sched.alphas_cumprod[prev_t] if prev_t >= 0
+                                                         else sched.final_alpha_cumprod),
+                              "seeds": {"sample": seeds[0], "model_output": seeds[1]}})
+    return tensors, meta
+
+
+@torch.no_grad()
+def make_vae(pipe) -> tuple[dict, dict]:
+    latents = randn((1, 4, 16, 12), 5)
+    set_attention_mode(pipe.unet, pipe.vae, "default")
+    decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return {"latents": latents, "decoded": decoded}, {"seed": 5, "scaling_factor": pipe.vae.config.scaling_factor}
+
+
+def check_calibration(images: dict, pipe) -> dict:
+    """(a) default vs entropy differ clearly at a non-training size; (b) classic vs SDPA attention
+    kernels agree (checked in both modes); (c) images have contrast."""
+    mode_mean, mode_max = image_diff(images["sq192_default"][0], images["sq192_entropy"][0])
+    # At the training size N == T everywhere, so entropy mode must reproduce default mode exactly.
+    train_mean, train_max = image_diff(images["train128_default"][0], images["train128_entropy"][0])
+    proc = {}
+    for name in ("sq192_default", "sq192_entropy"):
+        case = image_case_dict(next(c for c in IMAGE_CASES if c[0] == name))
+        classic_img, _ = render(pipe, case, classic=True)
+        proc[name] = image_diff(images[name][0], classic_img)
+    stds = {name: float(np.asarray(img, dtype=np.float64).std()) for name, (img, _) in images.items()}
+    result = {
+        "attn_sharpen_factor": ATTN_SHARPEN,
+        "vae_conv_out_gain": VAE_CONV_OUT_GAIN,
+        "mode_diff": {"images": ["sq192_default.png", "sq192_entropy.png"], "mean": mode_mean, "max": mode_max},
+        "train_size_mode_diff": {"images": ["train128_default.png", "train128_entropy.png"],
+                                 "mean": train_mean, "max": train_max},
+        "processor_diff": {
+            name: {"what": "AttnProcessor2_0 (SDPA) vs AttnProcessor-style explicit softmax", "mean": m, "max": x}
+            for name, (m, x) in proc.items()
+        },
+        "image_std": stds,
+        "thresholds": {"mode_diff_mean_min": MIN_MODE_DIFF_MEAN, "processor_diff_mean_max": MAX_PROC_DIFF_MEAN,
+                       "processor_diff_max_max": MAX_PROC_DIFF_MAX, "image_std_min": MIN_IMAGE_STD},
+        "units": "levels of 255 (8-bit PNG values)",
+    }
+    print(json.dumps(result, indent=2))
+    assert mode_mean >= MIN_MODE_DIFF_MEAN, f"modes too similar: {mode_mean}"
+    assert train_max == 0.0, f"entropy != default at the training size: {train_max}"
+    for name, (m, x) in proc.items():
+        assert m <= MAX_PROC_DIFF_MEAN and x <= MAX_PROC_DIFF_MAX, f"{name}: attention kernels disagree: {m} {x}"
+    assert min(stds.values()) >= MIN_IMAGE_STD, f"flat image: {stds}"
+    return result
+
+
+def generate_references(pipe) -> None:
+    if REF_DIR.exists():
+        shutil.rmtree(REF_DIR)
+    (REF_DIR / "images").mkdir(parents=True)
+
+    write_json(REF_DIR / "tokens.json", make_tokens(pipe.tokenizer), compact_list=True)
+
+    tensors, index = make_randn()
+    save_safetensors(tensors, REF_DIR / "randn.safetensors")
+    write_json(REF_DIR / "randn.json", index)
+
+    write_json(REF_DIR / "scheduler.json", make_scheduler())
+
+    tensors, meta = make_text(pipe)
+    save_safetensors(tensors, REF_DIR / "text.safetensors")
+    write_json(REF_DIR / "text.json", meta)
+    prompt_embeds = tensors["prompt_embeds"]
+
+    tensors, meta = make_unet(pipe, prompt_embeds)
+    save_safetensors(tensors, REF_DIR / "unet.safetensors")
+    write_json(REF_DIR / "unet.json", meta)
+
+    tensors, meta = make_ddim()
+    save_safetensors(tensors, REF_DIR / "ddim.safetensors")
+    write_json(REF_DIR / "ddim.json", meta)
+
+    tensors, meta = make_vae(pipe)
+    save_safetensors(tensors, REF_DIR / "vae.safetensors")
+    write_json(REF_DIR / "vae.json", meta)
+
+    images, entries = {}, []
+    for case in IMAGE_CASES:
+        entry = image_case_dict(case)
+        image, latents = render(pipe, entry)
+        image.save(REF_DIR / "images" / entry["file"])
+        images[case[0]] = (image, latents)
+        entries.append({**entry, "latents_key": case[0]})
+        print(f"  image {entry['file']}: {entry['width']}x{entry['height']} {entry['mode']}")
+    save_safetensors({name: lat for name, (_, lat) in images.items()}, REF_DIR / "images" / "latents.safetensors")
+    write_json(REF_DIR / "images.json", entries)
+
+    write_json(REF_DIR / "calibration.json", check_calibration(images, pipe))
+
+
+# --------------------------------------------------------------------------------------------
+# Checks that the legacy on-disk layout loads back to the very same models
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def check_roundtrip(pipe, unet, text_encoder, vae) -> None:
+    for loaded, orig in ((pipe.unet, unet), (pipe.text_encoder, text_encoder), (pipe.vae, vae)):
+        a, b = loaded.state_dict(), orig.state_dict()
+        assert a.keys() == b.keys(), type(orig).__name__
+        assert all(torch.equal(a[k], b[k]) for k in a), type(orig).__name__
+    # The legacy VAE names are converted on load: same decode as the in-memory model.
+    set_attention_mode(pipe.unet, pipe.vae, "default")
+    vae.set_attn_processor(AttnProcessor2_0())
+    z = randn((1, 4, 8, 8), 99)
+    assert torch.equal(pipe.vae.decode(z).sample, vae.decode(z).sample)
+    ids = torch.tensor([[49406, 320, 31320, 49407] + [0] * 73])
+    assert torch.equal(pipe.text_encoder(ids)[0], text_encoder(ids)[0])
+    tok = pipe.tokenizer
+    special_ids = (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+    assert special_ids == (0, 49406, 49407), special_ids
+    assert tok.model_max_length == 77
+    assert not (TINY_DIR / "tokenizer" / "tokenizer.json").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+
+
+def build_tiny(sharpen: float = ATTN_SHARPEN, gain: float = VAE_CONV_OUT_GAIN):
+    return (
+        build_unet(TINY_UNET, SEED_UNET, sharpen),
+        build_text_encoder(TINY_TEXT, SEED_TEXT),
+        build_vae(TINY_VAE, SEED_VAE, gain),
+    )
+
+
+def make_tiny() -> None:
+    unet, text_encoder, vae = build_tiny()
+    if TINY_DIR.exists():
+        shutil.rmtree(TINY_DIR)
+    save_model_folder(TINY_DIR, unet, text_encoder, vae)
+    print(f"wrote {TINY_DIR.relative_to(REPO)}")
+
+    # Load back from disk so that the legacy key names are what the references exercise.
+    pipe = load_pipeline(TINY_DIR)
+    check_roundtrip(pipe, unet, text_encoder, vae)
+    generate_references(pipe)
+    print(f"wrote {REF_DIR.relative_to(REPO)}")
+
+
+def search_f(candidates: list[float], gain: float) -> None:
+    """Print the calibration numbers for several attn1 q/k factors (no files written)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    case_d = image_case_dict(IMAGE_CASES[0])
+    case_e = image_case_dict(IMAGE_CASES[1])
+    for f in candidates:
+        unet, text_encoder, vae = build_tiny(f, gain)
+        pipe = tiny_pipeline(unet, text_encoder, vae, tokenizer)
+        d, _ = render(pipe, case_d)
+        e, _ = render(pipe, case_e)
+        dc, _ = render(pipe, case_d, classic=True)
+        ec, _ = render(pipe, case_e, classic=True)
+        std = float(np.asarray(d, dtype=np.float64).std())
+        print(f"F={f:g} gain={gain:g}: mode diff mean/max {image_diff(d, e)}, "
+              f"kernel diff default {image_diff(d, dc)}, entropy {image_diff(e, ec)}, std {std:.1f}", flush=True)
+
+
+def make_full(out: Path) -> None:
+    """Full-size SD 2.1-base with random weights, built and written one component at a time to
+    stay memory-frugal (peak RSS ≈ 4 GB: the UNet's 3.5 GB of f32 weights). No attn1 sharpening:
+    the weights only need the right shapes."""
+    out = out.expanduser().resolve()
+    if out == REPO or REPO in out.parents:
+        sys.exit(f"--full writes 5 GB: choose a directory outside the repository, not {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "model_index.json", MODEL_INDEX)
+    write_tokenizer(out / "tokenizer")
+    (out / "scheduler").mkdir(exist_ok=True)
+    write_json(out / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+
+    for name, build in (
+        ("unet", lambda: build_unet(FULL_UNET, SEED_UNET, 1.0)),
+        ("vae", lambda: build_vae(FULL_VAE, SEED_VAE, 1.0)),
+    ):
+        model = build()
+        (out / name).mkdir(exist_ok=True)
+        model.save_config(out / name)
+        state = model.state_dict()
+        if name == "vae":
+            state = {vae_legacy_key(k): v for k, v in state.items()}
+        save_safetensors(state, out / name / "diffusion_pytorch_model.safetensors")
+        print(f"wrote {out / name} ({sum(v.numel() for v in state.values()) / 1e6:.0f} M params)", flush=True)
+        del model, state
+        gc.collect()
+
+    model = build_text_encoder(FULL_TEXT, SEED_TEXT)
+    (out / "text_encoder").mkdir(exist_ok=True)
+    model.config.save_pretrained(out / "text_encoder")
+    state = {f"text_model.{k}": v for k, v in model.state_dict().items()}
+    save_safetensors(state, out / "text_encoder" / "model.safetensors")
+    print(f"wrote {out / 'text_encoder'} ({sum(v.numel() for v in state.values()) / 1e6:.0f} M params)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", type=Path, metavar="DIR",
+                        help="write a full-size random SD 2.1-base into DIR (benchmarks) instead of the fixtures")
+    parser.add_argument("--search-f", type=float, nargs="+", metavar="F",
+                        help="print calibration numbers for these attn1 q/k factors; writes nothing")
+    parser.add_argument("--vae-gain", type=float, default=VAE_CONV_OUT_GAIN, help="VAE conv_out gain for --search-f")
+    args = parser.parse_args()
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}")
+    if args.search_f:
+        search_f(args.search_f, args.vae_gain)
+    elif args.full:
+        make_full(args.full)
+    else:
+        make_tiny()
+
+
+if __name__ == "__main__":
+    main()
