@@ -207,8 +207,8 @@ impl TryFrom<GenArgs> for GenRequest {
 }
 
 fn validate_side(name: &str, value: usize) -> Result<()> {
-    if value % 8 != 0 || value < 64 {
-        let suggestion = (value.max(64) + 7) / 8 * 8;
+    if !value.is_multiple_of(8) || value < 64 {
+        let suggestion = value.max(64).div_ceil(8) * 8;
         bail!("{name} {value} must be a multiple of 8 and at least 64 (e.g. {suggestion})");
     }
     if value > MAX_SIDE {

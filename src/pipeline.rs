@@ -105,7 +105,7 @@ impl Pipeline {
     pub fn generate(&self, request: &GenerateRequest, on_event: &mut dyn FnMut(Event)) -> Result<RgbImage> {
         let factor = self.vae_scale_factor();
         ensure!(
-            request.width % factor == 0 && request.height % factor == 0,
+            request.width.is_multiple_of(factor) && request.height.is_multiple_of(factor),
             "width and height must be multiples of {factor}, got {}x{}",
             request.width,
             request.height

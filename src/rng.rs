@@ -78,7 +78,7 @@ pub fn randn(generator: &mut TorchGenerator, len: usize) -> Vec<f32> {
     for block in data.chunks_exact_mut(16) {
         normal_fill_16(block);
     }
-    if len % 16 != 0 {
+    if !len.is_multiple_of(16) {
         let tail = &mut data[len - 16..];
         for value in tail.iter_mut() {
             *value = generator.uniform_f32();
