@@ -341,7 +341,10 @@ def save_model_folder(out: Path, unet, text_encoder, vae) -> None:
     mid-block attention uses query/key/value/proj_attn."""
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "model_index.json", MODEL_INDEX)
-    write_tokenizer(out / "tokenizer")
+    # The committed fixture tokenizer is the same SD 2.x vocabulary; copying it keeps --full free of
+    # open_clip, so it also runs where only torch + diffusers exist (the GPU machine).
+    shutil.rmtree(out / "tokenizer", ignore_errors=True)
+    shutil.copytree(REPO / "tests" / "fixtures" / "tiny-sd" / "tokenizer", out / "tokenizer")
     (out / "scheduler").mkdir(exist_ok=True)
     write_json(out / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
 
@@ -974,7 +977,10 @@ def make_full(out: Path) -> None:
         sys.exit(f"--full writes 5 GB: choose a directory outside the repository, not {out}")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "model_index.json", MODEL_INDEX)
-    write_tokenizer(out / "tokenizer")
+    # The committed fixture tokenizer is the same SD 2.x vocabulary; copying it keeps --full free of
+    # open_clip, so it also runs where only torch + diffusers exist (the GPU machine).
+    shutil.rmtree(out / "tokenizer", ignore_errors=True)
+    shutil.copytree(REPO / "tests" / "fixtures" / "tiny-sd" / "tokenizer", out / "tokenizer")
     (out / "scheduler").mkdir(exist_ok=True)
     write_json(out / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
 

@@ -88,11 +88,12 @@ fn gen(args: GenArgs) -> Result<()> {
     };
     let started = Instant::now();
     let image = pipeline.generate(&generate, &mut stderr_progress())?;
+    // One machine-readable timing line: scripts/gpu/check.sh and the benchmarks read it.
     eprintln!(
-        "sdscale: {width}x{height}, {} steps, mode {} in {:.2?}",
+        "sdscale: {width}x{height}, {} steps, mode {}: generate_seconds={:.3}",
         request.steps,
         request.mode.as_str(),
-        started.elapsed()
+        started.elapsed().as_secs_f64()
     );
 
     let parameters = a1111_parameters(&request, width, height);

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod models;
 pub mod output;
 pub mod pipeline;
+pub mod profile;
 pub mod rng;
 pub mod scheduler;
 pub mod tokenizer;

@@ -16,6 +16,12 @@ use anyhow::{anyhow, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
+/// Whether every value is finite: the sum of squares is, exactly when no value is inf or NaN (or so
+/// large that squaring overflows, which is just as broken for an image).
+fn all_finite(xs: &Tensor) -> Result<bool> {
+    Ok(xs.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()?.is_finite())
+}
+
 /// Everything one image depends on.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
@@ -42,6 +48,10 @@ pub struct Pipeline {
     text_encoder: ClipTextTransformer,
     unet: UNet2DConditionModel,
     vae: VaeDecoder,
+    /// An f32 copy of the VAE decoder, built on first need: half-precision VAEs can overflow to
+    /// inf/NaN (black images), and then the decode is redone in f32.
+    vae_f32: std::sync::OnceLock<VaeDecoder>,
+    vae_weights: std::path::PathBuf,
     scheduler_config: DdimConfig,
     device: Device,
     dtype: DType,
@@ -82,7 +92,17 @@ impl Pipeline {
         let vae = VaeDecoder::new(var_builder(&files.vae_weights, dtype, device)?, vae_config)
             .with_context(|| format!("loading the VAE from {}", files.vae_weights.display()))?;
 
-        Ok(Self { tokenizer, text_encoder, unet, vae, scheduler_config, device: device.clone(), dtype })
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            vae_f32: std::sync::OnceLock::new(),
+            vae_weights: files.vae_weights.clone(),
+            scheduler_config,
+            device: device.clone(),
+            dtype,
+        })
     }
 
     /// Pixels per latent pixel: 2^(VAE blocks − 1) = 8 for SD.
@@ -116,6 +136,7 @@ impl Pipeline {
         // 1. encode the prompt: [negative, positive] when guiding, as diffusers concatenates them.
         let started = std::time::Instant::now();
         let prompt_embeds = self.encode_prompt(request, do_classifier_free_guidance, on_event)?;
+        self.device.synchronize()?;
         on_event(Event::Stage("text encoder", started.elapsed()));
 
         // 2. the initial noise, always drawn on the CPU in f32 so a seed means the same on every device.
@@ -141,11 +162,12 @@ impl Pipeline {
             latents = scheduler.step(&noise_pred, timestep, &latents)?;
             on_event(Event::Step { index, total, timestep });
         }
+        self.device.synchronize()?;
         on_event(Event::Stage("denoising", started.elapsed()));
 
         // 4. decode
         let started = std::time::Instant::now();
-        let image = self.decode_latents(&latents)?;
+        let image = self.decode_latents(&latents, on_event)?;
         on_event(Event::Stage("VAE decode", started.elapsed()));
         Ok(image)
     }
@@ -187,9 +209,23 @@ impl Pipeline {
 
     /// Latents → 8-bit RGB, as diffusers: decode(latents / scaling_factor), (x/2 + 0.5).clamp(0, 1),
     /// ×255 and round half to even (numpy's round), not truncate.
-    pub fn decode_latents(&self, latents: &Tensor) -> Result<RgbImage> {
-        let scaling = Tensor::new(self.vae.config.scaling_factor as f32, &self.device)?.to_dtype(self.dtype)?;
-        let image = self.vae.decode(&latents.broadcast_div(&scaling)?)?;
+    pub fn decode_latents(&self, latents: &Tensor, on_event: &mut dyn FnMut(Event)) -> Result<RgbImage> {
+        let mut image = self.vae_decode(&self.vae, latents)?;
+        if self.dtype != DType::F32 && !all_finite(&image)? {
+            on_event(Event::Warning(format!(
+                "the VAE overflowed in {:?} (non-finite pixels); decoding again in f32",
+                self.dtype
+            )));
+            let vae_f32 = match self.vae_f32.get() {
+                Some(vae) => vae,
+                None => {
+                    let vb = var_builder(&self.vae_weights, DType::F32, &self.device)?;
+                    let vae = VaeDecoder::new(vb, self.vae.config.clone())?;
+                    self.vae_f32.get_or_init(|| vae)
+                }
+            };
+            image = self.vae_decode(vae_f32, &latents.to_dtype(DType::F32)?)?;
+        }
         let image = ((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?.to_dtype(DType::F32)?.squeeze(0)?;
         let (_, height, width) = image.dims3()?;
         let pixels: Vec<u8> = image
@@ -200,6 +236,12 @@ impl Pipeline {
             .map(|v| (v * 255.0).round_ties_even() as u8)
             .collect();
         RgbImage::from_raw(width as u32, height as u32, pixels).context("decoded image has an unexpected size")
+    }
+
+    fn vae_decode(&self, vae: &VaeDecoder, latents: &Tensor) -> Result<Tensor> {
+        // A true division, as diffusers divides (not a multiplication by the reciprocal).
+        let scaling = Tensor::new(vae.config.scaling_factor as f32, &self.device)?.to_dtype(latents.dtype())?;
+        Ok(vae.decode(&latents.broadcast_div(&scaling)?)?)
     }
 
     /// Direct access for tests and benchmarks that check one network against its reference.

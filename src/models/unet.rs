@@ -738,6 +738,7 @@ impl UNet2DConditionModel {
         scale: AttentionScale,
     ) -> Result<Tensor> {
         let batch = sample.dim(0)?;
+        let mut clock = crate::profile::Clock::start("unet", sample.device());
         // 1. time: sinusoidal embedding of t (f32, as diffusers), then cast to the compute dtype.
         let timesteps = Tensor::full(timestep as f32, batch, sample.device())?;
         let t_emb = self.time_proj.forward(&timesteps)?.to_dtype(sample.dtype())?;
@@ -745,21 +746,24 @@ impl UNet2DConditionModel {
 
         // 2. pre-process
         let mut xs = self.conv_in.forward(sample)?;
+        clock.lap("time+conv_in");
 
         // 3. down: keep every intermediate state for the skip connections.
         let mut skips = vec![xs.clone()];
-        for block in &self.down_blocks {
+        for (i, block) in self.down_blocks.iter().enumerate() {
             let (out, res_samples) = block.forward(&xs, &emb, encoder_hidden_states, scale)?;
             xs = out;
             skips.extend(res_samples);
+            clock.lap(format_args!("down_blocks.{i}"));
         }
 
         // 4. mid
         xs = self.mid_block.forward(&xs, &emb, encoder_hidden_states, scale)?;
+        clock.lap("mid_block");
 
         // 5. up: each block consumes its skips from the end; it upsamples to the size of the next
         // skip in line (diffusers' `upsample_size`), so odd sizes round-trip exactly.
-        for block in &self.up_blocks {
+        for (i, block) in self.up_blocks.iter().enumerate() {
             let remaining = skips.len() - block.resnets.len();
             let upsample_size = match remaining {
                 0 => None,
@@ -769,10 +773,13 @@ impl UNet2DConditionModel {
                 }
             };
             xs = block.forward(&xs, &mut skips, upsample_size, &emb, encoder_hidden_states, scale)?;
+            clock.lap(format_args!("up_blocks.{i}"));
         }
 
         // 6. post-process
         let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
-        self.conv_out.forward(&xs)
+        let out = self.conv_out.forward(&xs)?;
+        clock.lap("conv_out");
+        Ok(out)
     }
 }

@@ -1,0 +1,119 @@
+"""diffusers' side of the CPU benchmarks: the same stages and sizes as `cargo bench --bench stages`, in the
+same tab-separated format (stage, size, mode, median_ms, runs), or one whole `gen` with --gen.
+
+    python scripts/bench_diffusers.py --model DIR --sizes 224,512 --runs 3
+    python scripts/bench_diffusers.py --model DIR --gen --width 192 --height 192 --steps 4 --seed 42 --mode entropy --out x.png
+
+Uses the environment of scripts/requirements.txt. fp32 on CPU, torch's default thread count (all cores),
+the entropy mode through make_fixtures.py's attention processor (the same one the fixtures were made with).
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_fixtures import load_pipeline, set_attention_mode  # noqa: E402
+
+
+def time_ms(fn, runs: int) -> float:
+    fn()  # warm-up
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def report(stage, size, mode, ms, runs):
+    print(f"{stage}\t{size}\t{mode}\t{ms:.2f}\t{runs}", flush=True)
+
+
+@torch.no_grad()
+def stages(args):
+    start = time.perf_counter()
+    pipe = load_pipeline(Path(args.model))
+    report("load", "-", "-", (time.perf_counter() - start) * 1e3, 1)
+    prompt = "a corgi on a beach, golden hour, highly detailed photograph"
+    report("tokenizer_x100", "-", "-", time_ms(lambda: [pipe.tokenizer(prompt, padding="max_length", max_length=77, truncation=True) for _ in range(100)], args.runs), args.runs)
+
+    def encode():
+        return pipe.encode_prompt(prompt, "cpu", 1, True, "")
+
+    report("text_encoder_b2", "-", "-", time_ms(encode, args.runs), args.runs)
+    cond, uncond = encode()
+    embeddings = torch.cat([uncond, cond])
+    factor = pipe.vae_scale_factor
+    for size in args.sizes:
+        latent = size // factor
+        sample = torch.randn((1, 4, latent, latent), generator=torch.Generator("cpu").manual_seed(1))
+        batch = torch.cat([sample, sample])
+        for mode in ("default", "entropy"):
+            set_attention_mode(pipe.unet, pipe.vae, mode)
+            ms = time_ms(lambda: pipe.unet(batch, 981, encoder_hidden_states=embeddings), args.runs)
+            report("unet_step_cfg", f"{size}x{size}", mode, ms, args.runs)
+        set_attention_mode(pipe.unet, pipe.vae, "default")
+        latents = torch.randn((1, 4, latent, latent), generator=torch.Generator("cpu").manual_seed(2))
+
+        def decode():
+            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+            pipe.image_processor.postprocess(image, output_type="pil")
+
+        report("vae_decode", f"{size}x{size}", "-", time_ms(decode, args.runs), args.runs)
+
+
+@torch.no_grad()
+def gen(args):
+    start = time.perf_counter()
+    pipe = load_pipeline(Path(args.model))
+    if args.device != "cpu":
+        pipe = pipe.to(args.device, {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[args.dtype])
+    set_attention_mode(pipe.unet, pipe.vae, args.mode)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    sync()
+    loaded = time.perf_counter()
+    image = pipe(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        width=args.width,
+        height=args.height,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        generator=torch.Generator("cpu").manual_seed(args.seed),
+    ).images[0]
+    sync()
+    generated = time.perf_counter()
+    image.save(args.out)
+    # One parseable line on stdout for scripts; the human one on stderr.
+    print(f"generate_seconds\t{generated - loaded:.3f}")
+    print(f"diffusers: load {loaded - start:.2f} s, generate {generated - loaded:.2f} s", file=sys.stderr)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[192])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--gen", action="store_true", help="run one whole pipeline instead of the stages")
+    parser.add_argument("--prompt", default="a corgi on a beach")
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--height", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--mode", default="default", choices=["default", "entropy"])
+    parser.add_argument("--out", default="diffusers.png")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (--gen only)")
+    parser.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"], help="--gen on CUDA only")
+    args = parser.parse_args()
+    gen(args) if args.gen else stages(args)
+
+
+if __name__ == "__main__":
+    main()
