@@ -40,6 +40,7 @@ fn report(stage: &str, size: &str, mode: &str, ms: f64, runs: usize) {
 }
 
 fn main() -> Result<()> {
+    sdscale::tune_allocator();
     let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd");
     let model = std::env::var("SDSCALE_BENCH_MODEL").map(PathBuf::from).unwrap_or(fixture);
     let sizes: Vec<usize> =

@@ -8,6 +8,7 @@ fn main() -> ExitCode {
     if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
+    sdscale::tune_allocator();
     match app::run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         // `sdscale … | head` closing the pipe early is not an error.

@@ -1,16 +1,18 @@
 //! The decoder half of SD's `AutoencoderKL`: latents → RGB in [-1, 1].
 //!
-//! Reference: diffusers 0.42.1 `models/autoencoders/vae.py` (`Decoder`) and `autoencoder_kl.py`. The
-//! blocks are candle-transformers' (`UNetMidBlock2D`, `UpDecoderBlock2D`), which match diffusers and
-//! accept both spellings of the attention weights (SD 2.1's files say `query`/`key`/`value`/`proj_attn`,
-//! diffusers 0.42 writes `to_q`/`to_k`/`to_v`/`to_out.0`). Only the decoder is built: generation never
-//! encodes, so the encoder's weights are never read.
+//! Reference: diffusers 0.42.1 `models/autoencoders/vae.py` (`Decoder`), `unets/unet_2d_blocks.py`
+//! (`UNetMidBlock2D`, `UpDecoderBlock2D`), `resnet.py` and `attention_processor.py`. Only the decoder is
+//! built: generation never encodes, so the encoder's weights are never read.
+//!
+//! We own these blocks (rather than reuse candle-transformers', which match numerically) for memory:
+//! at 1024² the decoder's last convolutions would need multi-GB im2col buffers on backends that
+//! materialise them, and its mid-block attention a 16384² score matrix. Here convolutions on large
+//! inputs run in bands of rows, and the attention is the same query-chunked one the UNet uses.
+//! Both are exact: every output pixel is computed from the same inputs with the same weights.
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
-use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
-    UNetMidBlock2D, UNetMidBlock2DConfig, UpDecoderBlock2D, UpDecoderBlock2DConfig,
-};
+use crate::attention::{default_scale, scaled_dot_product_attention};
+use candle_core::{Device, Module, Result, Tensor};
+use candle_nn::{group_norm, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
 /// `vae/config.json`, the fields the decoder reads.
@@ -75,10 +77,174 @@ impl VaeConfig {
     }
 }
 
+/// A convolution (3×3 with padding 1, or 1×1) that bounds its temporary memory: on accelerators,
+/// inputs whose im2col buffer would exceed [`MAX_IM2COL_ELEMENTS`] are convolved a band of output rows
+/// at a time from an explicitly zero-padded copy. candle's CPU convolution already tiles internally, so
+/// there it is a plain call.
+struct Conv2d {
+    weight: Tensor, // (c_out, c_in, k, k)
+    bias: Tensor,   // (c_out,)
+    padding: usize,
+}
+
+/// ~512 MiB of f32 (256 MiB of f16) im2col columns per band.
+const MAX_IM2COL_ELEMENTS: usize = 128 * 1024 * 1024;
+
+impl Conv2d {
+    fn new(vb: VarBuilder, c_in: usize, c_out: usize, kernel: usize) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((c_out, c_in, kernel, kernel), "weight")?,
+            bias: vb.get(c_out, "bias")?,
+            padding: kernel / 2,
+        })
+    }
+
+    fn conv(&self, xs: &Tensor, padding: usize) -> Result<Tensor> {
+        let config = Conv2dConfig { padding, ..Default::default() };
+        let ys = xs.conv2d(&self.weight, config.padding, config.stride, config.dilation, config.groups)?;
+        ys.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, c_in, h, w) = xs.dims4()?;
+        let (_, _, k, _) = self.weight.dims4()?;
+        let columns = b * c_in * k * k * h * w;
+        if matches!(xs.device(), Device::Cpu) || self.padding == 0 || columns <= MAX_IM2COL_ELEMENTS {
+            return self.conv(xs, self.padding);
+        }
+        self.forward_in_bands(xs, (MAX_IM2COL_ELEMENTS / (b * c_in * k * k * w)).max(1))
+    }
+}
+
+impl Conv2d {
+    fn forward_in_bands(&self, xs: &Tensor, rows_per_band: usize) -> Result<Tensor> {
+        let h = xs.dim(2)?;
+        let p = self.padding;
+        let padded = xs.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?; // (b, c, h + 2p, w + 2p)
+        let mut bands = Vec::with_capacity(h.div_ceil(rows_per_band));
+        let mut row = 0;
+        while row < h {
+            let rows = rows_per_band.min(h - row);
+            // Output rows [row, row + rows) need padded input rows [row, row + rows + 2p).
+            bands.push(self.conv(&padded.narrow(2, row, rows + 2 * p)?, 0)?);
+            row += rows;
+        }
+        Tensor::cat(&bands, 2)
+    }
+}
+
+/// `ResnetBlock2D` without a time embedding (the VAE's): norm, SiLU, conv, twice, plus a shortcut.
+struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+}
+
+impl ResnetBlock2D {
+    fn new(vb: VarBuilder, c_in: usize, c_out: usize, groups: usize) -> Result<Self> {
+        // diffusers' VAE blocks use eps = 1e-6 throughout.
+        Ok(Self {
+            norm1: group_norm(groups, c_in, 1e-6, vb.pp("norm1"))?,
+            conv1: Conv2d::new(vb.pp("conv1"), c_in, c_out, 3)?,
+            norm2: group_norm(groups, c_out, 1e-6, vb.pp("norm2"))?,
+            conv2: Conv2d::new(vb.pp("conv2"), c_out, c_out, 3)?,
+            conv_shortcut: match c_in == c_out {
+                true => None,
+                false => Some(Conv2d::new(vb.pp("conv_shortcut"), c_in, c_out, 1)?),
+            },
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(xs)?,
+            None => xs.clone(),
+        };
+        let hidden = self.conv1.forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?)?;
+        let hidden = self.conv2.forward(&candle_nn::ops::silu(&self.norm2.forward(&hidden)?)?)?;
+        shortcut + hidden
+    }
+}
+
+/// The mid block's single-head self-attention over all pixels, with a residual.
+struct AttentionBlock {
+    group_norm: GroupNorm,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+}
+
+impl AttentionBlock {
+    fn new(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
+        // SD 2.1's files use the pre-0.14 names; diffusers ≥ 0.14 writes to_q/to_k/to_v/to_out.0.
+        let names = match vb.contains_tensor("to_q.weight") {
+            true => ["to_q", "to_k", "to_v", "to_out.0"],
+            false => ["query", "key", "value", "proj_attn"],
+        };
+        let linear = |name: &str| -> Result<Linear> {
+            let vb = vb.pp(name);
+            // Some old checkpoints store these as 1×1 conv kernels (c, c, 1, 1).
+            let weight = match vb.get((channels, channels), "weight") {
+                Ok(weight) => weight,
+                Err(_) => vb.get((channels, channels, 1, 1), "weight")?.reshape((channels, channels))?,
+            };
+            Ok(Linear::new(weight, Some(vb.get(channels, "bias")?)))
+        };
+        Ok(Self {
+            group_norm: group_norm(groups, channels, 1e-6, vb.pp("group_norm"))?,
+            to_q: linear(names[0])?,
+            to_k: linear(names[1])?,
+            to_v: linear(names[2])?,
+            to_out: linear(names[3])?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let tokens = self.group_norm.forward(xs)?.reshape((b, c, h * w))?.transpose(1, 2)?; // (b, h·w, c)
+        let q = self.to_q.forward(&tokens)?;
+        let k = self.to_k.forward(&tokens)?;
+        let v = self.to_v.forward(&tokens)?;
+        // One head of width c: the VAE's scale is 1/√c and never changes with the image size.
+        let out = scaled_dot_product_attention(&q, &k, &v, default_scale(c))?;
+        let out = self.to_out.forward(&out)?.transpose(1, 2)?.reshape((b, c, h, w))?;
+        out + xs
+    }
+}
+
+/// `UpDecoderBlock2D`: resnets, then (except for the last block) 2× nearest upsampling and a conv.
+struct UpDecoderBlock2D {
+    resnets: Vec<ResnetBlock2D>,
+    upsampler: Option<Conv2d>,
+}
+
+impl UpDecoderBlock2D {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for resnet in &self.resnets {
+            xs = resnet.forward(&xs)?;
+        }
+        match &self.upsampler {
+            Some(conv) => {
+                let (_, _, h, w) = xs.dims4()?;
+                conv.forward(&xs.upsample_nearest2d(2 * h, 2 * w)?)
+            }
+            None => Ok(xs),
+        }
+    }
+}
+
 pub struct VaeDecoder {
     post_quant_conv: Option<Conv2d>,
     conv_in: Conv2d,
-    mid_block: UNetMidBlock2D,
+    mid_resnet_0: ResnetBlock2D,
+    mid_attention: AttentionBlock,
+    mid_resnet_1: ResnetBlock2D,
     up_blocks: Vec<UpDecoderBlock2D>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -90,42 +256,43 @@ impl VaeDecoder {
     pub fn new(vb: VarBuilder, cfg: VaeConfig) -> Result<Self> {
         let channels = &cfg.block_out_channels;
         let blocks = channels.len();
-        let pad1 = Conv2dConfig { padding: 1, ..Default::default() };
+        let groups = cfg.norm_num_groups;
         let post_quant_conv = match cfg.use_post_quant_conv {
-            true => {
-                Some(conv2d(cfg.latent_channels, cfg.latent_channels, 1, Default::default(), vb.pp("post_quant_conv"))?)
-            }
+            true => Some(Conv2d::new(vb.pp("post_quant_conv"), cfg.latent_channels, cfg.latent_channels, 1)?),
             false => None,
         };
         let vb = vb.pp("decoder");
         let top = channels[blocks - 1];
-        let conv_in = conv2d(cfg.latent_channels, top, 3, pad1, vb.pp("conv_in"))?;
-        let mid_config = UNetMidBlock2DConfig {
-            num_layers: 1,
-            resnet_eps: 1e-6,
-            resnet_groups: Some(cfg.norm_num_groups),
-            // One head over all channels, as diffusers' VAE (attention_head_dim = channels).
-            attn_num_head_channels: None,
-            output_scale_factor: 1.0,
-        };
-        let mid_block = UNetMidBlock2D::new(vb.pp("mid_block"), top, None, mid_config)?;
+        let mid = vb.pp("mid_block");
         let reversed: Vec<usize> = channels.iter().rev().copied().collect();
         let up_blocks = (0..blocks)
             .map(|i| {
+                let vb = vb.pp("up_blocks").pp(i);
                 let in_channels = if i == 0 { reversed[0] } else { reversed[i - 1] };
-                let config = UpDecoderBlock2DConfig {
-                    num_layers: cfg.layers_per_block + 1,
-                    resnet_eps: 1e-6,
-                    resnet_groups: cfg.norm_num_groups,
-                    output_scale_factor: 1.0,
-                    add_upsample: i + 1 < blocks,
+                let resnets = (0..cfg.layers_per_block + 1)
+                    .map(|j| {
+                        let c_in = if j == 0 { in_channels } else { reversed[i] };
+                        ResnetBlock2D::new(vb.pp("resnets").pp(j), c_in, reversed[i], groups)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let upsampler = match i + 1 < blocks {
+                    true => Some(Conv2d::new(vb.pp("upsamplers.0.conv"), reversed[i], reversed[i], 3)?),
+                    false => None,
                 };
-                UpDecoderBlock2D::new(vb.pp("up_blocks").pp(i), in_channels, reversed[i], config)
+                Ok(UpDecoderBlock2D { resnets, upsampler })
             })
             .collect::<Result<Vec<_>>>()?;
-        let conv_norm_out = group_norm(cfg.norm_num_groups, channels[0], 1e-6, vb.pp("conv_norm_out"))?;
-        let conv_out = conv2d(channels[0], cfg.out_channels, 3, pad1, vb.pp("conv_out"))?;
-        Ok(Self { post_quant_conv, conv_in, mid_block, up_blocks, conv_norm_out, conv_out, config: cfg })
+        Ok(Self {
+            post_quant_conv,
+            conv_in: Conv2d::new(vb.pp("conv_in"), cfg.latent_channels, top, 3)?,
+            mid_resnet_0: ResnetBlock2D::new(mid.pp("resnets.0"), top, top, groups)?,
+            mid_attention: AttentionBlock::new(mid.pp("attentions.0"), top, groups)?,
+            mid_resnet_1: ResnetBlock2D::new(mid.pp("resnets.1"), top, top, groups)?,
+            up_blocks,
+            conv_norm_out: group_norm(groups, channels[0], 1e-6, vb.pp("conv_norm_out"))?,
+            conv_out: Conv2d::new(vb.pp("conv_out"), channels[0], cfg.out_channels, 3)?,
+            config: cfg,
+        })
     }
 
     /// Decodes *unscaled* latents (b, 4, h, w), i.e. already divided by `scaling_factor`, to images
@@ -135,11 +302,37 @@ impl VaeDecoder {
             Some(conv) => conv.forward(latents)?,
             None => latents.clone(),
         };
-        xs = self.mid_block.forward(&self.conv_in.forward(&xs)?, None)?;
+        xs = self.conv_in.forward(&xs)?;
+        xs = self.mid_resnet_0.forward(&xs)?;
+        xs = self.mid_attention.forward(&xs)?;
+        xs = self.mid_resnet_1.forward(&xs)?;
         for block in &self.up_blocks {
             xs = block.forward(&xs)?;
         }
         let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
         self.conv_out.forward(&xs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Banding must not change a single output value's inputs: compare against one plain conv.
+    #[test]
+    fn banded_convolution_equals_the_plain_one() -> Result<()> {
+        let device = Device::Cpu;
+        let conv = Conv2d {
+            weight: Tensor::randn(0f32, 1.0, (5, 3, 3, 3), &device)?,
+            bias: Tensor::randn(0f32, 1.0, 5, &device)?,
+            padding: 1,
+        };
+        let xs = Tensor::randn(0f32, 1.0, (2, 3, 11, 7), &device)?;
+        let plain = conv.conv(&xs, 1)?;
+        // Bands of 4, 4 and 3 rows.
+        let banded = conv.forward_in_bands(&xs, 4)?;
+        let diff = (plain - banded)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        Ok(())
     }
 }
