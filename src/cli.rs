@@ -181,6 +181,9 @@ impl TryFrom<GenArgs> for GenRequest {
             None => DType::F32,
             Some(name) => parse_dtype(name)?,
         };
+        if dtype == DType::BF16 && device.is_cpu() {
+            bail!("--dtype bf16 is not supported on the CPU (candle has no CPU bf16 matmul); use f32 or f16");
+        }
         if let Some(output) = &args.output {
             if output.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()) != Some("png".into()) {
                 bail!("-o {}: the output must be a .png file", output.display());
@@ -301,6 +304,14 @@ mod tests {
         assert!(request(&["--guidance", "NaN"]).is_err());
         assert_eq!(request(&["--train-size", "768x512"]).unwrap().train_size, Some((768, 512)));
         assert!(request(&["--train-size", "768"]).is_err());
+    }
+
+    #[test]
+    fn dtypes_are_checked_against_the_device() {
+        assert_eq!(request(&["--device", "cpu"]).unwrap().dtype, DType::F32);
+        assert_eq!(request(&["--device", "cpu", "--dtype", "f16"]).unwrap().dtype, DType::F16);
+        assert!(request(&["--device", "cpu", "--dtype", "bf16"]).unwrap_err().to_string().contains("bf16"));
+        assert!(request(&["--dtype", "f64"]).is_err());
     }
 
     #[test]

@@ -78,9 +78,10 @@ from PIL import Image
 a = np.asarray(Image.open(sys.argv[1] + "/fixture-cuda-f16.png")).astype(int)
 b = np.asarray(Image.open(sys.argv[1] + "/fixture-cpu-f32.png")).astype(int)
 d = np.abs(a - b)
-# f16 carries 11 significant bits (relative rounding 4.9e-4 per op); through 4 steps of a 60-layer UNet
-# and the VAE that is a few 8-bit levels at worst. Fail at mean > 1 or max > 16 levels.
-ok = d.mean() <= 1.0 and d.max() <= 16
+# f16 carries 11 significant bits (relative rounding 4.9e-4 per op), and the fixture's attention is
+# deliberately sharpened (q/k x7), which amplifies rounding. sdscale's own f16 on the CPU lands at
+# mean 1.28 / max 12 levels from the f32 image (measured 2026-11-26); allow about twice that.
+ok = d.mean() <= 3.0 and d.max() <= 32
 print(f"fixture f16 CUDA vs f32 CPU: mean |d| {d.mean():.3f}, max |d| {d.max()} -> {'OK' if ok else 'TOO FAR'}")
 PY
 
