@@ -25,7 +25,9 @@ pub const EXIT_CODES: &str = "Exit codes:
     name = "sdscale",
     version,
     about = "Stable Diffusion 2.1-base at any size, with the entropy-preserving attention scale",
-    after_help = EXIT_CODES
+    after_help = EXIT_CODES,
+    // A flag given twice takes its last value, so scripts and aliases can override their defaults.
+    args_override_self = true
 )]
 pub struct Cli {
     #[command(subcommand)]
