@@ -1,16 +1,26 @@
 //! What each subcommand does, between the parsed command line and the pipeline: resolve the request,
-//! load the model once, generate, write, report.
+//! plan every output before any work, load the model once, generate (in batches), write, report.
 
-use crate::cli::{Cli, Command, GenArgs, GenRequest, Mode};
-use crate::output;
-use crate::pipeline::{Event, GenerateRequest, Pipeline};
-use crate::weights::ModelFiles;
-use anyhow::Result;
-use std::io::IsTerminal;
+use crate::attention::AttentionScale;
+use crate::cli::ModelRequest;
+use crate::cli::{Cli, Command, CompareArgs, CompareRequest, GenArgs, GenRequest, ImageSpec, InfoArgs, Mode, Shell};
+use crate::grid::{self, Layout};
+use crate::metadata::{self, GridCell, GridMetadata, ImageMetadata, TOOL, VERSION};
+use crate::output::{self, Fields};
+use crate::pipeline::{self, Event, GenerateRequest, Interrupted, Pipeline};
+use crate::weights::{ModelFiles, ModelSource};
+use anyhow::{anyhow, Context, Result};
+use candle_core::DeviceLocation;
+use image::RgbImage;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-/// A mistake in what the user asked for (flags, model files, output path): exit code 2, as clap's own
-/// usage errors. Anything that fails once generation has started exits with 1.
+/// A mistake in what the user asked for (flags, prompt files, model files, output paths): exit code
+/// 2, as clap's own usage errors. Anything that fails once generation has started exits with 1.
 #[derive(Debug)]
 pub struct BadInput(pub anyhow::Error);
 
@@ -26,6 +36,7 @@ fn bad_input(err: anyhow::Error) -> anyhow::Error {
     anyhow::Error::new(BadInput(err))
 }
 
+/// 2 for bad input, 1 for everything else (see `cli::EXIT_CODES`).
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     if err.chain().any(|cause| cause.is::<BadInput>()) {
         2
@@ -42,94 +53,556 @@ pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Gen(args) => gen(args),
+        Command::Compare(args) => compare(args),
+        Command::Info(args) => info(args),
+        Command::Completions { shell } => completions(shell),
     }
 }
 
+// ---- Ctrl-C -------------------------------------------------------------------------------------
+
+/// Set by the first SIGINT/SIGTERM: the run stops at the next step boundary, writes nothing
+/// half-made, and exits 1 with a summary.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+fn install_stop_handler() {
+    let result = ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            // A second signal: quit now, but still leave no temporary file behind.
+            output::remove_current_temp();
+            std::process::exit(130);
+        }
+        eprintln!("\nsdscale: stopping after the current step (press Ctrl-C again to quit at once)");
+    });
+    if let Err(err) = result {
+        eprintln!("sdscale: warning: cannot handle Ctrl-C ({err}); an interrupted run may leave a temporary file");
+    }
+}
+
+// ---- the model ----------------------------------------------------------------------------------
+
+/// A loaded model plus what its metadata needs.
+struct Model {
+    pipeline: Pipeline,
+    /// The size the entropy scale's T and resize's pixel count come from.
+    train_size: (usize, usize),
+    name: String,
+    revision: Option<String>,
+    dtype: String,
+    device: String,
+}
+
+/// Finds the model's files and reads its training size: cheap, so outputs can be checked before the
+/// (slow) load.
+fn resolve_model(model: &ModelRequest) -> Result<(ModelFiles, (usize, usize))> {
+    let files = ModelFiles::resolve(&model.source, model.dtype).map_err(bad_input)?;
+    let training = pipeline::training_size_of(&files).map_err(bad_input)?;
+    Ok((files, training))
+}
+
+fn load_model(request: &ModelRequest, files: &ModelFiles, training: (usize, usize)) -> Result<Model> {
+    let started = Instant::now();
+    let pipeline = Pipeline::load(files, &request.device, request.dtype).map_err(bad_input)?;
+    eprintln!("sdscale: loaded {} in {:.2?}", request.source.display_name(), started.elapsed());
+    let revision = match &request.source {
+        ModelSource::Dir(_) => None,
+        // The hub cache keeps files under snapshots/<commit>/: the exact revision that was used.
+        ModelSource::Hub { revision, .. } => snapshot_commit(&files.unet_config).or_else(|| revision.clone()),
+    };
+    let device = match request.device.location() {
+        DeviceLocation::Cpu => "cpu".to_string(),
+        DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    };
+    Ok(Model {
+        pipeline,
+        train_size: request.train_size.unwrap_or(training),
+        name: request.name.clone(),
+        revision,
+        dtype: request.dtype.as_str().to_string(),
+        device,
+    })
+}
+
+fn snapshot_commit(path: &Path) -> Option<String> {
+    let parts: Vec<_> = path.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+    let at = parts.iter().position(|p| p == "snapshots")?;
+    parts.get(at + 1).cloned()
+}
+
+// ---- planning -----------------------------------------------------------------------------------
+
+/// One image of a run, fully resolved: what to render, at what size, where to write it.
+#[derive(Debug, Clone)]
+struct Planned {
+    index: usize,
+    spec: ImageSpec,
+    width: usize,
+    height: usize,
+    /// The size the UNet runs at: (width, height) except for `resize`.
+    render: (usize, usize),
+    path: PathBuf,
+}
+
+impl Planned {
+    fn new(index: usize, spec: ImageSpec, training: (usize, usize), train_size: (usize, usize)) -> Self {
+        let width = spec.width.unwrap_or(training.0);
+        let height = spec.height.unwrap_or(training.1);
+        let render = match spec.mode {
+            Mode::Resize => pipeline::resize_render_size((width, height), train_size),
+            Mode::Default | Mode::Entropy => (width, height),
+        };
+        Planned { index, spec, width, height, render, path: PathBuf::new() }
+    }
+
+    fn generate_request(&self, model: &Model) -> GenerateRequest {
+        let attention = match self.spec.mode {
+            Mode::Default | Mode::Resize => AttentionScale::Default,
+            Mode::Entropy => model.pipeline.entropy_scale(model.train_size),
+        };
+        GenerateRequest {
+            prompt: self.spec.prompt.clone(),
+            negative_prompt: self.spec.negative_prompt.clone(),
+            width: self.render.0,
+            height: self.render.1,
+            steps: self.spec.steps,
+            guidance_scale: self.spec.guidance,
+            seed: self.spec.seed,
+            attention,
+        }
+    }
+
+    fn metadata(&self, model: &Model) -> ImageMetadata {
+        ImageMetadata {
+            tool: TOOL.into(),
+            version: VERSION.into(),
+            prompt: self.spec.prompt.clone(),
+            negative_prompt: self.spec.negative_prompt.clone(),
+            seed: self.spec.seed,
+            width: self.width,
+            height: self.height,
+            steps: self.spec.steps,
+            guidance: self.spec.guidance,
+            mode: self.spec.mode,
+            sampler: "DDIM".into(),
+            model: model.name.clone(),
+            revision: model.revision.clone(),
+            dtype: model.dtype.clone(),
+            device: model.device.clone(),
+            train_size: model.train_size,
+            render_size: (self.spec.mode == Mode::Resize).then_some(self.render),
+        }
+    }
+}
+
+/// Refuses, before any work: two images with one name, and files that exist (unless `overwrite`;
+/// with `skip_existing` they are dropped from the plan). Creates missing folders.
+fn check_outputs(plan: Vec<Planned>, overwrite: bool, skip_existing: bool) -> Result<Vec<Planned>> {
+    let mut seen: HashMap<PathBuf, usize> = HashMap::new();
+    for planned in &plan {
+        if let Some(other) = seen.insert(output::same_file_key(&planned.path), planned.index) {
+            return Err(bad_input(anyhow!(
+                "images {other} and {} would both be written to {}; put {{index}} or {{seed}} in -o",
+                planned.index,
+                planned.path.display()
+            )));
+        }
+    }
+    let mut kept = Vec::with_capacity(plan.len());
+    let mut skipped = 0;
+    for planned in plan {
+        if skip_existing && planned.path.is_file() {
+            skipped += 1;
+            continue;
+        }
+        output::check_output(&planned.path, overwrite).map_err(bad_input)?;
+        kept.push(planned);
+    }
+    if skipped > 0 {
+        eprintln!("sdscale: skipping {skipped} image(s) whose file exists (--skip-existing)");
+    }
+    Ok(kept)
+}
+
+// ---- rendering ----------------------------------------------------------------------------------
+
+/// What happened to a run's images.
+#[derive(Default)]
+struct Outcome {
+    written: usize,
+    failed: Vec<(PathBuf, anyhow::Error)>,
+    interrupted: bool,
+}
+
+impl Outcome {
+    /// Ok when every image was written; otherwise the summary that exits with 1.
+    fn into_result(self, planned: usize) -> Result<()> {
+        for (path, err) in &self.failed {
+            eprintln!("sdscale: failed: {}: {err:#}", path.display());
+        }
+        if self.interrupted {
+            return Err(anyhow!(
+                "interrupted: wrote {} of {planned} images; no partial file was left (rerun with --skip-existing to resume)",
+                self.written
+            ));
+        }
+        if !self.failed.is_empty() {
+            return Err(anyhow!("{} of {planned} images failed (listed above)", self.failed.len()));
+        }
+        Ok(())
+    }
+}
+
+/// Renders the plan in batches of images that can share UNet calls, handing each finished image
+/// (resized for `resize`) to `finish` with its per-image seconds. Stops between steps on Ctrl-C.
+fn render(
+    model: &Model,
+    plan: &[Planned],
+    batch_size: usize,
+    mut finish: impl FnMut(&Planned, RgbImage, f64) -> Result<()>,
+) -> Outcome {
+    // Group by what must be shared, in order of first appearance, then cut into batches.
+    let mut groups: Vec<(GenerateRequest, Vec<&Planned>)> = Vec::new();
+    for planned in plan {
+        let request = planned.generate_request(model);
+        match groups.iter_mut().find(|(r, _)| r.batch_key() == request.batch_key()) {
+            Some((_, members)) => members.push(planned),
+            None => groups.push((request, vec![planned])),
+        }
+    }
+    let batches: Vec<&[&Planned]> = groups.iter().flat_map(|(_, members)| members.chunks(batch_size)).collect();
+
+    let progress = Progress::new(plan.len());
+    let mut outcome = Outcome::default();
+    for batch in batches {
+        if STOP.load(Ordering::SeqCst) {
+            outcome.interrupted = true;
+            break;
+        }
+        let requests: Vec<GenerateRequest> = batch.iter().map(|p| p.generate_request(model)).collect();
+        progress.start_batch(batch, requests[0].steps);
+        let started = Instant::now();
+        let result = model.pipeline.generate_batch(&requests, &mut |event| progress.event(event), &STOP);
+        let images = match result {
+            Ok(images) => images,
+            Err(err) if err.is::<Interrupted>() => {
+                outcome.interrupted = true;
+                break;
+            }
+            Err(err) => {
+                let message = format!("{err:#}");
+                outcome.failed.extend(batch.iter().map(|p| (p.path.clone(), anyhow!("{message}"))));
+                continue;
+            }
+        };
+        let seconds = started.elapsed().as_secs_f64() / batch.len() as f64;
+        for (planned, image) in batch.iter().zip(images) {
+            let image = if planned.render == (planned.width, planned.height) {
+                image
+            } else {
+                pipeline::lanczos3(&image, planned.width, planned.height)
+            };
+            match finish(planned, image, seconds) {
+                Ok(()) => outcome.written += 1,
+                Err(err) if is_broken_pipe(&err) => {
+                    // Whoever read stdout is gone: stop quietly, everything written so far is whole.
+                    outcome.interrupted = true;
+                    progress.finish();
+                    return outcome;
+                }
+                Err(err) => outcome.failed.push((planned.path.clone(), err)),
+            }
+            progress.image_done();
+        }
+    }
+    progress.finish();
+    outcome
+}
+
+/// Progress on stderr: indicatif bars (the run's images, the current batch's steps) on a terminal,
+/// plain lines otherwise so logs stay readable.
+struct Progress {
+    bars: Option<(MultiProgress, ProgressBar, ProgressBar)>,
+    total: usize,
+    label: std::cell::RefCell<String>,
+}
+
+impl Progress {
+    fn new(total: usize) -> Self {
+        let bars = std::io::stderr().is_terminal().then(|| {
+            let multi = MultiProgress::new();
+            let images = multi.add(ProgressBar::new(total as u64));
+            images.set_style(
+                ProgressStyle::with_template("images {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}]")
+                    .expect("valid template"),
+            );
+            let steps = multi.add(ProgressBar::new(1));
+            steps.set_style(ProgressStyle::with_template("{msg} {bar:30} step {pos}/{len}").expect("valid template"));
+            (multi, images, steps)
+        });
+        Progress { bars, total, label: std::cell::RefCell::new(String::new()) }
+    }
+
+    fn start_batch(&self, batch: &[&Planned], steps: usize) {
+        let first = batch[0];
+        // Numbered from 1 as people count; a batch's images need not be neighbours in the plan.
+        let numbers: Vec<String> = batch.iter().map(|p| (p.index + 1).to_string()).collect();
+        let label = match numbers.len() {
+            1 => format!("image {} of {}", numbers[0], self.total),
+            n if n <= 6 => format!("images {} of {}", numbers.join(", "), self.total),
+            n => format!("images {}, …, {} of {} ({n} at once)", numbers[0], numbers[n - 1], self.total),
+        };
+        let (width, height) = first.render;
+        let detail = format!("{label}: {width}x{height}, {steps} steps, {}", first.spec.mode.as_str());
+        match &self.bars {
+            Some((_, _, bar)) => {
+                bar.reset();
+                bar.set_length(steps as u64);
+                bar.set_message(detail);
+            }
+            None => eprintln!("sdscale: {detail}"),
+        }
+        *self.label.borrow_mut() = label;
+    }
+
+    fn event(&self, event: Event) {
+        match (&self.bars, event) {
+            (Some((multi, _, _)), Event::Warning(message)) => {
+                let _ = multi.println(format!("sdscale: warning: {message}"));
+            }
+            (None, Event::Warning(message)) => eprintln!("sdscale: warning: {message}"),
+            (Some((_, _, bar)), Event::Step { index, .. }) => bar.set_position(index as u64 + 1),
+            (None, Event::Step { index, total, timestep }) => {
+                eprintln!("sdscale: {}: step {}/{total} (t={timestep})", self.label.borrow(), index + 1)
+            }
+            (Some(_), Event::Stage(..)) => {}
+            (None, Event::Stage(name, elapsed)) => eprintln!("sdscale: {name}: {elapsed:.2?}"),
+        }
+    }
+
+    fn image_done(&self) {
+        if let Some((_, images, _)) = &self.bars {
+            images.inc(1);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some((_, images, steps)) = &self.bars {
+            steps.finish_and_clear();
+            images.finish();
+        }
+    }
+}
+
+// ---- gen ----------------------------------------------------------------------------------------
+
 fn gen(args: GenArgs) -> Result<()> {
     let request = GenRequest::try_from(args).map_err(bad_input)?;
-    if request.seed_is_random {
-        eprintln!("sdscale: seed {} (pass --seed {} to reproduce this image)", request.seed, request.seed);
+    if let Some(seed) = request.random_seed {
+        eprintln!("sdscale: seed {seed} (pass --seed {seed} to reproduce)");
     }
-    // Refuse an existing or unwritable output before minutes of work, when its name is known already.
-    if let Some(output) = &request.output {
-        output::check_output(output, request.overwrite).map_err(bad_input)?;
+    let (files, training) = resolve_model(&request.model)?;
+    let train_size = request.model.train_size.unwrap_or(training);
+    let plan: Vec<Planned> = request
+        .images
+        .iter()
+        .enumerate()
+        .map(|(index, spec)| {
+            let mut planned = Planned::new(index, spec.clone(), training, train_size);
+            planned.path = request.output.render(&Fields {
+                index,
+                seed: spec.seed,
+                mode: spec.mode.as_str(),
+                width: planned.width,
+                height: planned.height,
+                prompt: &spec.prompt,
+            });
+            planned
+        })
+        .collect();
+    let total = plan.len();
+    let plan = check_outputs(plan, request.overwrite, request.skip_existing)?;
+    if plan.is_empty() {
+        eprintln!("sdscale: nothing to do: all {total} images exist");
+        return Ok(());
     }
 
-    let started = Instant::now();
-    let files = ModelFiles::resolve(&request.model, request.dtype).map_err(bad_input)?;
-    let pipeline = Pipeline::load(&files, &request.device, request.dtype).map_err(bad_input)?;
-    eprintln!("sdscale: loaded {} in {:.2?}", request.model.display_name(), started.elapsed());
-
-    let (train_width, train_height) = pipeline.training_size();
-    let width = request.width.unwrap_or(train_width);
-    let height = request.height.unwrap_or(train_height);
-    let attention = match request.mode {
-        Mode::Default => crate::attention::AttentionScale::Default,
-        Mode::Entropy => pipeline.entropy_scale(request.train_size.unwrap_or((train_width, train_height))),
-    };
-    let output = match &request.output {
-        Some(path) => path.clone(),
-        None => {
-            let path = output::default_output_name(&request.prompt, request.seed, request.mode.as_str());
-            output::check_output(&path, request.overwrite).map_err(bad_input)?;
-            path
+    let model = load_model(&request.model, &files, training)?;
+    install_stop_handler();
+    let outcome = render(&model, &plan, request.model.batch_size, |planned, image, seconds| {
+        let metadata = planned.metadata(&model);
+        output::write_png(&planned.path, &image, &metadata.text_chunks(), request.overwrite)?;
+        if request.json {
+            let line = serde_json::json!({
+                "path": planned.path,
+                "prompt": metadata.prompt,
+                "negative_prompt": metadata.negative_prompt,
+                "seed": metadata.seed,
+                "width": metadata.width,
+                "height": metadata.height,
+                "steps": metadata.steps,
+                "guidance": metadata.guidance,
+                "mode": metadata.mode,
+                "model": metadata.model,
+                "seconds": (seconds * 1000.0).round() / 1000.0,
+            });
+            print_line(&line.to_string())
+        } else {
+            output::print_path(&planned.path)
         }
-    };
+    });
+    outcome.into_result(plan.len())
+}
 
-    let generate = GenerateRequest {
+fn print_line(line: &str) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}")?;
+    stdout.flush()?;
+    Ok(())
+}
+
+// ---- compare ------------------------------------------------------------------------------------
+
+fn compare(args: CompareArgs) -> Result<()> {
+    let request = CompareRequest::try_from(args).map_err(bad_input)?;
+    if let Some(seed) = request.random_seed {
+        eprintln!("sdscale: seeds {seed}, {}, {} (pass --seeds to choose)", seed + 1, seed + 2);
+    }
+    let (files, training) = resolve_model(&request.model)?;
+    let train_size = request.model.train_size.unwrap_or(training);
+    let width = request.width.unwrap_or(training.0);
+    let height = request.height.unwrap_or(training.1);
+
+    let grid_path = request.output.clone().unwrap_or_else(|| {
+        PathBuf::from(format!("{}-{width}x{height}-compare.png", output::slug(&request.prompt, output::SLUG_LEN)))
+    });
+    let stem = grid_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let folder = grid_path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let html_path = folder.join(format!("{stem}.html"));
+
+    // Row by row (seed), column by column (mode): {index} order is the grid's reading order.
+    let mut plan = Vec::new();
+    for &seed in &request.seeds {
+        for &mode in &request.modes {
+            let spec = ImageSpec {
+                prompt: request.prompt.clone(),
+                negative_prompt: request.negative_prompt.clone(),
+                seed,
+                width: Some(width),
+                height: Some(height),
+                steps: request.steps,
+                guidance: request.guidance,
+                mode,
+            };
+            let mut planned = Planned::new(plan.len(), spec, training, train_size);
+            planned.path = folder.join(format!("{stem}.{}.seed{seed}.png", mode.as_str()));
+            plan.push(planned);
+        }
+    }
+    let plan = check_outputs(plan, request.overwrite, false)?;
+    output::check_output(&grid_path, request.overwrite).map_err(bad_input)?;
+    if request.html {
+        output::check_output(&html_path, request.overwrite).map_err(bad_input)?;
+    }
+
+    let model = load_model(&request.model, &files, training)?;
+    install_stop_handler();
+    let mut images: HashMap<usize, RgbImage> = HashMap::new();
+    let outcome = render(&model, &plan, request.model.batch_size, |planned, image, _| {
+        output::write_png(&planned.path, &image, &planned.metadata(&model).text_chunks(), request.overwrite)?;
+        output::print_path(&planned.path)?;
+        images.insert(planned.index, image);
+        Ok(())
+    });
+    outcome.into_result(plan.len())?;
+
+    let column_labels: Vec<String> = request.modes.iter().map(|m| m.as_str().to_string()).collect();
+    let row_labels: Vec<String> = request.seeds.iter().map(|s| format!("seed {s}")).collect();
+    let layout = Layout::new(width as u32, height as u32, &column_labels, &row_labels);
+    let mut cells = Vec::new();
+    let mut grid_cells = Vec::new();
+    for (row, &seed) in request.seeds.iter().enumerate() {
+        let mut row_images = Vec::new();
+        for (column, &mode) in request.modes.iter().enumerate() {
+            let planned = &plan[row * request.modes.len() + column];
+            row_images.push(images.remove(&planned.index).context("an image is missing from the grid")?);
+            let (x, y) = layout.cell(row, column);
+            let file = planned.path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            grid_cells.push(GridCell { mode, seed, x, y, file });
+        }
+        cells.push(row_images);
+    }
+    let grid_image = grid::draw(&layout, &column_labels, &row_labels, &cells);
+    let metadata = GridMetadata {
+        tool: TOOL.into(),
+        version: VERSION.into(),
+        kind: "compare".into(),
         prompt: request.prompt.clone(),
         negative_prompt: request.negative_prompt.clone(),
         width,
         height,
         steps: request.steps,
-        guidance_scale: request.guidance,
-        seed: request.seed,
-        attention,
+        guidance: request.guidance,
+        model: model.name.clone(),
+        revision: model.revision.clone(),
+        dtype: model.dtype.clone(),
+        device: model.device.clone(),
+        seeds: request.seeds.clone(),
+        modes: request.modes.clone(),
+        cells: grid_cells,
     };
-    let started = Instant::now();
-    let image = pipeline.generate(&generate, &mut stderr_progress())?;
-    // One machine-readable timing line: scripts/gpu/check.sh and the benchmarks read it.
-    eprintln!(
-        "sdscale: {width}x{height}, {} steps, mode {}: generate_seconds={:.3}",
-        request.steps,
-        request.mode.as_str(),
-        started.elapsed().as_secs_f64()
-    );
-
-    let parameters = a1111_parameters(&request, width, height);
-    output::write_png(&output, &image, &[("parameters", parameters)], request.overwrite)?;
-    output::print_path(&output)
+    output::write_png(&grid_path, &grid_image, &metadata.text_chunks(), request.overwrite)?;
+    output::print_path(&grid_path)?;
+    if request.html {
+        let render_sizes: Vec<(String, (usize, usize))> = plan
+            .iter()
+            .filter(|p| p.render != (p.width, p.height))
+            .map(|p| (p.spec.mode.as_str().to_string(), p.render))
+            .take(1)
+            .collect();
+        let grid_name = grid_path.file_name().unwrap_or_default().to_string_lossy();
+        let page = crate::html::compare_page(&metadata, &grid_name, &render_sizes);
+        output::write_text(&html_path, &page, request.overwrite)?;
+        output::print_path(&html_path)?;
+    }
+    Ok(())
 }
 
-/// Progress on stderr: one rewritten line on a terminal, plain lines otherwise (logs stay readable).
-fn stderr_progress() -> impl FnMut(Event) {
-    let terminal = std::io::stderr().is_terminal();
-    move |event| match event {
-        Event::Warning(message) => eprintln!("sdscale: warning: {message}"),
-        Event::Step { index, total, timestep } if terminal => {
-            eprint!("\rsdscale: step {}/{total} (t={timestep})", index + 1);
-            if index + 1 == total {
-                eprintln!();
-            }
+// ---- info, completions --------------------------------------------------------------------------
+
+fn info(args: InfoArgs) -> Result<()> {
+    let chunks = metadata::read_text_chunks(&args.image).map_err(bad_input)?;
+    let find = |key: &str| chunks.iter().find(|(k, _)| k == key).map(|(_, text)| text.clone());
+    let text = match (args.json, find(TOOL), find("parameters")) {
+        (true, Some(json), _) | (false, Some(json), None) => {
+            let value: serde_json::Value = serde_json::from_str(&json)
+                .with_context(|| format!("{}: unreadable sdscale chunk", args.image.display()))?;
+            serde_json::to_string_pretty(&value)?
         }
-        Event::Step { index, total, timestep } => eprintln!("sdscale: step {}/{total} (t={timestep})", index + 1),
-        Event::Stage(name, elapsed) => eprintln!("sdscale: {name}: {elapsed:.2?}"),
-    }
+        (false, _, Some(parameters)) => parameters,
+        (true, None, _) => {
+            return Err(bad_input(anyhow!("{} has no sdscale metadata chunk", args.image.display())));
+        }
+        (false, None, None) => {
+            return Err(bad_input(anyhow!(
+                "{} has no generation metadata (neither an sdscale nor a parameters chunk)",
+                args.image.display()
+            )));
+        }
+    };
+    print_line(&text)
 }
 
-/// The AUTOMATIC1111 `parameters` text, which common image browsers display.
-fn a1111_parameters(request: &GenRequest, width: usize, height: usize) -> String {
-    let mut text = request.prompt.clone();
-    if !request.negative_prompt.is_empty() {
-        text.push_str(&format!("\nNegative prompt: {}", request.negative_prompt));
-    }
-    text.push_str(&format!(
-        "\nSteps: {}, Sampler: DDIM, CFG scale: {}, Seed: {}, Size: {width}x{height}, Model: {}, Mode: {}",
-        request.steps,
-        request.guidance,
-        request.seed,
-        request.model.display_name(),
-        request.mode.as_str()
-    ));
-    text
+fn completions(shell: Shell) -> Result<()> {
+    use clap::CommandFactory;
+    let shell = match shell {
+        Shell::Bash => clap_complete::Shell::Bash,
+        Shell::Zsh => clap_complete::Shell::Zsh,
+        Shell::Fish => clap_complete::Shell::Fish,
+    };
+    let mut command = Cli::command();
+    let mut stdout = std::io::stdout().lock();
+    clap_complete::generate(shell, &mut command, "sdscale", &mut stdout);
+    stdout.flush()?;
+    Ok(())
 }

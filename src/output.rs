@@ -1,12 +1,27 @@
-//! Every file the tool writes goes through here: PNGs with their generation parameters, written to a
-//! temporary file in the target folder and moved into place, so a `.png` on disk is always complete
-//! and an existing file is never replaced unless the user said `--overwrite`.
+//! Every file the tool writes goes through here: PNGs with their generation parameters (and the
+//! compare page), written to a temporary file in the target folder and moved into place, so a `.png`
+//! on disk is always complete and an existing file is never replaced unless the user said
+//! `--overwrite`. Output-name templates (`out/{index:04}-{seed}.png`) live here too.
 
 use anyhow::{bail, Context, Result};
 use image::RgbImage;
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// The temporary file being written right now, so a second Ctrl-C (which exits at once) can still
+/// remove it.
+static CURRENT_TEMP: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// Removes the temporary file being written, if any (called from the signal handler before exiting).
+pub fn remove_current_temp() {
+    if let Ok(mut current) = CURRENT_TEMP.try_lock() {
+        if let Some(temp) = current.take() {
+            let _ = fs::remove_file(temp);
+        }
+    }
+}
 
 /// Refuses, before any work is done, an output that exists (without `overwrite`) or a folder that
 /// cannot be written; creates missing parent folders.
@@ -28,29 +43,51 @@ pub fn check_output(path: &Path, overwrite: bool) -> Result<()> {
 
 /// Writes `image` as a PNG with text chunks (`keyword`, `text`), atomically.
 pub fn write_png(path: &Path, image: &RgbImage, text_chunks: &[(&str, String)], overwrite: bool) -> Result<()> {
-    let temp = temp_path(path);
-    let result = write_png_file(&temp, image, text_chunks).and_then(|()| publish(&temp, path, overwrite));
-    if result.is_err() {
-        let _ = fs::remove_file(&temp);
-    }
-    result
-}
-
-fn write_png_file(temp: &Path, image: &RgbImage, text_chunks: &[(&str, String)]) -> Result<()> {
-    let file = File::create(temp).with_context(|| format!("cannot create {}", temp.display()))?;
-    let mut writer = BufWriter::new(file);
-    {
-        let mut encoder = png::Encoder::new(&mut writer, image.width(), image.height());
+    write_atomically(path, overwrite, |writer| {
+        let mut encoder = png::Encoder::new(writer, image.width(), image.height());
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
         for (keyword, text) in text_chunks {
-            // tEXt is Latin-1 only; iTXt carries UTF-8 prompts intact.
-            encoder.add_itxt_chunk(keyword.to_string(), text.clone())?;
+            // tEXt (what AUTOMATIC1111 and most browsers read) when the text is Latin-1, as PIL does;
+            // iTXt otherwise, which carries UTF-8 prompts intact.
+            if text.chars().all(|c| (c as u32) < 0x100) {
+                encoder.add_text_chunk(keyword.to_string(), text.clone())?;
+            } else {
+                encoder.add_itxt_chunk(keyword.to_string(), text.clone())?;
+            }
         }
         let mut png_writer = encoder.write_header()?;
         png_writer.write_image_data(image.as_raw())?;
         png_writer.finish()?;
+        Ok(())
+    })
+}
+
+/// Writes a text file (the compare page) atomically.
+pub fn write_text(path: &Path, text: &str, overwrite: bool) -> Result<()> {
+    write_atomically(path, overwrite, |writer| Ok(writer.write_all(text.as_bytes())?))
+}
+
+/// Temp file beside `path` → `fill` → fsync → publish; the temp file never outlives a failure.
+fn write_atomically(path: &Path, overwrite: bool, fill: impl FnOnce(&mut BufWriter<File>) -> Result<()>) -> Result<()> {
+    let temp = temp_path(path);
+    if let Ok(mut current) = CURRENT_TEMP.lock() {
+        *current = Some(temp.clone());
     }
+    let result = write_file(&temp, fill).and_then(|()| publish(&temp, path, overwrite));
+    if result.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    if let Ok(mut current) = CURRENT_TEMP.lock() {
+        *current = None;
+    }
+    result
+}
+
+fn write_file(temp: &Path, fill: impl FnOnce(&mut BufWriter<File>) -> Result<()>) -> Result<()> {
+    let file = File::create(temp).with_context(|| format!("cannot create {}", temp.display()))?;
+    let mut writer = BufWriter::new(file);
+    fill(&mut writer).with_context(|| format!("writing {}", temp.display()))?;
     let file = writer.into_inner().map_err(|e| e.into_error())?;
     file.sync_all().with_context(|| format!("writing {}", temp.display()))?;
     Ok(())
@@ -114,10 +151,124 @@ pub fn slug(prompt: &str, max_len: usize) -> String {
     slug
 }
 
-/// `a-corgi-on-a-beach-42-entropy.png`: prompt, seed and mode, so runs that differ in any of them do
-/// not collide.
-pub fn default_output_name(prompt: &str, seed: u32, mode: &str) -> PathBuf {
-    PathBuf::from(format!("{}-{seed}-{mode}.png", slug(prompt, 60)))
+/// The longest `{prompt}` slug: file names stay well under the usual 255-byte limit.
+pub const SLUG_LEN: usize = 60;
+
+/// An output name with placeholders: `{index}`, `{seed}`, `{mode}`, `{width}`, `{height}`,
+/// `{prompt}`; numbers take a width (`{index:04}` zero-pads, `{index:4}` too: spaces in file names
+/// help nobody). `{{` and `}}` are literal braces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Part {
+    Literal(String),
+    Field { field: Field, width: usize },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Field {
+    Index,
+    Seed,
+    Mode,
+    Width,
+    Height,
+    Prompt,
+}
+
+/// The values one image gives a template.
+pub struct Fields<'a> {
+    pub index: usize,
+    pub seed: u32,
+    pub mode: &'a str,
+    pub width: usize,
+    pub height: usize,
+    pub prompt: &'a str,
+}
+
+impl Template {
+    pub fn parse(text: &str) -> Result<Self> {
+        if !text.to_ascii_lowercase().ends_with(".png") {
+            bail!("the output must be a .png file");
+        }
+        let mut parts = Vec::new();
+        let mut literal = String::new();
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    literal.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    literal.push('}');
+                }
+                '{' => {
+                    let spec: String = chars.by_ref().take_while(|&c| c != '}').collect();
+                    let (name, width) = spec.split_once(':').unwrap_or((&spec, ""));
+                    let field = match name {
+                        "index" => Field::Index,
+                        "seed" => Field::Seed,
+                        "mode" => Field::Mode,
+                        "width" => Field::Width,
+                        "height" => Field::Height,
+                        "prompt" => Field::Prompt,
+                        _ => bail!("unknown placeholder {{{spec}}}; use {{index}}, {{seed}}, {{mode}}, {{width}}, {{height}} or {{prompt}} (write {{{{ for a literal brace)"),
+                    };
+                    let width = match width {
+                        "" => 0,
+                        _ if matches!(field, Field::Mode | Field::Prompt) => {
+                            bail!("{{{spec}}}: only numbers take a width")
+                        }
+                        w => w.parse().ok().filter(|&w| w <= 20).with_context(|| {
+                            format!("{{{spec}}}: the width must be a number up to 20, as in {{index:04}}")
+                        })?,
+                    };
+                    parts.push(Part::Literal(std::mem::take(&mut literal)));
+                    parts.push(Part::Field { field, width });
+                }
+                '}' => bail!("unmatched '}}' (write }}}} for a literal brace)"),
+                c => literal.push(c),
+            }
+        }
+        parts.push(Part::Literal(literal));
+        Ok(Self { parts })
+    }
+
+    /// Whether any placeholder is used (a plain file name can only hold one image).
+    pub fn has_placeholders(&self) -> bool {
+        self.parts.iter().any(|p| matches!(p, Part::Field { .. }))
+    }
+
+    pub fn render(&self, fields: &Fields) -> PathBuf {
+        let mut name = String::new();
+        for part in &self.parts {
+            match *part {
+                Part::Literal(ref text) => name.push_str(text),
+                Part::Field { field, width } => {
+                    let number = |n: u64| format!("{n:0width$}");
+                    name.push_str(&match field {
+                        Field::Index => number(fields.index as u64),
+                        Field::Seed => number(fields.seed.into()),
+                        Field::Width => number(fields.width as u64),
+                        Field::Height => number(fields.height as u64),
+                        Field::Mode => fields.mode.to_string(),
+                        Field::Prompt => slug(fields.prompt, SLUG_LEN),
+                    });
+                }
+            }
+        }
+        PathBuf::from(name)
+    }
+}
+
+/// Two paths that name the same file as far as we can tell before creating it (`out/./a.png` and
+/// `out/a.png`).
+pub fn same_file_key(path: &Path) -> PathBuf {
+    path.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect()
 }
 
 /// Flushes stdout line by line: scripts read the written paths as they appear.
@@ -138,6 +289,34 @@ mod tests {
         assert_eq!(slug("🐶🏖️", 60), "image");
         assert_eq!(slug("aaaa bbbb cccc", 9), "aaaa-bbbb");
         assert_eq!(slug("abcdefghij", 4), "abcd");
+    }
+
+    fn fields() -> Fields<'static> {
+        Fields { index: 7, seed: 42, mode: "entropy", width: 224, height: 160, prompt: "A corgi, on a beach!" }
+    }
+
+    #[test]
+    fn templates_fill_placeholders_with_widths() {
+        let template = Template::parse("out/{index:04}-{seed}-{mode}-{width}x{height}-{prompt}.png").unwrap();
+        assert_eq!(template.render(&fields()), Path::new("out/0007-42-entropy-224x160-a-corgi-on-a-beach.png"));
+        assert!(template.has_placeholders());
+        let plain = Template::parse("{{x}}.png").unwrap();
+        assert_eq!(plain.render(&fields()), Path::new("{x}.png"));
+        assert!(!plain.has_placeholders());
+    }
+
+    #[test]
+    fn bad_templates_are_refused() {
+        for (bad, needle) in [
+            ("{idx}.png", "unknown placeholder {idx}"),
+            ("{index:x}.png", "width"),
+            ("{mode:3}.png", "only numbers"),
+            ("{index}.jpg", ".png"),
+            ("a}.png", "unmatched"),
+        ] {
+            let err = Template::parse(bad).unwrap_err().to_string();
+            assert!(err.contains(needle), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::weights::{read_json, var_builder, ModelFiles};
 use anyhow::{anyhow, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Whether every value is finite: the sum of squares is, exactly when no value is inf or NaN (or so
 /// large that squaring overflows, which is just as broken for an image).
@@ -34,6 +35,57 @@ pub struct GenerateRequest {
     pub guidance_scale: f64,
     pub seed: u32,
     pub attention: AttentionScale,
+}
+
+impl GenerateRequest {
+    /// What images must share to run through the UNet together.
+    pub fn batch_key(&self) -> (usize, usize, usize, AttentionScale, u64) {
+        (self.width, self.height, self.steps, self.attention, self.guidance_scale.to_bits())
+    }
+}
+
+/// `generate_batch` stopped because it was asked to (Ctrl-C); no image of the batch was finished.
+#[derive(Debug)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// The size `resize` renders at before resizing to `width` × `height`: about the training pixel count
+/// P with the target's aspect, each side 8·round(√(P·W/H)/8) (Jin et al. 2023's baseline), kept
+/// within 64 … 4096.
+pub fn resize_render_size(
+    (width, height): (usize, usize),
+    (train_width, train_height): (usize, usize),
+) -> (usize, usize) {
+    let pixels = (train_width * train_height) as f64;
+    let side = |a: usize, b: usize| {
+        let exact = (pixels * a as f64 / b as f64).sqrt();
+        ((exact / 8.0).round() as usize * 8).clamp(64, 4096)
+    };
+    (side(width, height), side(height, width))
+}
+
+/// Resizes a rendered image to the requested size with Lanczos3 (`resize` mode's last step).
+pub fn lanczos3(image: &RgbImage, width: usize, height: usize) -> RgbImage {
+    image::imageops::resize(image, width as u32, height as u32, image::imageops::FilterType::Lanczos3)
+}
+
+/// The training size (width, height) in pixels from the configs alone, without loading weights, so
+/// output names that use `{width}` can be checked before any work.
+pub fn training_size_of(files: &ModelFiles) -> Result<(usize, usize)> {
+    let unet_file: UNetConfigFile = read_json(&files.unet_config)?;
+    let unet_config = UNetConfig::from_file(unet_file).map_err(|e| anyhow!("{}: {e}", files.unet_config.display()))?;
+    let vae_config: VaeConfig = read_json(&files.vae_config)?;
+    vae_config.validate().map_err(|e| anyhow!("{}: {e}", files.vae_config.display()))?;
+    let factor = 1 << (vae_config.block_out_channels.len() - 1);
+    let (h, w) = unet_config.sample_size;
+    Ok((w * factor, h * factor))
 }
 
 /// What `generate` reports while it runs; the caller decides how (or whether) to show it.
@@ -123,39 +175,79 @@ impl Pipeline {
     }
 
     pub fn generate(&self, request: &GenerateRequest, on_event: &mut dyn FnMut(Event)) -> Result<RgbImage> {
+        let never = AtomicBool::new(false);
+        Ok(self.generate_batch(std::slice::from_ref(request), on_event, &never)?.remove(0))
+    }
+
+    /// Several images through the UNet together: a batch of B runs as one (2B, …) UNet call per step,
+    /// laid out [negatives…, prompts…] as diffusers batches `num_images_per_prompt`. Every row is
+    /// computed independently (GroupNorm and attention never mix rows), so each image equals the one
+    /// `generate` makes alone, within float rounding. The requests must share size, steps, attention
+    /// and guidance (`batch_key`). `cancel` is checked between steps: once set, the batch stops with
+    /// [`Interrupted`] and nothing half-made is returned.
+    pub fn generate_batch(
+        &self,
+        requests: &[GenerateRequest],
+        on_event: &mut dyn FnMut(Event),
+        cancel: &AtomicBool,
+    ) -> Result<Vec<RgbImage>> {
+        let first = requests.first().context("an empty batch")?;
+        ensure!(
+            requests.iter().all(|r| r.batch_key() == first.batch_key()),
+            "a batch must share size, steps, attention and guidance"
+        );
         let factor = self.vae_scale_factor();
         ensure!(
-            request.width.is_multiple_of(factor) && request.height.is_multiple_of(factor),
+            first.width.is_multiple_of(factor) && first.height.is_multiple_of(factor),
             "width and height must be multiples of {factor}, got {}x{}",
-            request.width,
-            request.height
+            first.width,
+            first.height
         );
+        let batch = requests.len();
         // diffusers: guidance only when guidance_scale > 1; otherwise the conditional branch alone.
-        let do_classifier_free_guidance = request.guidance_scale > 1.0;
+        let do_classifier_free_guidance = first.guidance_scale > 1.0;
 
-        // 1. encode the prompt: [negative, positive] when guiding, as diffusers concatenates them.
+        // 1. encode the prompts: [negatives…, positives…] when guiding, as diffusers concatenates them.
         let started = std::time::Instant::now();
-        let prompt_embeds = self.encode_prompt(request, do_classifier_free_guidance, on_event)?;
+        let mut negative_embeds = Vec::with_capacity(batch);
+        let mut positive_embeds = Vec::with_capacity(batch);
+        for request in requests {
+            let embeds = self.encode_prompt(request, do_classifier_free_guidance, on_event)?; // (1 or 2, 77, hidden)
+            if do_classifier_free_guidance {
+                negative_embeds.push(embeds.narrow(0, 0, 1)?);
+                positive_embeds.push(embeds.narrow(0, 1, 1)?);
+            } else {
+                positive_embeds.push(embeds);
+            }
+        }
+        negative_embeds.extend(positive_embeds);
+        let prompt_embeds = Tensor::cat(&negative_embeds, 0)?; // (2B or B, 77, hidden)
         self.device.synchronize()?;
         on_event(Event::Stage("text encoder", started.elapsed()));
 
-        // 2. the initial noise, always drawn on the CPU in f32 so a seed means the same on every device.
-        let latents = self.prepare_latents(request.seed, request.width / factor, request.height / factor)?;
+        // 2. the initial noise, each image from its own seed (so it does not depend on its batch).
+        let latents = requests
+            .iter()
+            .map(|r| self.prepare_latents(r.seed, r.width / factor, r.height / factor))
+            .collect::<Result<Vec<_>>>()?;
+        let mut latents = Tensor::cat(&latents, 0)?; // (B, 4, h, w)
 
         // 3. denoise
         let started = std::time::Instant::now();
-        let scheduler = DdimScheduler::new(&self.scheduler_config, request.steps)?;
-        let mut latents = latents;
+        let scheduler = DdimScheduler::new(&self.scheduler_config, first.steps)?;
         let total = scheduler.timesteps.len();
         for (index, &timestep) in scheduler.timesteps.iter().enumerate() {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(Interrupted.into());
+            }
             let latent_model_input =
                 if do_classifier_free_guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let noise_pred =
-                self.unet.forward(&latent_model_input, timestep as f64, &prompt_embeds, request.attention)?;
+                self.unet.forward(&latent_model_input, timestep as f64, &prompt_embeds, first.attention)?;
             let noise_pred = if do_classifier_free_guidance {
-                let noise_pred_uncond = noise_pred.narrow(0, 0, 1)?;
-                let noise_pred_text = noise_pred.narrow(0, 1, 1)?;
-                (&noise_pred_uncond + ((noise_pred_text - &noise_pred_uncond)? * request.guidance_scale)?)?
+                let noise_pred_uncond = noise_pred.narrow(0, 0, batch)?;
+                let noise_pred_text = noise_pred.narrow(0, batch, batch)?;
+                (&noise_pred_uncond + ((noise_pred_text - &noise_pred_uncond)? * first.guidance_scale)?)?
             } else {
                 noise_pred
             };
@@ -165,11 +257,18 @@ impl Pipeline {
         self.device.synchronize()?;
         on_event(Event::Stage("denoising", started.elapsed()));
 
-        // 4. decode
+        // 4. decode one image at a time: the VAE's memory grows fast with pixels, and it is cheap
+        // next to the denoising loop.
         let started = std::time::Instant::now();
-        let image = self.decode_latents(&latents, on_event)?;
+        let mut images = Vec::with_capacity(batch);
+        for i in 0..batch {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(Interrupted.into());
+            }
+            images.push(self.decode_latents(&latents.narrow(0, i, 1)?, on_event)?);
+        }
         on_event(Event::Stage("VAE decode", started.elapsed()));
-        Ok(image)
+        Ok(images)
     }
 
     /// Text embeddings (b, 77, hidden) in the compute dtype; b = 2 (negative, positive) when guiding.
@@ -262,5 +361,21 @@ impl Pipeline {
     }
     pub fn device(&self) -> &Device {
         &self.device
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resize_renders_near_the_training_pixel_count() {
+        // 224² at 512² training: the training size itself.
+        assert_eq!(resize_render_size((224, 224), (512, 512)), (512, 512));
+        // 1024×512 (2:1): √(512²·2) = 724.1 → 728, √(512²/2) = 362.0 → 360.
+        assert_eq!(resize_render_size((1024, 512), (512, 512)), (728, 360));
+        assert_eq!(resize_render_size((192, 192), (128, 128)), (128, 128));
+        // Extreme aspect ratios stay within the accepted sides.
+        assert_eq!(resize_render_size((64, 4096), (128, 128)), (64, 1024));
     }
 }

@@ -4,7 +4,9 @@
 
 mod util;
 
+mod batch;
 mod cli;
+mod compare;
 mod full_size;
 mod images;
 mod reference;

@@ -72,3 +72,45 @@ pub fn image_diff(a: &Path, b: &Path) -> (f64, u8) {
     let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
     (mean, diffs.into_iter().max().unwrap())
 }
+
+/// Runs the real `sdscale` binary in `dir` with `input` on stdin.
+pub fn sdscale_with_stdin(dir: &Path, args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sdscale"))
+        .args(args)
+        .current_dir(dir)
+        .env("HF_HOME", dir.join("hf-home"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running sdscale");
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// The fixture model's path as a string, for argument lists.
+pub fn model_arg() -> String {
+    tiny_model().display().to_string()
+}
+
+/// Every file under `dir` (recursively) whose name ends with `suffix`, sorted.
+pub fn files_ending(dir: &Path, suffix: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(files_ending(&path, suffix));
+        } else if path.file_name().unwrap().to_string_lossy().ends_with(suffix) {
+            found.push(path);
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Asserts success and returns stdout's lines.
+pub fn success_lines(output: &Output) -> Vec<String> {
+    assert!(output.status.success(), "sdscale failed ({:?}): {}", output.status, stderr(output));
+    stdout(output).lines().map(str::to_string).collect()
+}

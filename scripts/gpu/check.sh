@@ -46,8 +46,8 @@ for size in $SIZES; do
   w=${size%x*}; h=${size#*x}
   log "sdscale $size"
   s_mib=$(gpu_peak sdscale gen --model "$MODEL" --prompt "a corgi on a beach" --width "$w" --height "$h" --steps "$STEPS" \
-    --seed 1 --device cuda --dtype f16 --overwrite -o "$OUT/sdscale-$size.png")
-  s_sec=$(grep -oE "generate_seconds=[0-9.]+" "$OUT/last.err" | cut -d= -f2)
+    --seed 1 --device cuda --dtype f16 --overwrite --json -o "$OUT/sdscale-$size.png")
+  s_sec=$(grep -oE '"seconds":[0-9.]+' "$OUT/last.out" | cut -d: -f2)
   [ -n "$s_sec" ] || { log "sdscale failed at $size:"; tail -5 "$OUT/last.err" >&2; s_sec=nan; }
   log "diffusers $size"
   d_mib=$(gpu_peak python scripts/bench_diffusers.py --gen --model "$MODEL" --width "$w" --height "$h" --steps "$STEPS" \

