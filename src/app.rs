@@ -302,7 +302,8 @@ fn render(
             } else {
                 pipeline::lanczos3(&image, planned.width, planned.height)
             };
-            match finish(planned, image, seconds) {
+            // Suspending the bars keeps stdout's lines whole when both streams share a terminal.
+            match progress.suspend(|| finish(planned, image, seconds)) {
                 Ok(()) => outcome.written += 1,
                 Err(err) if is_broken_pipe(&err) => {
                     // Whoever read stdout is gone: stop quietly, everything written so far is whole.
@@ -377,6 +378,13 @@ impl Progress {
             }
             (Some(_), Event::Stage(..)) => {}
             (None, Event::Stage(name, elapsed)) => eprintln!("sdscale: {name}: {elapsed:.2?}"),
+        }
+    }
+
+    fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+        match &self.bars {
+            Some((multi, _, _)) => multi.suspend(f),
+            None => f(),
         }
     }
 
