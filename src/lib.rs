@@ -4,11 +4,13 @@
 //!
 //! Follow a prompt: `main` → [`app::run`] → [`cli::GenRequest`] → [`pipeline::Pipeline::generate`]
 //! (tokenizer → text encoder → seeded noise → UNet + DDIM loop → VAE) → [`output::write_png`].
-//! The attention-scale policy lives in [`attention`].
+//! The attention-scale policy lives in [`attention`]; `sdscale entropy` measures its effect with
+//! [`entropy`].
 
 pub mod app;
 pub mod attention;
 pub mod cli;
+pub mod entropy;
 pub mod models;
 pub mod output;
 pub mod pipeline;

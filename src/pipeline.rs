@@ -5,6 +5,7 @@
 //! are loaded once; `generate` can then run any number of images, sizes and attention modes.
 
 use crate::attention::AttentionScale;
+use crate::entropy::EntropyProbe;
 use crate::models::clip::{ClipTextConfig, ClipTextTransformer};
 use crate::models::unet::{UNet2DConditionModel, UNetConfig, UNetConfigFile};
 use crate::models::vae::{VaeConfig, VaeDecoder};
@@ -97,12 +98,35 @@ impl Pipeline {
     }
 
     /// The attention policy for a mode, with T derived from `train_size` (pixels, width × height).
-    pub fn entropy_scale(&self, (width, height): (usize, usize)) -> AttentionScale {
+    pub fn entropy_scale(&self, train_size: (usize, usize)) -> AttentionScale {
+        AttentionScale::Entropy { train_latent: self.train_latent(train_size) }
+    }
+
+    /// A training size in pixels (width, height) as latent pixels (height, width), the policy's units.
+    pub fn train_latent(&self, (width, height): (usize, usize)) -> (usize, usize) {
         let factor = self.vae_scale_factor();
-        AttentionScale::Entropy { train_latent: (height.div_ceil(factor), width.div_ceil(factor)) }
+        (height.div_ceil(factor), width.div_ceil(factor))
     }
 
     pub fn generate(&self, request: &GenerateRequest, on_event: &mut dyn FnMut(Event)) -> Result<RgbImage> {
+        let latents = self.denoise(request, on_event, None)?;
+
+        // 4. decode
+        let started = std::time::Instant::now();
+        let image = self.decode_latents(&latents)?;
+        on_event(Event::Stage("VAE decode", started.elapsed()));
+        Ok(image)
+    }
+
+    /// Steps 1–3 of [`Self::generate`]: the final latents, not yet decoded. With a probe, every UNet
+    /// self-attention layer reports the text-conditioned branch's attention statistics at the probe's
+    /// steps (`sdscale entropy`); the latents are the same either way.
+    pub fn denoise(
+        &self,
+        request: &GenerateRequest,
+        on_event: &mut dyn FnMut(Event),
+        probe: Option<&EntropyProbe>,
+    ) -> Result<Tensor> {
         let factor = self.vae_scale_factor();
         ensure!(
             request.width.is_multiple_of(factor) && request.height.is_multiple_of(factor),
@@ -129,8 +153,15 @@ impl Pipeline {
         for (index, &timestep) in scheduler.timesteps.iter().enumerate() {
             let latent_model_input =
                 if do_classifier_free_guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-            let noise_pred =
-                self.unet.forward(&latent_model_input, timestep as f64, &prompt_embeds, request.attention)?;
+            // The text-conditioned latents are the batch's second half under guidance, the whole batch without.
+            let probe = probe.and_then(|probe| probe.at_step(index, usize::from(do_classifier_free_guidance)));
+            let noise_pred = self.unet.forward_probed(
+                &latent_model_input,
+                timestep as f64,
+                &prompt_embeds,
+                request.attention,
+                probe,
+            )?;
             let noise_pred = if do_classifier_free_guidance {
                 let noise_pred_uncond = noise_pred.narrow(0, 0, 1)?;
                 let noise_pred_text = noise_pred.narrow(0, 1, 1)?;
@@ -142,12 +173,7 @@ impl Pipeline {
             on_event(Event::Step { index, total, timestep });
         }
         on_event(Event::Stage("denoising", started.elapsed()));
-
-        // 4. decode
-        let started = std::time::Instant::now();
-        let image = self.decode_latents(&latents)?;
-        on_event(Event::Stage("VAE decode", started.elapsed()));
-        Ok(image)
+        Ok(latents)
     }
 
     /// Text embeddings (b, 77, hidden) in the compute dtype; b = 2 (negative, positive) when guiding.

@@ -5,6 +5,7 @@
 mod util;
 
 mod cli;
+mod entropy;
 mod full_size;
 mod images;
 mod reference;
