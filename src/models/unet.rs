@@ -607,7 +607,6 @@ impl UpBlock {
         &self,
         xs: &Tensor,
         skips: &mut Vec<Tensor>,
-        upsample_size: Option<(usize, usize)>,
         temb: &Tensor,
         text: &Tensor,
         scale: AttentionScale,
@@ -622,9 +621,10 @@ impl UpBlock {
             }
         }
         if let Some(upsampler) = &self.upsampler {
-            // diffusers' Upsample2D: nearest-neighbour to the matching skip's size (not always 2×:
-            // odd latent sizes such as 7 → 4 must come back to 7), then a 3×3 conv.
-            let (h, w) = upsample_size.expect("every upsampling block has a skip below it");
+            // diffusers' Upsample2D: nearest-neighbour to the size of the next skip in line, which the
+            // next block consumes (diffusers' `upsample_size`; not always 2×: odd latent sizes such as
+            // 7 → 4 must come back to 7), then a 3×3 conv.
+            let (_, _, h, w) = skips.last().expect("every upsampling block has a skip below it").dims4()?;
             xs = upsampler.forward(&xs.upsample_nearest2d(h, w)?)?;
         }
         Ok(xs)
@@ -819,18 +819,10 @@ impl UNet2DConditionModel {
         // 4. mid
         xs = self.mid_block.forward(&xs, &emb, encoder_hidden_states, scale, probe)?;
 
-        // 5. up: each block consumes its skips from the end; it upsamples to the size of the next
-        // skip in line (diffusers' `upsample_size`), so odd sizes round-trip exactly.
+        // 5. up: each block consumes its skips from the end, then upsamples to the size of the next
+        // skip in line, so odd sizes round-trip exactly.
         for block in &self.up_blocks {
-            let remaining = skips.len() - block.resnets.len();
-            let upsample_size = match remaining {
-                0 => None,
-                _ => {
-                    let (_, _, h, w) = skips[remaining - 1].dims4()?;
-                    Some((h, w))
-                }
-            };
-            xs = block.forward(&xs, &mut skips, upsample_size, &emb, encoder_hidden_states, scale, probe)?;
+            xs = block.forward(&xs, &mut skips, &emb, encoder_hidden_states, scale, probe)?;
         }
 
         // 6. post-process
