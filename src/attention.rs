@@ -174,4 +174,24 @@ mod tests {
         }
         Ok(())
     }
+
+    #[test]
+    fn measuring_changes_nothing_and_does_not_depend_on_chunking() -> Result<()> {
+        let device = Device::Cpu;
+        let q = Tensor::randn(0f32, 1., (4, 50, 8), &device)?;
+        let k = Tensor::randn(0f32, 1., (4, 40, 8), &device)?;
+        let v = Tensor::randn(0f32, 1., (4, 40, 8), &device)?;
+        let plain = scaled_dot_product_attention(&q, &k, &v, 0.3)?;
+        let mut stats = RowStats::default();
+        let measured = scaled_dot_product_attention_measured(&q, &k, &v, 0.3, 2..4, &mut stats)?;
+        let (plain, measured) = (plain.flatten_all()?.to_vec1::<f32>()?, measured.flatten_all()?.to_vec1::<f32>()?);
+        assert!(plain.iter().zip(&measured).all(|(a, b)| a.to_bits() == b.to_bits()), "measuring changed the output");
+        // Rows 2..4 of the folded batch, 50 queries each; chunks of 7 rows give the same sums.
+        assert_eq!(stats.rows, 2 * 50);
+        let mut chunked = RowStats::default();
+        chunked_attention(&q, &k, &v, 0.3, 4 * 40 * 7, Some((2..4, &mut chunked)))?;
+        assert_eq!(chunked.rows, stats.rows);
+        assert!((chunked.entropy() - stats.entropy()).abs() < 1e-9 && (chunked.sigma2() - stats.sigma2()).abs() < 1e-9);
+        Ok(())
+    }
 }
