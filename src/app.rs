@@ -1,9 +1,13 @@
 //! What each subcommand does, between the parsed command line and the pipeline: resolve the request,
 //! plan every output before any work, load the model once, generate (in batches), write, report.
 
-use crate::attention::AttentionScale;
+use crate::attention::{train_tokens, AttentionScale};
 use crate::cli::ModelRequest;
-use crate::cli::{Cli, Command, CompareArgs, CompareRequest, GenArgs, GenRequest, ImageSpec, InfoArgs, Mode, Shell};
+use crate::cli::{
+    Cli, Command, CompareArgs, CompareRequest, EntropyArgs, EntropyRequest, GenArgs, GenRequest, ImageSpec, InfoArgs,
+    Mode, Shell,
+};
+use crate::entropy::{self, EntropyProbe, Run};
 use crate::grid::{self, Layout};
 use crate::metadata::{self, GridCell, GridMetadata, ImageMetadata, TOOL, VERSION};
 use crate::output::{self, Fields};
@@ -54,6 +58,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Gen(args) => gen(args),
         Command::Compare(args) => compare(args),
+        Command::Entropy(args) => entropy(args),
         Command::Info(args) => info(args),
         Command::Completions { shell } => completions(shell),
     }
@@ -574,6 +579,114 @@ fn compare(args: CompareArgs) -> Result<()> {
         output::print_path(&html_path)?;
     }
     Ok(())
+}
+
+// ---- entropy -----------------------------------------------------------------------------------
+
+/// `sdscale entropy`: every size (plus the training size, the reference) in both modes, the probe
+/// recording at the requested points; then the table or JSON Lines on stdout, and the plot.
+fn entropy(args: EntropyArgs) -> Result<()> {
+    let request = EntropyRequest::try_from(args).map_err(bad_input)?;
+    if request.seed_is_random {
+        eprintln!("sdscale: seed {} (pass --seed {} to reproduce these numbers)", request.seed, request.seed);
+    }
+    if let Some(plot) = &request.plot {
+        output::check_output(plot, request.overwrite).map_err(bad_input)?;
+    }
+
+    let started = Instant::now();
+    let files = ModelFiles::resolve(&request.model, request.dtype).map_err(bad_input)?;
+    let pipeline = Pipeline::load(&files, &request.device, request.dtype).map_err(bad_input)?;
+    eprintln!("sdscale: loaded {} in {:.2?}", request.model.display_name(), started.elapsed());
+
+    let train_size = request.train_size.unwrap_or(pipeline.training_size());
+    let mut sizes = request.sizes.clone();
+    if !sizes.contains(&train_size) {
+        sizes.push(train_size);
+    }
+    sizes.sort_by_key(|&(width, height)| (width * height, width));
+    let steps: Vec<usize> = request.at.iter().map(|&at| entropy::step_index(at, request.steps)).collect();
+
+    let mut runs: Vec<Run> = Vec::new();
+    for &(width, height) in &sizes {
+        for mode in [Mode::Default, Mode::Entropy] {
+            // At the training size N = T in every layer, so the entropy scale is 1/√d bit for bit
+            // (attention.rs): the two modes are one computation there, run once.
+            if mode == Mode::Entropy && (width, height) == train_size {
+                let default = runs.last().expect("the default run comes first").clone();
+                runs.push(Run { mode, ..default });
+                continue;
+            }
+            let attention = match mode {
+                Mode::Entropy => pipeline.entropy_scale(train_size),
+                Mode::Default | Mode::Resize => AttentionScale::Default,
+            };
+            let generate = GenerateRequest {
+                prompt: request.prompt.clone(),
+                negative_prompt: request.negative_prompt.clone(),
+                width,
+                height,
+                steps: request.steps,
+                guidance_scale: request.guidance,
+                seed: request.seed,
+                attention,
+            };
+            eprintln!("sdscale: measuring {width}x{height}, mode {}", mode.as_str());
+            let started = Instant::now();
+            let probe = EntropyProbe::new(steps.iter().copied());
+            pipeline.denoise(&generate, &mut plain_progress(), Some(&probe))?;
+            eprintln!("sdscale: {width}x{height}, mode {} in {:.2?}", mode.as_str(), started.elapsed());
+            runs.push(Run { width, height, mode, samples: probe.into_samples() });
+        }
+    }
+
+    let timesteps = pipeline.scheduler(request.steps)?.timesteps;
+    let train_latent = pipeline.train_latent(train_size);
+    let lines =
+        entropy::measurements(&runs, &request.at, &timesteps, |level| train_tokens(train_latent, level), train_size);
+
+    // The plot first: a reader closing stdout early (`| head`) should not cost the picture.
+    if let Some(path) = &request.plot {
+        let title = format!(
+            "{} \"{}\", seed {}, {} steps, guidance {}, training size {}x{}",
+            request.model.display_name(),
+            request.prompt,
+            request.seed,
+            request.steps,
+            request.guidance,
+            train_size.0,
+            train_size.1
+        );
+        let image = entropy::plot(&lines, &title)?;
+        output::write_png(path, &image, &[("Title", title)], request.overwrite)?;
+        eprintln!("sdscale: wrote {}", path.display());
+    }
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if request.json {
+        for line in &lines {
+            writeln!(out, "{}", line.to_json())?;
+        }
+    } else {
+        entropy::write_table(&mut out, &lines, request.steps)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Progress on stderr: one rewritten line on a terminal, plain lines otherwise (logs stay readable).
+fn plain_progress() -> impl FnMut(Event) {
+    let terminal = std::io::stderr().is_terminal();
+    move |event| match event {
+        Event::Warning(message) => eprintln!("sdscale: warning: {message}"),
+        Event::Step { index, total, timestep } if terminal => {
+            eprint!("\rsdscale: step {}/{total} (t={timestep})", index + 1);
+            if index + 1 == total {
+                eprintln!();
+            }
+        }
+        Event::Step { index, total, timestep } => eprintln!("sdscale: step {}/{total} (t={timestep})", index + 1),
+        Event::Stage(name, elapsed) => eprintln!("sdscale: {name}: {elapsed:.2?}"),
+    }
 }
 
 // ---- info, completions --------------------------------------------------------------------------

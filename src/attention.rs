@@ -5,7 +5,9 @@
 //! the entropy of its attention rows drifts like log N (Jin et al., NeurIPS 2023, Eq. 5). Scaling the
 //! logits by √(log_T N / d) = (1/√d)·√(ln N / ln T) keeps that entropy at its training value.
 
+use crate::entropy::RowStats;
 use candle_core::{DType, Result, Tensor};
+use std::ops::Range;
 
 /// How the UNet's attention logits are scaled. A forward-time argument, so one loaded model renders
 /// every mode for the same seed.
@@ -69,10 +71,31 @@ const MAX_SCORES_PER_CHUNK: usize = 16 * 1024 * 1024;
 /// memory stays bounded at large sizes; every query row is computed independently, so chunking does not
 /// change the result.
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    chunked_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK)
+    chunked_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK, None)
 }
 
-fn chunked_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, max_scores: usize) -> Result<Tensor> {
+/// The same attention, bit for bit, that also accumulates the entropy probe's row statistics of the
+/// attention maps `rows` of the folded batch dimension (e.g. the heads of the text-conditioned branch)
+/// into `stats`, one query chunk at a time, so nothing larger than a chunk's scores is ever held.
+pub fn scaled_dot_product_attention_measured(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    rows: Range<usize>,
+    stats: &mut RowStats,
+) -> Result<Tensor> {
+    chunked_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK, Some((rows, stats)))
+}
+
+fn chunked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    max_scores: usize,
+    mut measure: Option<(Range<usize>, &mut RowStats)>,
+) -> Result<Tensor> {
     let (batch, n_queries, _head_dim) = q.dims3()?;
     let n_keys = k.dim(1)?;
     let in_dtype = q.dtype();
@@ -86,6 +109,9 @@ fn chunked_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, max_scores:
         let q_chunk = q.narrow(1, start, len)?.to_dtype(DType::F32)?;
         let scores = (q_chunk.matmul(&k_t)? * scale)?; // (b, len, n_k)
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        if let Some((rows, stats)) = measure.as_mut() {
+            stats.accumulate(&scores.narrow(0, rows.start, rows.len())?, &probs.narrow(0, rows.start, rows.len())?)?;
+        }
         outputs.push(probs.matmul(&v)?); // (b, len, d)
         start += len;
     }
@@ -142,10 +168,30 @@ mod tests {
         let expected = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?.matmul(&v)?;
         // One chunk, then chunks of 7 rows (the last one shorter).
         for max_scores in [MAX_SCORES_PER_CHUNK, 3 * 40 * 7] {
-            let got = chunked_attention(&q, &k, &v, scale, max_scores)?;
+            let got = chunked_attention(&q, &k, &v, scale, max_scores, None)?;
             let diff = (got - &expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-6, "max difference {diff}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn measuring_changes_nothing_and_does_not_depend_on_chunking() -> Result<()> {
+        let device = Device::Cpu;
+        let q = Tensor::randn(0f32, 1., (4, 50, 8), &device)?;
+        let k = Tensor::randn(0f32, 1., (4, 40, 8), &device)?;
+        let v = Tensor::randn(0f32, 1., (4, 40, 8), &device)?;
+        let plain = scaled_dot_product_attention(&q, &k, &v, 0.3)?;
+        let mut stats = RowStats::default();
+        let measured = scaled_dot_product_attention_measured(&q, &k, &v, 0.3, 2..4, &mut stats)?;
+        let (plain, measured) = (plain.flatten_all()?.to_vec1::<f32>()?, measured.flatten_all()?.to_vec1::<f32>()?);
+        assert!(plain.iter().zip(&measured).all(|(a, b)| a.to_bits() == b.to_bits()), "measuring changed the output");
+        // Rows 2..4 of the folded batch, 50 queries each; chunks of 7 rows give the same sums.
+        assert_eq!(stats.rows, 2 * 50);
+        let mut chunked = RowStats::default();
+        chunked_attention(&q, &k, &v, 0.3, 4 * 40 * 7, Some((2..4, &mut chunked)))?;
+        assert_eq!(chunked.rows, stats.rows);
+        assert!((chunked.entropy() - stats.entropy()).abs() < 1e-9 && (chunked.sigma2() - stats.sigma2()).abs() < 1e-9);
         Ok(())
     }
 }

@@ -42,6 +42,9 @@ pub enum Command {
     /// Render every seed in every mode with one loaded model: a labelled grid PNG plus each image.
     #[command(after_help = EXIT_CODES)]
     Compare(CompareArgs),
+    /// Measure the self-attention entropy the paper reasons about, per UNet layer, at several sizes in
+    /// both modes (a table on stdout, or JSON Lines; optionally a plot).
+    Entropy(EntropyArgs),
     /// Print the generation metadata of a PNG written by sdscale (or by AUTOMATIC1111).
     #[command(after_help = EXIT_CODES)]
     Info(InfoArgs),
@@ -249,6 +252,70 @@ pub struct CompareArgs {
 
     #[command(flatten)]
     pub model: ModelArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EntropyArgs {
+    /// The prompt.
+    #[arg(long)]
+    pub prompt: String,
+
+    /// Classifier-free guidance's unconditional text.
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+
+    /// Image sizes, comma-separated: N for NxN or WxH, sides multiples of 8 and at least 64
+    /// (e.g. 224,512,768x512). The training size is always measured too, as the reference.
+    #[arg(long, value_delimiter = ',', required = true, value_name = "SIZES")]
+    pub sizes: Vec<String>,
+
+    /// DDIM denoising steps.
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+
+    /// Where to measure, as fractions of the schedule, comma-separated: step round(at·(steps−1)).
+    #[arg(long, value_delimiter = ',', default_values_t = [0.1, 0.5, 0.9], value_name = "FRACTIONS")]
+    pub at: Vec<f64>,
+
+    /// Classifier-free guidance scale; 1 or less runs the conditional branch only.
+    #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
+    pub guidance: f64,
+
+    /// Seed for the initial noise, 0..=4294967295, as in `gen` [default: random, printed on stderr].
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    /// Training size WxH that the entropy scale's T is computed from [default: from the UNet config].
+    #[arg(long, value_name = "WxH")]
+    pub train_size: Option<String>,
+
+    /// Print JSON Lines (one object per size, mode, layer and point) instead of the table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Also draw entropy against log N, per layer and mode, into this PNG.
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
+
+    /// Replace the plot file if it exists.
+    #[arg(long)]
+    pub overwrite: bool,
+
+    /// Hub repo id (owner/name) or a local folder in diffusers layout.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: String,
+
+    /// Hub revision (branch, tag or commit) to pin.
+    #[arg(long)]
+    pub revision: Option<String>,
+
+    /// Where to run: cpu, cuda, cuda:N or auto (CUDA when built with it and present).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+
+    /// Compute precision: f32, f16 or bf16 [default: f32 on CPU, f16 on CUDA].
+    #[arg(long)]
+    pub dtype: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -624,6 +691,95 @@ impl TryFrom<CompareArgs> for CompareRequest {
     }
 }
 
+/// A validated `entropy` request.
+#[derive(Debug, Clone)]
+pub struct EntropyRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    /// (width, height) in pixels, each listed once, in the order given.
+    pub sizes: Vec<(usize, usize)>,
+    pub steps: usize,
+    /// Fractions of the schedule in [0, 1], one per distinct denoising step, in the order given.
+    pub at: Vec<f64>,
+    pub guidance: f64,
+    pub seed: u32,
+    pub seed_is_random: bool,
+    pub train_size: Option<(usize, usize)>,
+    pub json: bool,
+    pub plot: Option<PathBuf>,
+    pub overwrite: bool,
+    pub model: ModelSource,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl TryFrom<EntropyArgs> for EntropyRequest {
+    type Error = anyhow::Error;
+
+    fn try_from(args: EntropyArgs) -> Result<Self> {
+        let mut sizes = Vec::new();
+        for text in &args.sizes {
+            let size = match text.trim().parse::<usize>() {
+                Ok(side) => {
+                    validate_side("--sizes", side)?;
+                    (side, side)
+                }
+                Err(_) => parse_size_flag("--sizes", text)?,
+            };
+            if !sizes.contains(&size) {
+                sizes.push(size);
+            }
+        }
+        if args.steps == 0 || args.steps > MAX_STEPS {
+            bail!("--steps {} is out of range; use 1 to {MAX_STEPS} (50 is the usual)", args.steps);
+        }
+        let mut at = Vec::new();
+        let mut steps_seen = Vec::new();
+        for &fraction in &args.at {
+            if !(0.0..=1.0).contains(&fraction) {
+                bail!("--at {fraction}: fractions of the schedule lie in 0..=1 (0 = first step, 1 = last)");
+            }
+            // Two fractions landing on the same step would only repeat the same numbers.
+            let step = crate::entropy::step_index(fraction, args.steps);
+            if !steps_seen.contains(&step) {
+                steps_seen.push(step);
+                at.push(fraction);
+            }
+        }
+        if !args.guidance.is_finite() {
+            bail!("--guidance {} is not a finite number; use e.g. 7.5", args.guidance);
+        }
+        let (seed, seed_is_random) = match args.seed {
+            Some(seed) => (check_seed("--seed", seed)?, false),
+            None => (random_seed_u32(), true),
+        };
+        let train_size = args.train_size.as_deref().map(parse_size).transpose()?;
+        let (device, dtype) = parse_device_and_dtype(&args.device, args.dtype.as_deref())?;
+        if let Some(plot) = &args.plot {
+            if plot.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()) != Some("png".into()) {
+                bail!("--plot {}: the plot must be a .png file", plot.display());
+            }
+        }
+        Ok(Self {
+            prompt: args.prompt,
+            negative_prompt: args.negative_prompt,
+            sizes,
+            steps: args.steps,
+            at,
+            guidance: args.guidance,
+            seed,
+            seed_is_random,
+            train_size,
+            json: args.json,
+            plot: args.plot,
+            overwrite: args.overwrite,
+            model: ModelSource::parse(&args.model, args.revision)?,
+            device,
+            dtype,
+        })
+    }
+}
+
 fn check_png_name(path: &Path) -> Result<()> {
     if path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()) != Some("png".into()) {
         bail!("-o {}: the output must be a .png file", path.display());
@@ -641,15 +797,7 @@ fn model_request(
         bail!("--batch-size {} is out of range; use 1 to 64", args.batch_size);
     }
     let name = model.or_else(|| args.model.clone()).unwrap_or_else(|| DEFAULT_MODEL.to_string());
-    let device = parse_device(&args.device)?;
-    let dtype = match args.dtype.as_deref() {
-        None if device.is_cuda() => DType::F16,
-        None => DType::F32,
-        Some(name) => parse_dtype(name)?,
-    };
-    if dtype == DType::BF16 && device.is_cpu() {
-        bail!("--dtype bf16 is not supported on the CPU (candle has no CPU bf16 matmul); use f32 or f16");
-    }
+    let (device, dtype) = parse_device_and_dtype(&args.device, args.dtype.as_deref())?;
     Ok(ModelRequest {
         source: ModelSource::parse(&name, revision)?,
         name,
@@ -658,6 +806,20 @@ fn model_request(
         train_size,
         batch_size: args.batch_size,
     })
+}
+
+/// `--device` and `--dtype` together: the dtype's default and what it may be depend on the device.
+fn parse_device_and_dtype(device: &str, dtype: Option<&str>) -> Result<(Device, DType)> {
+    let device = parse_device(device)?;
+    let dtype = match dtype {
+        None if device.is_cuda() => DType::F16,
+        None => DType::F32,
+        Some(name) => parse_dtype(name)?,
+    };
+    if dtype == DType::BF16 && device.is_cpu() {
+        bail!("--dtype bf16 is not supported on the CPU (candle has no CPU bf16 matmul); use f32 or f16");
+    }
+    Ok((device, dtype))
 }
 
 fn validate_side(name: &str, value: usize) -> Result<()> {
@@ -673,11 +835,15 @@ fn validate_side(name: &str, value: usize) -> Result<()> {
 
 /// "WxH" → (width, height), each a valid side.
 fn parse_size(text: &str) -> Result<(usize, usize)> {
+    parse_size_flag("--train-size", text)
+}
+
+/// "WxH" → (width, height), each a valid side; `flag` names the option in errors.
+fn parse_size_flag(flag: &str, text: &str) -> Result<(usize, usize)> {
     let parsed = text.split_once(['x', 'X']).and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)));
-    let (width, height) =
-        parsed.with_context(|| format!("--train-size {text:?}: expected WIDTHxHEIGHT, e.g. 512x512"))?;
-    validate_side("--train-size width", width)?;
-    validate_side("--train-size height", height)?;
+    let (width, height) = parsed.with_context(|| format!("{flag} {text:?}: expected WIDTHxHEIGHT, e.g. 512x512"))?;
+    validate_side(&format!("{flag} width"), width)?;
+    validate_side(&format!("{flag} height"), height)?;
     Ok((width, height))
 }
 
@@ -730,6 +896,38 @@ mod tests {
 
     fn first(extra: &[&str]) -> ImageSpec {
         request(extra).unwrap().images.remove(0)
+    }
+
+    fn entropy_request(extra: &[&str]) -> Result<EntropyRequest> {
+        let mut argv = vec!["sdscale", "entropy", "--prompt", "x", "--model", "."];
+        argv.extend_from_slice(extra);
+        let Command::Entropy(args) = Cli::try_parse_from(argv)?.command else { unreachable!("parsed `entropy`") };
+        EntropyRequest::try_from(args)
+    }
+
+    #[test]
+    fn entropy_sizes_are_square_or_wxh_and_checked() {
+        let request = entropy_request(&["--sizes", "224,512x768,224"]).unwrap();
+        assert_eq!(request.sizes, [(224, 224), (512, 768)]);
+        assert!(entropy_request(&["--sizes", "100"]).unwrap_err().to_string().contains("multiple of 8"));
+        assert!(entropy_request(&["--sizes", "224x"]).unwrap_err().to_string().contains("WIDTHxHEIGHT"));
+        assert!(entropy_request(&[]).is_err(), "--sizes is required");
+    }
+
+    #[test]
+    fn entropy_points_default_to_the_issue_and_land_on_distinct_steps() {
+        let request = entropy_request(&["--sizes", "224"]).unwrap();
+        assert_eq!((request.steps, request.at.as_slice()), (50, [0.1, 0.5, 0.9].as_slice()));
+        // Two steps: 0.1 → step 0, 0.5 and 0.9 → step 1, measured once.
+        let request = entropy_request(&["--sizes", "224", "--steps", "2"]).unwrap();
+        assert_eq!(request.at, [0.1, 0.5]);
+        assert!(entropy_request(&["--sizes", "224", "--at", "1.5"]).unwrap_err().to_string().contains("--at"));
+    }
+
+    #[test]
+    fn entropy_plot_must_be_png() {
+        assert!(entropy_request(&["--sizes", "224", "--plot", "e.svg"]).unwrap_err().to_string().contains(".png"));
+        assert!(entropy_request(&["--sizes", "224", "--plot", "e.png", "--json"]).is_ok());
     }
 
     #[test]

@@ -5,11 +5,13 @@
 //! Follow a prompt: `main` → [`app::run`] → [`cli::GenRequest`] → [`pipeline::Pipeline::generate_batch`]
 //! (tokenizer → text encoder → seeded noise → UNet + DDIM loop → VAE) → [`output::write_png`] with
 //! [`metadata`]. `compare` adds a labelled [`grid`] and an [`html`] rating page.
-//! The attention-scale policy lives in [`attention`].
+//! The attention-scale policy lives in [`attention`]; `sdscale entropy` measures its effect with
+//! [`entropy`].
 
 pub mod app;
 pub mod attention;
 pub mod cli;
+pub mod entropy;
 pub mod grid;
 pub mod html;
 pub mod metadata;

@@ -5,6 +5,7 @@
 //! are loaded once; `generate` can then run any number of images, sizes and attention modes.
 
 use crate::attention::AttentionScale;
+use crate::entropy::EntropyProbe;
 use crate::models::clip::{ClipTextConfig, ClipTextTransformer};
 use crate::models::unet::{UNet2DConditionModel, UNetConfig, UNetConfigFile};
 use crate::models::vae::{VaeConfig, VaeDecoder};
@@ -169,9 +170,14 @@ impl Pipeline {
     }
 
     /// The attention policy for a mode, with T derived from `train_size` (pixels, width × height).
-    pub fn entropy_scale(&self, (width, height): (usize, usize)) -> AttentionScale {
+    pub fn entropy_scale(&self, train_size: (usize, usize)) -> AttentionScale {
+        AttentionScale::Entropy { train_latent: self.train_latent(train_size) }
+    }
+
+    /// A training size in pixels (width, height) as latent pixels (height, width), the policy's units.
+    pub fn train_latent(&self, (width, height): (usize, usize)) -> (usize, usize) {
         let factor = self.vae_scale_factor();
-        AttentionScale::Entropy { train_latent: (height.div_ceil(factor), width.div_ceil(factor)) }
+        (height.div_ceil(factor), width.div_ceil(factor))
     }
 
     pub fn generate(&self, request: &GenerateRequest, on_event: &mut dyn FnMut(Event)) -> Result<RgbImage> {
@@ -191,6 +197,43 @@ impl Pipeline {
         on_event: &mut dyn FnMut(Event),
         cancel: &AtomicBool,
     ) -> Result<Vec<RgbImage>> {
+        let latents = self.denoise_batch(requests, on_event, cancel, None)?;
+
+        // 4. decode one image at a time: the VAE's memory grows fast with pixels, and it is cheap
+        // next to the denoising loop.
+        let started = std::time::Instant::now();
+        let mut images = Vec::with_capacity(requests.len());
+        for i in 0..requests.len() {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(Interrupted.into());
+            }
+            images.push(self.decode_latents(&latents.narrow(0, i, 1)?, on_event)?);
+        }
+        on_event(Event::Stage("VAE decode", started.elapsed()));
+        Ok(images)
+    }
+
+    /// Steps 1–3 of [`Self::generate`] for one image: the final latents, not yet decoded. With a probe,
+    /// every UNet self-attention layer reports the text-conditioned branch's attention statistics at the
+    /// probe's steps (`sdscale entropy`); the latents are the same either way.
+    pub fn denoise(
+        &self,
+        request: &GenerateRequest,
+        on_event: &mut dyn FnMut(Event),
+        probe: Option<&EntropyProbe>,
+    ) -> Result<Tensor> {
+        let never = AtomicBool::new(false);
+        self.denoise_batch(std::slice::from_ref(request), on_event, &never, probe)
+    }
+
+    /// Steps 1–3 for a batch: text embeddings, seeded noise, the guided DDIM loop.
+    fn denoise_batch(
+        &self,
+        requests: &[GenerateRequest],
+        on_event: &mut dyn FnMut(Event),
+        cancel: &AtomicBool,
+        probe: Option<&EntropyProbe>,
+    ) -> Result<Tensor> {
         let first = requests.first().context("an empty batch")?;
         ensure!(
             requests.iter().all(|r| r.batch_key() == first.batch_key()),
@@ -242,8 +285,16 @@ impl Pipeline {
             }
             let latent_model_input =
                 if do_classifier_free_guidance { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-            let noise_pred =
-                self.unet.forward(&latent_model_input, timestep as f64, &prompt_embeds, first.attention)?;
+            // The probe measures the first text-conditioned entry: [negatives…, prompts…] under guidance.
+            let probe =
+                probe.and_then(|probe| probe.at_step(index, if do_classifier_free_guidance { batch } else { 0 }));
+            let noise_pred = self.unet.forward_probed(
+                &latent_model_input,
+                timestep as f64,
+                &prompt_embeds,
+                first.attention,
+                probe,
+            )?;
             let noise_pred = if do_classifier_free_guidance {
                 let noise_pred_uncond = noise_pred.narrow(0, 0, batch)?;
                 let noise_pred_text = noise_pred.narrow(0, batch, batch)?;
@@ -256,19 +307,7 @@ impl Pipeline {
         }
         self.device.synchronize()?;
         on_event(Event::Stage("denoising", started.elapsed()));
-
-        // 4. decode one image at a time: the VAE's memory grows fast with pixels, and it is cheap
-        // next to the denoising loop.
-        let started = std::time::Instant::now();
-        let mut images = Vec::with_capacity(batch);
-        for i in 0..batch {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(Interrupted.into());
-            }
-            images.push(self.decode_latents(&latents.narrow(0, i, 1)?, on_event)?);
-        }
-        on_event(Event::Stage("VAE decode", started.elapsed()));
-        Ok(images)
+        Ok(latents)
     }
 
     /// Text embeddings (b, 77, hidden) in the compute dtype; b = 2 (negative, positive) when guiding.

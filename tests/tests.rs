@@ -7,6 +7,7 @@ mod util;
 mod batch;
 mod cli;
 mod compare;
+mod entropy;
 mod full_size;
 mod images;
 mod reference;

@@ -11,7 +11,8 @@
 //! deepest level, up block j at level (blocks − 1 − j). The attention-scale policy needs the level to
 //! know how many tokens that layer saw in training.
 
-use crate::attention::{scaled_dot_product_attention, AttentionScale};
+use crate::attention::{scaled_dot_product_attention, scaled_dot_product_attention_measured, AttentionScale};
+use crate::entropy::{EntropyProbe, RowStats};
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
@@ -334,10 +335,20 @@ struct Attention {
     to_out: Linear,
     heads: usize,
     head_dim: usize,
+    /// The diffusers module path and UNet level, which the entropy probe reports.
+    path: String,
+    level: usize,
 }
 
 impl Attention {
-    fn new(vb: VarBuilder, query_dim: usize, context_dim: usize, heads: usize, head_dim: usize) -> Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        level: usize,
+    ) -> Result<Self> {
         let inner_dim = heads * head_dim;
         Ok(Self {
             to_q: linear_no_bias(query_dim, inner_dim, vb.pp("to_q"))?,
@@ -346,11 +357,14 @@ impl Attention {
             to_out: linear(inner_dim, query_dim, vb.pp("to_out.0"))?,
             heads,
             head_dim,
+            path: vb.prefix(),
+            level,
         })
     }
 
-    /// `xs` (b, n, c) attends to `context` (b, m, c'); `scale` multiplies the q·k logits.
-    fn forward(&self, xs: &Tensor, context: &Tensor, scale: f64) -> Result<Tensor> {
+    /// `xs` (b, n, c) attends to `context` (b, m, c'); `scale` multiplies the q·k logits. With a probe,
+    /// the attention maps of its batch entry are measured on the way (same output, bit for bit).
+    fn forward(&self, xs: &Tensor, context: &Tensor, scale: f64, probe: Option<&EntropyProbe>) -> Result<Tensor> {
         let (b, n, _) = xs.dims3()?;
         let split_heads = |t: Tensor| {
             let m = t.dim(1)?;
@@ -360,7 +374,18 @@ impl Attention {
         let q = split_heads(self.to_q.forward(xs)?)?;
         let k = split_heads(self.to_k.forward(context)?)?;
         let v = split_heads(self.to_v.forward(context)?)?;
-        let out = scaled_dot_product_attention(&q, &k, &v, scale)?; // (b·heads, n, d)
+        let out = match probe {
+            None => scaled_dot_product_attention(&q, &k, &v, scale)?, // (b·heads, n, d)
+            Some(probe) => {
+                // Batch entry e owns rows e·heads .. (e+1)·heads of the folded (b·heads) dimension.
+                let first = probe.batch_entry() * self.heads;
+                let mut stats = RowStats::default();
+                let out =
+                    scaled_dot_product_attention_measured(&q, &k, &v, scale, first..first + self.heads, &mut stats)?;
+                probe.record(&self.path, self.level, k.dim(1)?, stats);
+                out
+            }
+        };
         let out = out.reshape((b, self.heads, n, self.head_dim))?.transpose(1, 2)?.reshape((b, n, ()))?;
         self.to_out.forward(&out)
     }
@@ -401,21 +426,29 @@ struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    fn new(vb: VarBuilder, dim: usize, heads: usize, head_dim: usize, cfg: &UNetConfig) -> Result<Self> {
+    fn new(vb: VarBuilder, dim: usize, heads: usize, head_dim: usize, level: usize, cfg: &UNetConfig) -> Result<Self> {
         Ok(Self {
             norm1: layer_norm(dim, cfg.norm_eps, vb.pp("norm1"))?,
-            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim)?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim, level)?,
             norm2: layer_norm(dim, cfg.norm_eps, vb.pp("norm2"))?,
-            attn2: Attention::new(vb.pp("attn2"), dim, cfg.cross_attention_dim, heads, head_dim)?,
+            attn2: Attention::new(vb.pp("attn2"), dim, cfg.cross_attention_dim, heads, head_dim, level)?,
             norm3: layer_norm(dim, cfg.norm_eps, vb.pp("norm3"))?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
         })
     }
 
-    fn forward(&self, xs: &Tensor, text: &Tensor, self_scale: f64, cross_scale: f64) -> Result<Tensor> {
+    /// The probe watches self-attention only: cross-attention's 77 keys never change with the size.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        text: &Tensor,
+        self_scale: f64,
+        cross_scale: f64,
+        probe: Option<&EntropyProbe>,
+    ) -> Result<Tensor> {
         let normed = self.norm1.forward(xs)?;
-        let xs = (self.attn1.forward(&normed, &normed, self_scale)? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, text, cross_scale)? + xs)?;
+        let xs = (self.attn1.forward(&normed, &normed, self_scale, probe)? + xs)?;
+        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, text, cross_scale, None)? + xs)?;
         self.ff.forward(&self.norm3.forward(&xs)?)? + xs
     }
 }
@@ -461,7 +494,9 @@ impl Transformer2DModel {
         // diffusers hard-codes eps = 1e-6 for this group norm.
         let norm = group_norm(cfg.norm_num_groups, channels, 1e-6, vb.pp("norm"))?;
         let transformer_blocks = (0..layers)
-            .map(|i| BasicTransformerBlock::new(vb.pp("transformer_blocks").pp(i), channels, heads, head_dim, cfg))
+            .map(|i| {
+                BasicTransformerBlock::new(vb.pp("transformer_blocks").pp(i), channels, heads, head_dim, level, cfg)
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             norm,
@@ -473,7 +508,13 @@ impl Transformer2DModel {
         })
     }
 
-    fn forward(&self, xs: &Tensor, text: &Tensor, scale: AttentionScale) -> Result<Tensor> {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        text: &Tensor,
+        scale: AttentionScale,
+        probe: Option<&EntropyProbe>,
+    ) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let residual = xs;
         let xs = self.norm.forward(xs)?;
@@ -486,7 +527,7 @@ impl Transformer2DModel {
         let self_scale = scale.self_attention(self.head_dim, h * w, self.level);
         let cross_scale = scale.cross_attention(self.head_dim);
         for block in &self.transformer_blocks {
-            xs = block.forward(&xs, text, self_scale, cross_scale)?;
+            xs = block.forward(&xs, text, self_scale, cross_scale, probe)?;
         }
         let to_image = |t: Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous(); // (b, c, h, w)
         let xs = match &self.proj_out {
@@ -535,13 +576,14 @@ impl DownBlock {
         temb: &Tensor,
         text: &Tensor,
         scale: AttentionScale,
+        probe: Option<&EntropyProbe>,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut xs = xs.clone();
         let mut res_samples = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
             xs = resnet.forward(&xs, Some(temb))?;
             if let Some(attention) = self.attentions.get(i) {
-                xs = attention.forward(&xs, text, scale)?;
+                xs = attention.forward(&xs, text, scale, probe)?;
             }
             res_samples.push(xs.clone());
         }
@@ -565,23 +607,24 @@ impl UpBlock {
         &self,
         xs: &Tensor,
         skips: &mut Vec<Tensor>,
-        upsample_size: Option<(usize, usize)>,
         temb: &Tensor,
         text: &Tensor,
         scale: AttentionScale,
+        probe: Option<&EntropyProbe>,
     ) -> Result<Tensor> {
         let mut xs = xs.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             let skip = skips.pop().expect("the down path produced one skip per up resnet");
             xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, Some(temb))?;
             if let Some(attention) = self.attentions.get(i) {
-                xs = attention.forward(&xs, text, scale)?;
+                xs = attention.forward(&xs, text, scale, probe)?;
             }
         }
         if let Some(upsampler) = &self.upsampler {
-            // diffusers' Upsample2D: nearest-neighbour to the matching skip's size (not always 2×:
-            // odd latent sizes such as 7 → 4 must come back to 7), then a 3×3 conv.
-            let (h, w) = upsample_size.expect("every upsampling block has a skip below it");
+            // diffusers' Upsample2D: nearest-neighbour to the size of the next skip in line, which the
+            // next block consumes (diffusers' `upsample_size`; not always 2×: odd latent sizes such as
+            // 7 → 4 must come back to 7), then a 3×3 conv.
+            let (_, _, h, w) = skips.last().expect("every upsampling block has a skip below it").dims4()?;
             xs = upsampler.forward(&xs.upsample_nearest2d(h, w)?)?;
         }
         Ok(xs)
@@ -595,10 +638,17 @@ struct MidBlock {
 }
 
 impl MidBlock {
-    fn forward(&self, xs: &Tensor, temb: &Tensor, text: &Tensor, scale: AttentionScale) -> Result<Tensor> {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        text: &Tensor,
+        scale: AttentionScale,
+        probe: Option<&EntropyProbe>,
+    ) -> Result<Tensor> {
         let mut xs = self.resnets[0].forward(xs, Some(temb))?;
         for (attention, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            xs = attention.forward(&xs, text, scale)?;
+            xs = attention.forward(&xs, text, scale, probe)?;
             xs = resnet.forward(&xs, Some(temb))?;
         }
         Ok(xs)
@@ -737,6 +787,18 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         scale: AttentionScale,
     ) -> Result<Tensor> {
+        self.forward_probed(sample, timestep, encoder_hidden_states, scale, None)
+    }
+
+    /// [`Self::forward`], with every self-attention layer reporting to `probe` when there is one.
+    pub fn forward_probed(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        scale: AttentionScale,
+        probe: Option<&EntropyProbe>,
+    ) -> Result<Tensor> {
         let batch = sample.dim(0)?;
         let mut clock = crate::profile::Clock::start("unet", sample.device());
         // 1. time: sinusoidal embedding of t (f32, as diffusers), then cast to the compute dtype.
@@ -751,28 +813,20 @@ impl UNet2DConditionModel {
         // 3. down: keep every intermediate state for the skip connections.
         let mut skips = vec![xs.clone()];
         for (i, block) in self.down_blocks.iter().enumerate() {
-            let (out, res_samples) = block.forward(&xs, &emb, encoder_hidden_states, scale)?;
+            let (out, res_samples) = block.forward(&xs, &emb, encoder_hidden_states, scale, probe)?;
             xs = out;
             skips.extend(res_samples);
             clock.lap(format_args!("down_blocks.{i}"));
         }
 
         // 4. mid
-        xs = self.mid_block.forward(&xs, &emb, encoder_hidden_states, scale)?;
+        xs = self.mid_block.forward(&xs, &emb, encoder_hidden_states, scale, probe)?;
         clock.lap("mid_block");
 
-        // 5. up: each block consumes its skips from the end; it upsamples to the size of the next
-        // skip in line (diffusers' `upsample_size`), so odd sizes round-trip exactly.
+        // 5. up: each block consumes its skips from the end, then upsamples to the size of the next
+        // skip in line, so odd sizes round-trip exactly.
         for (i, block) in self.up_blocks.iter().enumerate() {
-            let remaining = skips.len() - block.resnets.len();
-            let upsample_size = match remaining {
-                0 => None,
-                _ => {
-                    let (_, _, h, w) = skips[remaining - 1].dims4()?;
-                    Some((h, w))
-                }
-            };
-            xs = block.forward(&xs, &mut skips, upsample_size, &emb, encoder_hidden_states, scale)?;
+            xs = block.forward(&xs, &mut skips, &emb, encoder_hidden_states, scale, probe)?;
             clock.lap(format_args!("up_blocks.{i}"));
         }
 
