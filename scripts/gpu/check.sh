@@ -4,8 +4,7 @@
 #   bash scripts/gpu/check.sh            # ≤ 8 minutes on an H100
 #
 # Expects, carried in the git-ignored .gpu/ folder (see scripts/gpu/README.md for how to make them here):
-#   .gpu/sdscale          the stripped `cargo build --release --features cuda` binary
-#   .gpu/sdscale-cpu      the stripped default (CPU) build, for the f16-CUDA vs f32-CPU check
+#   .gpu/sdscale.xz       the stripped `cargo build --release --features cuda` binary, xz-compressed
 #   .gpu/run-binary.sh    finds the CUDA 13 libraries and runs a binary (shared/gpu/run-binary.sh)
 #   .gpu/wheels/*.whl     diffusers 0.42.1 (+ importlib_metadata), installed with --no-deps
 # PyTorch and transformers come with the machine. Prints, for 224², 512², 512×288, 768², 1024² (50 steps,
@@ -20,6 +19,8 @@ SIZES=${SIZES:-"224x224 512x512 512x288 768x768 1024x1024"}
 STEPS=${STEPS:-50}
 mkdir -p "$OUT"
 log() { echo "[$(date +%T)] $*" >&2; }
+BIN=/tmp/sdscale-cuda
+xz -dc "$G/sdscale.xz" > "$BIN" && chmod +x "$BIN"
 
 pip install -q --no-index --no-deps --target /tmp/sdscale-pydeps "$G"/wheels/*.whl 2>&1 | tail -2
 export PYTHONPATH=/tmp/sdscale-pydeps${PYTHONPATH:+:$PYTHONPATH}
@@ -39,7 +40,7 @@ gpu_peak() {
   return $rc
 }
 
-sdscale() { RUN_TIMEOUT=300 bash "$G/run-binary.sh" "$G/sdscale" "$@"; }
+sdscale() { RUN_TIMEOUT=300 bash "$G/run-binary.sh" "$BIN" "$@"; }
 
 printf "%-10s %12s %14s %8s %12s %14s\n" size sdscale_s diffusers_s ratio sdscale_MiB diffusers_MiB > "$OUT/table.txt"
 for size in $SIZES; do
@@ -70,7 +71,7 @@ PY
 log "f16 CUDA vs f32 CPU on the fixture model"
 sdscale gen --model tests/fixtures/tiny-sd --prompt "a corgi on a beach" --width 192 --height 192 --steps 4 --seed 42 \
   --device cuda --dtype f16 --overwrite -o "$OUT/fixture-cuda-f16.png" > /dev/null 2> "$OUT/fixture.err" || tail -3 "$OUT/fixture.err"
-"$G/sdscale-cpu" gen --model tests/fixtures/tiny-sd --prompt "a corgi on a beach" --width 192 --height 192 --steps 4 --seed 42 \
+sdscale gen --model tests/fixtures/tiny-sd --prompt "a corgi on a beach" --width 192 --height 192 --steps 4 --seed 42 \
   --device cpu --dtype f32 --overwrite -o "$OUT/fixture-cpu-f32.png" > /dev/null 2>&1
 python - "$OUT" <<'PY'
 import sys, numpy as np
