@@ -2,7 +2,7 @@
 # sdscale vs diffusers on this CPU, measured in the same run, with ratios.
 #
 #   scripts/bench_cpu.sh                     # the fixture model: whole `gen` + stages at 192²
-#   SDSCALE_BENCH_MODEL=~/.cache/sdscale/sd21-random SDSCALE_BENCH_SIZES=224,512 scripts/bench_cpu.sh
+#   SDSCALE_BENCH_MODEL=~/.cache/sdscale/sd21-random SDSCALE_BENCH_SIZES=224,512 SDSCALE_BENCH_SKIP_GEN=1 scripts/bench_cpu.sh
 #
 # Needs the reference Python environment (scripts/requirements.txt) as $PYTHON (default: python3).
 # The full-size random model comes from `python scripts/make_fixtures.py --full ~/.cache/sdscale/sd21-random`.
@@ -23,6 +23,7 @@ cargo build --release --quiet
 cargo bench --bench stages --no-run --quiet 2>/dev/null
 
 echo "# $(date -u +%F) $(uname -m), $(nproc) cores, commit $(git rev-parse --short HEAD), model $MODEL"
+if [ -z "${SDSCALE_BENCH_SKIP_GEN:-}" ]; then
 echo
 echo "## whole gen: ${GEN_SIZE}x${GEN_SIZE}, $GEN_STEPS steps, CFG 7.5, fp32"
 printf "%-10s %-8s %10s %12s\n" tool mode seconds peak_RSS_MiB
@@ -31,11 +32,12 @@ for mode in default entropy; do
     --width "$GEN_SIZE" --height "$GEN_SIZE" --steps "$GEN_STEPS" --seed 42 --mode "$mode" --device cpu -o "$out/s-$mode.png" >/dev/null 2>&1
   read -r s_sec s_kb < "$out/s.time"
   /usr/bin/time -f "%e %M" -o "$out/d.time" "$PYTHON" scripts/bench_diffusers.py --gen --model "$MODEL" --prompt "a corgi on a beach" \
-    --width "$GEN_SIZE" --height "$GEN_SIZE" --steps "$GEN_STEPS" --seed 42 --mode "$mode" --out "$out/d-$mode.png" 2>/dev/null
+    --width "$GEN_SIZE" --height "$GEN_SIZE" --steps "$GEN_STEPS" --seed 42 --mode "$mode" --out "$out/d-$mode.png" >/dev/null 2>&1
   read -r d_sec d_kb < "$out/d.time"
   printf "%-10s %-8s %10s %12d\n" sdscale "$mode" "$s_sec" $((s_kb / 1024)) diffusers "$mode" "$d_sec" $((d_kb / 1024))
   awk -v a="$s_sec" -v b="$d_sec" -v c="$s_kb" -v d="$d_kb" 'BEGIN { printf "%-10s %-8s %10.2fx %11.2fx\n", "ratio", "", a / b, c / d }'
 done
+fi
 echo
 echo "## stages (median of $RUNS after a warm-up), ms"
 SDSCALE_BENCH_MODEL="$MODEL" SDSCALE_BENCH_SIZES="$SIZES" SDSCALE_BENCH_RUNS="$RUNS" SDSCALE_BENCH_STAGES="$STAGES" \
