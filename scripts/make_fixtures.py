@@ -335,33 +335,49 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.chmod(path, 0o644)  # safetensors creates 0600 files
 
 
-def save_model_folder(out: Path, unet, text_encoder, vae) -> None:
-    """Write the SD 2.1-base folder layout. Weights are f32; key names follow the real repo:
-    text encoder keys carry the `text_model.` prefix (transformers < 5 layout) and the VAE's
-    mid-block attention uses query/key/value/proj_attn."""
+def write_skeleton(out: Path, tokenizer_from_fixture: bool) -> None:
+    """model_index.json, tokenizer/ and scheduler/ of the SD 2.1-base folder layout.
+    `tokenizer_from_fixture` copies the committed fixture tokenizer (the same SD 2.x vocabulary) instead of
+    deriving it from open_clip's BPE file, so --full also runs where only torch + diffusers exist (the GPU
+    machine)."""
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "model_index.json", MODEL_INDEX)
-    # The committed fixture tokenizer is the same SD 2.x vocabulary; copying it keeps --full free of
-    # open_clip, so it also runs where only torch + diffusers exist (the GPU machine).
-    shutil.rmtree(out / "tokenizer", ignore_errors=True)
-    shutil.copytree(REPO / "tests" / "fixtures" / "tiny-sd" / "tokenizer", out / "tokenizer")
+    if tokenizer_from_fixture:
+        shutil.rmtree(out / "tokenizer", ignore_errors=True)
+        shutil.copytree(REPO / "tests" / "fixtures" / "tiny-sd" / "tokenizer", out / "tokenizer")
+    else:
+        write_tokenizer(out / "tokenizer")
     (out / "scheduler").mkdir(exist_ok=True)
     write_json(out / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
 
-    for name, model in (("unet", unet), ("vae", vae)):
-        (out / name).mkdir(exist_ok=True)
+
+def save_component(out: Path, name: str, model) -> int:
+    """Writes `name`/ (config + f32 safetensors) in the real repo's key names: the text encoder's keys
+    carry the `text_model.` prefix (transformers < 5 layout), the VAE's mid-block attention uses
+    query/key/value/proj_attn. Returns the parameter count."""
+    (out / name).mkdir(exist_ok=True)
+    if name == "text_encoder":
+        model.config.save_pretrained(out / name)
+        state = {f"text_model.{k}": v for k, v in model.state_dict().items()}
+        path = out / name / "model.safetensors"
+    else:
         model.save_config(out / name)  # config.json, all keys as diffusers writes them
         state = model.state_dict()
         if name == "vae":
             state = {vae_legacy_key(k): v for k, v in state.items()}
-        save_safetensors(state, out / name / "diffusion_pytorch_model.safetensors")
-        del state
-        gc.collect()
+        path = out / name / "diffusion_pytorch_model.safetensors"
+    save_safetensors(state, path)
+    params = sum(v.numel() for v in state.values())
+    del state
+    gc.collect()
+    return params
 
-    (out / "text_encoder").mkdir(exist_ok=True)
-    text_encoder.config.save_pretrained(out / "text_encoder")
-    state = {f"text_model.{k}": v for k, v in text_encoder.state_dict().items()}
-    save_safetensors(state, out / "text_encoder" / "model.safetensors")
+
+def save_model_folder(out: Path, unet, text_encoder, vae) -> None:
+    """Write the SD 2.1-base folder layout, weights in f32 with the real repo's key names."""
+    write_skeleton(out, tokenizer_from_fixture=False)
+    for name, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        save_component(out, name, model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -975,36 +991,14 @@ def make_full(out: Path) -> None:
     out = out.expanduser().resolve()
     if out == REPO or REPO in out.parents:
         sys.exit(f"--full writes 5 GB: choose a directory outside the repository, not {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "model_index.json", MODEL_INDEX)
-    # The committed fixture tokenizer is the same SD 2.x vocabulary; copying it keeps --full free of
-    # open_clip, so it also runs where only torch + diffusers exist (the GPU machine).
-    shutil.rmtree(out / "tokenizer", ignore_errors=True)
-    shutil.copytree(REPO / "tests" / "fixtures" / "tiny-sd" / "tokenizer", out / "tokenizer")
-    (out / "scheduler").mkdir(exist_ok=True)
-    write_json(out / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
-
+    write_skeleton(out, tokenizer_from_fixture=True)
     for name, build in (
         ("unet", lambda: build_unet(FULL_UNET, SEED_UNET, 1.0)),
         ("vae", lambda: build_vae(FULL_VAE, SEED_VAE, 1.0)),
+        ("text_encoder", lambda: build_text_encoder(FULL_TEXT, SEED_TEXT)),
     ):
-        model = build()
-        (out / name).mkdir(exist_ok=True)
-        model.save_config(out / name)
-        state = model.state_dict()
-        if name == "vae":
-            state = {vae_legacy_key(k): v for k, v in state.items()}
-        save_safetensors(state, out / name / "diffusion_pytorch_model.safetensors")
-        print(f"wrote {out / name} ({sum(v.numel() for v in state.values()) / 1e6:.0f} M params)", flush=True)
-        del model, state
-        gc.collect()
-
-    model = build_text_encoder(FULL_TEXT, SEED_TEXT)
-    (out / "text_encoder").mkdir(exist_ok=True)
-    model.config.save_pretrained(out / "text_encoder")
-    state = {f"text_model.{k}": v for k, v in model.state_dict().items()}
-    save_safetensors(state, out / "text_encoder" / "model.safetensors")
-    print(f"wrote {out / 'text_encoder'} ({sum(v.numel() for v in state.values()) / 1e6:.0f} M params)")
+        params = save_component(out, name, build())
+        print(f"wrote {out / name} ({params / 1e6:.0f} M params)", flush=True)
 
 
 def main() -> None:
