@@ -8,7 +8,7 @@ use std::process::Command;
 const MODES: [&str; 3] = ["default", "entropy", "resize"];
 
 /// 96×96 on the 128-px fixture, so resize renders at 128×128 and comes down; 2 steps, seeds 1 and 2.
-fn run_compare(dir: &Path, extra: &[&str]) -> Vec<String> {
+fn compare(dir: &Path, extra: &[&str]) -> std::process::Output {
     let model = model_arg();
     let mut args = vec![
         "compare",
@@ -28,7 +28,11 @@ fn run_compare(dir: &Path, extra: &[&str]) -> Vec<String> {
         "out/corgi-96.png",
     ];
     args.extend_from_slice(extra);
-    success_lines(&sdscale(dir, &args))
+    sdscale(dir, &args)
+}
+
+fn run_compare(dir: &Path, extra: &[&str]) -> Vec<String> {
+    success_lines(&compare(dir, extra))
 }
 
 #[test]
@@ -111,25 +115,7 @@ fn compare_refuses_existing_outputs_before_work() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("out")).unwrap();
     std::fs::write(dir.path().join("out/corgi-96.entropy.seed2.png"), b"keep").unwrap();
-    let model = model_arg();
-    let args = [
-        "compare",
-        "--model",
-        &model,
-        "--prompt",
-        "a corgi",
-        "--width",
-        "96",
-        "--height",
-        "96",
-        "--steps",
-        "1",
-        "--seeds",
-        "1,2",
-        "-o",
-        "out/corgi-96.png",
-    ];
-    let result = sdscale(dir.path(), &args);
+    let result = compare(dir.path(), &[]);
     assert_eq!(result.status.code(), Some(2), "{}", stderr(&result));
     assert!(stderr(&result).contains("corgi-96.entropy.seed2.png already exists"), "{}", stderr(&result));
     assert_eq!(files_ending(dir.path(), ".png").len(), 1);
