@@ -594,12 +594,9 @@ fn entropy(args: EntropyArgs) -> Result<()> {
         output::check_output(plot, request.overwrite).map_err(bad_input)?;
     }
 
-    let started = Instant::now();
-    let files = ModelFiles::resolve(&request.model, request.dtype).map_err(bad_input)?;
-    let pipeline = Pipeline::load(&files, &request.device, request.dtype).map_err(bad_input)?;
-    eprintln!("sdscale: loaded {} in {:.2?}", request.model.display_name(), started.elapsed());
-
-    let train_size = request.train_size.unwrap_or(pipeline.training_size());
+    let (files, training) = resolve_model(&request.model)?;
+    let model = load_model(&request.model, &files, training)?;
+    let (pipeline, train_size) = (&model.pipeline, model.train_size);
     let mut sizes = request.sizes.clone();
     if !sizes.contains(&train_size) {
         sizes.push(train_size);
@@ -649,7 +646,7 @@ fn entropy(args: EntropyArgs) -> Result<()> {
     if let Some(path) = &request.plot {
         let title = format!(
             "{} \"{}\", seed {}, {} steps, guidance {}, training size {}x{}",
-            request.model.display_name(),
+            request.model.source.display_name(),
             request.prompt,
             request.seed,
             request.steps,

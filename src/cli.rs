@@ -120,7 +120,11 @@ pub struct ModelArgs {
     /// Compute precision: f32, f16 or bf16 [default: f32 on CPU, f16 on CUDA].
     #[arg(long)]
     pub dtype: Option<String>,
+}
 
+/// How many images go through the UNet at once: for the subcommands that render many images.
+#[derive(Debug, clap::Args)]
+pub struct BatchArgs {
     /// Images that share size, steps, mode and guidance go through the UNet together, this many at a
     /// time (faster per image, more memory; the images are the same as one at a time).
     #[arg(long, default_value_t = 1, value_name = "B")]
@@ -200,6 +204,9 @@ pub struct GenArgs {
 
     #[command(flatten)]
     pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub batch: BatchArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -252,6 +259,9 @@ pub struct CompareArgs {
 
     #[command(flatten)]
     pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub batch: BatchArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -285,10 +295,6 @@ pub struct EntropyArgs {
     #[arg(long)]
     pub seed: Option<u64>,
 
-    /// Training size WxH that the entropy scale's T is computed from [default: from the UNet config].
-    #[arg(long, value_name = "WxH")]
-    pub train_size: Option<String>,
-
     /// Print JSON Lines (one object per size, mode, layer and point) instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -301,21 +307,8 @@ pub struct EntropyArgs {
     #[arg(long)]
     pub overwrite: bool,
 
-    /// Hub repo id (owner/name) or a local folder in diffusers layout.
-    #[arg(long, default_value = DEFAULT_MODEL)]
-    pub model: String,
-
-    /// Hub revision (branch, tag or commit) to pin.
-    #[arg(long)]
-    pub revision: Option<String>,
-
-    /// Where to run: cpu, cuda, cuda:N or auto (CUDA when built with it and present).
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-
-    /// Compute precision: f32, f16 or bf16 [default: f32 on CPU, f16 on CUDA].
-    #[arg(long)]
-    pub dtype: Option<String>,
+    #[command(flatten)]
+    pub model: ModelArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -550,7 +543,7 @@ impl TryFrom<GenArgs> for GenRequest {
             Some(text) => Template::parse(text).with_context(|| format!("-o {text}"))?,
             None => Template::parse("{prompt}-{seed}-{mode}.png").expect("valid"),
         };
-        let model = model_request(&args.model, model_name, revision, train_size)?;
+        let model = model_request(&args.model, args.batch.batch_size, model_name, revision, train_size)?;
         Ok(Self {
             images,
             random_seed,
@@ -674,7 +667,7 @@ impl TryFrom<CompareArgs> for CompareRequest {
         }
         let train_size = args.model.train_size.as_deref().map(parse_size).transpose()?;
         Ok(Self {
-            model: model_request(&args.model, None, args.model.revision.clone(), train_size)?,
+            model: model_request(&args.model, args.batch.batch_size, None, args.model.revision.clone(), train_size)?,
             prompt: args.prompt,
             negative_prompt: args.negative_prompt,
             width: args.width,
@@ -704,13 +697,10 @@ pub struct EntropyRequest {
     pub guidance: f64,
     pub seed: u32,
     pub seed_is_random: bool,
-    pub train_size: Option<(usize, usize)>,
     pub json: bool,
     pub plot: Option<PathBuf>,
     pub overwrite: bool,
-    pub model: ModelSource,
-    pub device: Device,
-    pub dtype: DType,
+    pub model: ModelRequest,
 }
 
 impl TryFrom<EntropyArgs> for EntropyRequest {
@@ -753,8 +743,9 @@ impl TryFrom<EntropyArgs> for EntropyRequest {
             Some(seed) => (check_seed("--seed", seed)?, false),
             None => (random_seed_u32(), true),
         };
-        let train_size = args.train_size.as_deref().map(parse_size).transpose()?;
-        let (device, dtype) = parse_device_and_dtype(&args.device, args.dtype.as_deref())?;
+        let train_size = args.model.train_size.as_deref().map(parse_size).transpose()?;
+        // One image per size and mode: nothing to batch.
+        let model = model_request(&args.model, 1, None, args.model.revision.clone(), train_size)?;
         if let Some(plot) = &args.plot {
             if plot.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()) != Some("png".into()) {
                 bail!("--plot {}: the plot must be a .png file", plot.display());
@@ -769,13 +760,10 @@ impl TryFrom<EntropyArgs> for EntropyRequest {
             guidance: args.guidance,
             seed,
             seed_is_random,
-            train_size,
             json: args.json,
             plot: args.plot,
             overwrite: args.overwrite,
-            model: ModelSource::parse(&args.model, args.revision)?,
-            device,
-            dtype,
+            model,
         })
     }
 }
@@ -789,23 +777,17 @@ fn check_png_name(path: &Path) -> Result<()> {
 
 fn model_request(
     args: &ModelArgs,
+    batch_size: usize,
     model: Option<String>,
     revision: Option<String>,
     train_size: Option<(usize, usize)>,
 ) -> Result<ModelRequest> {
-    if args.batch_size == 0 || args.batch_size > 64 {
-        bail!("--batch-size {} is out of range; use 1 to 64", args.batch_size);
+    if batch_size == 0 || batch_size > 64 {
+        bail!("--batch-size {batch_size} is out of range; use 1 to 64");
     }
     let name = model.or_else(|| args.model.clone()).unwrap_or_else(|| DEFAULT_MODEL.to_string());
     let (device, dtype) = parse_device_and_dtype(&args.device, args.dtype.as_deref())?;
-    Ok(ModelRequest {
-        source: ModelSource::parse(&name, revision)?,
-        name,
-        device,
-        dtype,
-        train_size,
-        batch_size: args.batch_size,
-    })
+    Ok(ModelRequest { source: ModelSource::parse(&name, revision)?, name, device, dtype, train_size, batch_size })
 }
 
 /// `--device` and `--dtype` together: the dtype's default and what it may be depend on the device.
