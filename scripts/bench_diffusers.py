@@ -77,21 +77,34 @@ def gen(args):
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     sync()
     loaded = time.perf_counter()
-    image = pipe(
-        args.prompt,
-        negative_prompt=args.negative_prompt,
-        width=args.width,
-        height=args.height,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        generator=torch.Generator("cpu").manual_seed(args.seed),
-    ).images[0]
+
+    def generate():
+        return pipe(
+            args.prompt,
+            negative_prompt=args.negative_prompt,
+            width=args.width,
+            height=args.height,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            generator=torch.Generator("cpu").manual_seed(args.seed),
+        ).images[0]
+
+    image = generate()
     sync()
     generated = time.perf_counter()
+    # --repeat N: the same image N more times in this process, once kernels and caches are warm.
+    warm = []
+    for _ in range(args.repeat):
+        start_warm = time.perf_counter()
+        generate()
+        sync()
+        warm.append(time.perf_counter() - start_warm)
     image.save(args.out)
-    # One parseable line on stdout for scripts; the human one on stderr.
+    # Parseable lines on stdout for scripts; the human one on stderr.
     print(f"generate_seconds\t{generated - loaded:.3f}")
-    print(f"diffusers: load {loaded - start:.2f} s, generate {generated - loaded:.2f} s", file=sys.stderr)
+    if warm:
+        print(f"warm_seconds\t{sorted(warm)[len(warm) // 2]:.3f}")
+    print(f"diffusers: load {loaded - start:.2f} s, generate {generated - loaded:.2f} s, warm {warm}", file=sys.stderr)
 
 
 def main():
@@ -109,6 +122,7 @@ def main():
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--mode", default="default", choices=["default", "entropy"])
     parser.add_argument("--out", default="diffusers.png")
+    parser.add_argument("--repeat", type=int, default=0, help="--gen: time N more generations after the first (median)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (--gen only)")
     parser.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"], help="--gen on CUDA only")
     args = parser.parse_args()

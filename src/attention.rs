@@ -61,22 +61,31 @@ pub fn train_tokens((height, width): (usize, usize), level: usize) -> usize {
     halve(height) * halve(width)
 }
 
-/// Upper bound on the f32 attention scores held at once: queries are processed in chunks so that
-/// large images never materialise the full N×N matrix (64 MiB of f32 scores per chunk).
+/// Upper bound on the attention scores held at once: queries are processed in chunks so that large
+/// images never materialise the full N×N matrix. On the CPU 64 MiB of f32 scores per chunk; a GPU has
+/// the memory for larger chunks (256 MiB of f16), and each chunk costs kernel launches.
 const MAX_SCORES_PER_CHUNK: usize = 16 * 1024 * 1024;
+const MAX_SCORES_PER_CHUNK_GPU: usize = 128 * 1024 * 1024;
 
 /// softmax(scale · q·kᵀ)·v with q (b, n_q, d), k and v (b, n_k, d) — b already folds batch and heads.
 ///
-/// The softmax runs in f32 whatever the input dtype (as diffusers upcasts), and queries are chunked so
-/// memory stays bounded at large sizes; every query row is computed independently, so chunking does not
-/// change the result.
+/// Queries are chunked so memory stays bounded at large sizes; every query row is computed
+/// independently, so chunking does not change the result. On the CPU, and for f32 inputs anywhere,
+/// everything runs in f32 (as diffusers upcasts on the CPU). On a GPU, f16/bf16 inputs stay in their
+/// dtype, as diffusers' fp16 pipeline does: the GEMMs accumulate in f32 (cuBLAS), the softmax
+/// accumulates its sum in f32 (candle's fused kernel), and the scale is applied to q (n·d values)
+/// rather than to the scores (n·n).
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    if half_on_gpu(q) {
+        return half_precision_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK_GPU);
+    }
     chunked_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK, None)
 }
 
 /// The same attention, bit for bit, that also accumulates the entropy probe's row statistics of the
 /// attention maps `rows` of the folded batch dimension (e.g. the heads of the text-conditioned branch)
 /// into `stats`, one query chunk at a time, so nothing larger than a chunk's scores is ever held.
+/// (Measured runs always take the f32 path, so what the probe reads is the f32 softmax.)
 pub fn scaled_dot_product_attention_measured(
     q: &Tensor,
     k: &Tensor,
@@ -86,6 +95,10 @@ pub fn scaled_dot_product_attention_measured(
     stats: &mut RowStats,
 ) -> Result<Tensor> {
     chunked_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK, Some((rows, stats)))
+}
+
+fn half_on_gpu(q: &Tensor) -> bool {
+    !q.device().is_cpu() && matches!(q.dtype(), DType::F16 | DType::BF16)
 }
 
 fn chunked_attention(
@@ -117,6 +130,28 @@ fn chunked_attention(
     }
     let out = if outputs.len() == 1 { outputs.pop().unwrap() } else { Tensor::cat(&outputs, 1)? };
     out.to_dtype(in_dtype)
+}
+
+fn half_precision_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, max_scores: usize) -> Result<Tensor> {
+    let (batch, n_queries, _head_dim) = q.dims3()?;
+    let n_keys = k.dim(1)?;
+    let q = (q * scale)?;
+    let k_t = k.t()?.contiguous()?; // (b, d, n_k)
+    let v = v.contiguous()?;
+    let rows_per_chunk = (max_scores / (batch * n_keys).max(1)).clamp(1, n_queries);
+    let mut outputs = Vec::with_capacity(n_queries.div_ceil(rows_per_chunk));
+    let mut start = 0;
+    while start < n_queries {
+        let len = rows_per_chunk.min(n_queries - start);
+        let scores = q.narrow(1, start, len)?.contiguous()?.matmul(&k_t)?; // (b, len, n_k)
+        outputs.push(candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?); // (b, len, d)
+        start += len;
+    }
+    if outputs.len() == 1 {
+        Ok(outputs.pop().unwrap())
+    } else {
+        Tensor::cat(&outputs, 1)
+    }
 }
 
 #[cfg(test)]
@@ -172,6 +207,23 @@ mod tests {
             let diff = (got - &expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-6, "max difference {diff}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn the_gpu_half_precision_path_computes_the_same_attention() -> Result<()> {
+        // Its arithmetic runs here in f32 (it is dtype-generic); on a GPU it runs in f16.
+        let device = Device::Cpu;
+        let q = Tensor::randn(0f32, 1., (3, 50, 8), &device)?;
+        let k = Tensor::randn(0f32, 1., (3, 40, 8), &device)?;
+        let v = Tensor::randn(0f32, 1., (3, 40, 8), &device)?;
+        let expected = chunked_attention(&q, &k, &v, 0.3, MAX_SCORES_PER_CHUNK, None)?;
+        for max_scores in [MAX_SCORES_PER_CHUNK_GPU, 3 * 40 * 7] {
+            let got = half_precision_attention(&q, &k, &v, 0.3, max_scores)?;
+            let diff = (got - &expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "max difference {diff}");
+        }
+        assert!(!half_on_gpu(&q.to_dtype(DType::F16)?), "the CPU always takes the f32 path");
         Ok(())
     }
 

@@ -838,16 +838,29 @@ fn parse_dtype(name: &str) -> Result<DType> {
     }
 }
 
+/// A CUDA device without cudarc's per-buffer event tracking. candle runs everything on one stream, so
+/// the events (a record and a wait per buffer per kernel launch) order nothing and only cost host time.
+/// It must be turned off before the first buffer exists: it applies to buffers allocated afterwards.
+fn open_cuda(ordinal: usize) -> candle_core::Result<Device> {
+    let device = Device::new_cuda(ordinal)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = &device {
+        // SAFETY: sdscale never uses a second stream; see above.
+        unsafe { cuda.disable_event_tracking() };
+    }
+    Ok(device)
+}
+
 fn parse_device(spec: &str) -> Result<Device> {
     let cuda = |ordinal: usize| -> Result<Device> {
         if !candle_core::utils::cuda_is_available() {
             bail!("--device {spec}: this sdscale was built without CUDA; rebuild with `cargo build --release --features cuda` or use --device cpu");
         }
-        Device::new_cuda(ordinal).with_context(|| format!("--device {spec}: cannot open CUDA device {ordinal}"))
+        open_cuda(ordinal).with_context(|| format!("--device {spec}: cannot open CUDA device {ordinal}"))
     };
     match spec {
         "cpu" => Ok(Device::Cpu),
-        "auto" if candle_core::utils::cuda_is_available() => Ok(Device::new_cuda(0).unwrap_or(Device::Cpu)),
+        "auto" if candle_core::utils::cuda_is_available() => Ok(open_cuda(0).unwrap_or(Device::Cpu)),
         "auto" => Ok(Device::Cpu),
         "cuda" => cuda(0),
         _ => match spec.strip_prefix("cuda:").map(str::parse::<usize>) {

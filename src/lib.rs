@@ -22,6 +22,7 @@ pub mod profile;
 pub mod rng;
 pub mod scheduler;
 pub mod tokenizer;
+pub mod unet_step;
 pub mod weights;
 
 /// Keeps freed tensor buffers in the process for reuse instead of returning each to the kernel.

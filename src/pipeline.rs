@@ -12,6 +12,7 @@ use crate::models::vae::{VaeConfig, VaeDecoder};
 use crate::rng::{randn, TorchGenerator};
 use crate::scheduler::{DdimConfig, DdimScheduler};
 use crate::tokenizer::ClipTokenizer;
+use crate::unet_step::{graphs_enabled, UNetStepper};
 use crate::weights::{read_json, var_builder, ModelFiles};
 use anyhow::{anyhow, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -279,6 +280,7 @@ impl Pipeline {
         let started = std::time::Instant::now();
         let scheduler = DdimScheduler::new(&self.scheduler_config, first.steps)?;
         let total = scheduler.timesteps.len();
+        let mut unet = UNetStepper::new(&self.unet, &self.device, probe.is_none() && graphs_enabled(&self.device));
         for (index, &timestep) in scheduler.timesteps.iter().enumerate() {
             if cancel.load(Ordering::Relaxed) {
                 return Err(Interrupted.into());
@@ -288,12 +290,13 @@ impl Pipeline {
             // The probe measures the first text-conditioned entry: [negatives…, prompts…] under guidance.
             let probe =
                 probe.and_then(|probe| probe.at_step(index, if do_classifier_free_guidance { batch } else { 0 }));
-            let noise_pred = self.unet.forward_probed(
+            let noise_pred = unet.step(
                 &latent_model_input,
                 timestep as f64,
                 &prompt_embeds,
                 first.attention,
                 probe,
+                &mut |warning| on_event(Event::Warning(warning)),
             )?;
             let noise_pred = if do_classifier_free_guidance {
                 let noise_pred_uncond = noise_pred.narrow(0, 0, batch)?;

@@ -1,7 +1,14 @@
-//! Opt-in stage timings (`SDSCALE_PROFILE=1`): each lap synchronises the device first, so on CUDA the
-//! time is the GPU's, not the launch queue's. Off by default and then free: one cached env lookup.
+//! Opt-in timings (`SDSCALE_PROFILE=1`), off by default and then free: one cached env lookup.
+//!
+//! Two views of one UNet step, printed to stderr as `sdscale: profile …`:
+//! - [`Clock`] laps per block: each lap synchronises the device first, so on CUDA the time is the GPU's,
+//!   not the launch queue's;
+//! - [`op`] spans per op kind (conv, matmul, attention, norm, elementwise): on CUDA a pair of CUDA events
+//!   around each span (no synchronisation, so the GPU keeps its queue full), on the CPU the wall clock.
+//!   What no span covers — launch gaps and the few unlabelled ops — is reported as the rest of the step.
 
-use candle_core::Device;
+use candle_core::{Device, Result};
+use std::cell::RefCell;
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -10,10 +17,85 @@ pub fn enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var_os("SDSCALE_PROFILE").is_some_and(|v| !v.is_empty() && v != "0"))
 }
 
-/// Laps of one pass (e.g. one UNet step), printed to stderr as `sdscale: profile <what> <lap> <ms>`.
+/// What a span of work is, for the per-kind totals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    /// Convolutions, bias included (im2col + GEMM in candle).
+    Conv,
+    /// Linear layers: GEMMs over tokens.
+    Matmul,
+    /// The attention core: q·kᵀ, softmax, ·v (the projections are Matmul).
+    Attention,
+    /// Group and layer norms.
+    Norm,
+    /// Activations, residual adds, concatenations, layout copies.
+    Elementwise,
+}
+
+const KINDS: [OpKind; 5] = [OpKind::Conv, OpKind::Matmul, OpKind::Attention, OpKind::Norm, OpKind::Elementwise];
+
+enum Mark {
+    Host(Instant),
+    #[cfg(feature = "cuda")]
+    Event(candle_core::cuda_backend::cudarc::driver::CudaEvent),
+}
+
+impl Mark {
+    fn now(device: &Device) -> Option<Mark> {
+        match device {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(cuda) => {
+                use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+                cuda.cuda_stream().record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).ok().map(Mark::Event)
+            }
+            _ => Some(Mark::Host(Instant::now())),
+        }
+    }
+
+    /// Milliseconds from `self` to `end`; on CUDA only valid once the device has been synchronised.
+    fn ms_until(&self, end: &Mark) -> f64 {
+        match (self, end) {
+            (Mark::Host(a), Mark::Host(b)) => (*b - *a).as_secs_f64() * 1e3,
+            #[cfg(feature = "cuda")]
+            (Mark::Event(a), Mark::Event(b)) => a.elapsed_ms(b).map(f64::from).unwrap_or(f64::NAN),
+            #[allow(unreachable_patterns)]
+            _ => f64::NAN,
+        }
+    }
+}
+
+thread_local! {
+    /// The spans of the pass a [`Clock`] is timing; None when no clock runs (nested spans are not
+    /// recorded: the outermost kind owns its time).
+    static SPANS: RefCell<Option<(usize, Vec<(OpKind, Mark, Mark)>)>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` as one span of `kind` when profiling, else just runs it.
+pub fn op<T>(kind: OpKind, device: &Device, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    if !enabled() || SPANS.with(|spans| spans.borrow().as_ref().is_none_or(|(depth, _)| *depth > 0)) {
+        return f();
+    }
+    SPANS.with(|spans| spans.borrow_mut().as_mut().map(|(depth, _)| *depth += 1));
+    let start = Mark::now(device);
+    let out = f();
+    let end = Mark::now(device);
+    SPANS.with(|spans| {
+        if let Some((depth, list)) = spans.borrow_mut().as_mut() {
+            *depth -= 1;
+            if let (Some(start), Some(end)) = (start, end) {
+                list.push((kind, start, end));
+            }
+        }
+    });
+    out
+}
+
+/// Laps of one pass (e.g. one UNet step), printed to stderr as `sdscale: profile <what> <lap> <ms>`,
+/// then, on [`Clock::finish`], the pass's time per [`OpKind`].
 pub struct Clock<'a> {
     what: &'static str,
     device: &'a Device,
+    started: Option<Instant>,
     last: Option<Instant>,
 }
 
@@ -21,9 +103,10 @@ impl<'a> Clock<'a> {
     pub fn start(what: &'static str, device: &'a Device) -> Self {
         let last = enabled().then(|| {
             let _ = device.synchronize();
+            SPANS.with(|spans| *spans.borrow_mut() = Some((0, Vec::new())));
             Instant::now()
         });
-        Self { what, device, last }
+        Self { what, device, started: last, last }
     }
 
     pub fn lap(&mut self, name: impl std::fmt::Display) {
@@ -33,5 +116,30 @@ impl<'a> Clock<'a> {
             eprintln!("sdscale: profile {} {name} {:.3} ms", self.what, (now - last).as_secs_f64() * 1e3);
             self.last = Some(now);
         }
+    }
+
+    /// Prints the pass's total and its time per op kind.
+    pub fn finish(self) {
+        let Some(started) = self.started else { return };
+        let _ = self.device.synchronize();
+        let total = started.elapsed().as_secs_f64() * 1e3;
+        let spans = SPANS.with(|spans| spans.borrow_mut().take()).map(|(_, list)| list).unwrap_or_default();
+        let mut covered = 0.0;
+        for kind in KINDS {
+            let (count, ms) = spans
+                .iter()
+                .filter(|(k, _, _)| *k == kind)
+                .fold((0, 0.0), |(n, sum), (_, start, end)| (n + 1, sum + start.ms_until(end)));
+            covered += ms;
+            let share = 100.0 * ms / total;
+            eprintln!("sdscale: profile {}-ops {kind:?} {ms:.3} ms ({share:.1}%, {count} spans)", self.what);
+        }
+        let rest = total - covered;
+        eprintln!(
+            "sdscale: profile {}-ops rest(launch gaps, unlabelled, profiling syncs) {rest:.3} ms ({:.1}%)",
+            self.what,
+            100.0 * rest / total
+        );
+        eprintln!("sdscale: profile {}-ops total {total:.3} ms", self.what);
     }
 }

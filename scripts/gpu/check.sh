@@ -1,79 +1,142 @@
 #!/usr/bin/env bash
 # The GPU check (issue #4), one command on the GPU machine, from the repository root:
 #
-#   bash scripts/gpu/check.sh            # ≤ 8 minutes on an H100
+#   bash scripts/gpu/check.sh            # about 6 minutes on an H100
 #
-# Expects, carried in the git-ignored .gpu/ folder (see scripts/gpu/README.md for how to make them here):
+# Expects, carried in the git-ignored .gpu/ folder (scripts/gpu/prepare.sh makes them on a CPU machine):
 #   .gpu/sdscale.xz       the stripped `cargo build --release --features cuda` binary, xz-compressed
-#   .gpu/run-binary.sh    finds the CUDA 13 libraries and runs a binary (shared/gpu/run-binary.sh)
+#   .gpu/run-binary.sh    finds the CUDA 13 libraries (shared/gpu/run-binary.sh)
 #   .gpu/wheels/*.whl     diffusers 0.42.1 (+ importlib_metadata), installed with --no-deps
-# PyTorch and transformers come with the machine. Prints, for 224², 512², 512×288, 768², 1024² (50 steps,
-# CFG 7.5, f16): sdscale and diffusers seconds, ratio, and peak GPU MiB of each (nvidia-smi memory.used,
-# sampled every 100 ms while only that process runs, minus the idle baseline: the same instrument for both).
+# PyTorch and transformers come with the machine. Builds a full-size random-weight SD 2.1-base, then for
+# 224², 512², 512×288, 768², 1024² (50 steps, CFG 7.5, f16) runs sdscale and diffusers' pipeline, one
+# process at a time, and prints a table: seconds per image of each (cold = the first image of a fresh
+# process, warm = the median of the next ones), the ratio, and peak GPU MiB of each (nvidia-smi's
+# memory.used sampled every 100 ms while only that process runs, minus the idle baseline: the same
+# instrument for both). Then: images finite and non-constant, CUDA graphs vs eager (time, same image),
+# the entropy mode's cost, sdscale f16 CUDA vs f32 CPU on the fixture, and a profile of one UNet step
+# (per block, and per op kind from CUDA events).
+# Everything goes to /tmp/sdscale-gpu; the log, the table and a few images also to $OUT (they come back).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 G=.gpu
-OUT=${OUT:-/tmp/sdscale-gpu}
+PY=${PYTHON:-python3}
+WORK=/tmp/sdscale-gpu
+RESULTS=${OUT:-$WORK/results}
 MODEL=${MODEL:-/tmp/sd21-random}
 SIZES=${SIZES:-"224x224 512x512 512x288 768x768 1024x1024"}
 STEPS=${STEPS:-50}
-mkdir -p "$OUT"
-log() { echo "[$(date +%T)] $*" >&2; }
-BIN=/tmp/sdscale-cuda
+REPEAT=${REPEAT:-2}
+PROMPT="a corgi on a beach"
+mkdir -p "$WORK" "$RESULTS"
+exec > >(tee "$RESULTS/check.log") 2>&1
+log() { echo "[$(date +%T)] $*"; }
+
+BIN=$WORK/sdscale
 xz -dc "$G/sdscale.xz" > "$BIN" && chmod +x "$BIN"
+# run-binary.sh finds the CUDA 13 libraries; ask it once, then run the binary directly.
+bash "$G/run-binary.sh" "$BIN" --version > "$WORK/run-binary.log" 2>&1
+export LD_LIBRARY_PATH=$(sed -n 's/^=== LD_LIBRARY_PATH=\(.*\) ===$/\1/p' "$WORK/run-binary.log")
+"$BIN" --version || { tail -30 "$WORK/run-binary.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
 
-pip install -q --no-index --no-deps --target /tmp/sdscale-pydeps "$G"/wheels/*.whl 2>&1 | tail -2
-export PYTHONPATH=/tmp/sdscale-pydeps${PYTHONPATH:+:$PYTHONPATH}
-[ -f "$MODEL/unet/diffusion_pytorch_model.safetensors" ] || { log "building the full-size random model"; python scripts/make_fixtures.py --full "$MODEL" >&2; }
+$PY -m pip install -q --no-index --no-deps --target "$WORK/pydeps" "$G"/wheels/*.whl 2>&1 | tail -2
+export PYTHONPATH=$WORK/pydeps${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if [ ! -f "$MODEL/unet/diffusion_pytorch_model.safetensors" ]; then
+  log "building the full-size random model"
+  $PY scripts/make_fixtures.py --full "$MODEL" | tail -3
+fi
 
-# Peak GPU MiB above the idle baseline while "$@" runs; the command's stdout goes to $OUT/last.out.
+# Peak GPU MiB above the idle baseline while "$@" runs; its stdout goes to $WORK/last.out.
 gpu_peak() {
-  local base sampler peak
+  local base sampler peak rc
   base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/mem.log" &
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$WORK/mem.log" &
   sampler=$!
-  "$@" > "$OUT/last.out" 2> "$OUT/last.err"
-  local rc=$?
+  "$@" > "$WORK/last.out" 2> "$WORK/last.err"
+  rc=$?
   kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null
-  peak=$(sort -n "$OUT/mem.log" | tail -1)
+  peak=$(sort -n "$WORK/mem.log" | tail -1)
   echo $(( ${peak:-0} - base ))
   return $rc
 }
+# Seconds of sdscale's JSON lines: the first image's, then the median of the others.
+first_s() { grep -oE '"seconds":[0-9.]+' "$1" | head -1 | cut -d: -f2; }
+warm_s() { grep -oE '"seconds":[0-9.]+' "$1" | tail -n +2 | cut -d: -f2 | sort -n | awk '{a[NR]=$1} END {if (NR) print a[int((NR+1)/2)]}'; }
+sdscale_gen() { # size, extra args…; REPEAT+1 images of the same seed
+  local w=${1%x*} h=${1#*x}; shift
+  "$BIN" gen --model "$MODEL" --prompt "$PROMPT" --width "$w" --height "$h" --steps "$STEPS" --seed 1 \
+    --device cuda --dtype f16 --num-images $((REPEAT + 1)) --overwrite --json "$@"
+}
 
-sdscale() { RUN_TIMEOUT=300 bash "$G/run-binary.sh" "$BIN" "$@"; }
-
-printf "%-10s %12s %14s %8s %12s %14s\n" size sdscale_s diffusers_s ratio sdscale_MiB diffusers_MiB > "$OUT/table.txt"
+printf "%-10s %9s %9s %7s %9s %9s %9s %9s\n" size sds_warm dif_warm ratio sds_cold dif_cold sds_MiB dif_MiB > "$WORK/table.txt"
 for size in $SIZES; do
   w=${size%x*}; h=${size#*x}
   log "sdscale $size"
-  s_mib=$(gpu_peak sdscale gen --model "$MODEL" --prompt "a corgi on a beach" --width "$w" --height "$h" --steps "$STEPS" \
-    --seed 1 --device cuda --dtype f16 --overwrite --json -o "$OUT/sdscale-$size.png")
-  s_sec=$(grep -oE '"seconds":[0-9.]+' "$OUT/last.out" | cut -d: -f2)
-  [ -n "$s_sec" ] || { log "sdscale failed at $size:"; tail -5 "$OUT/last.err" >&2; s_sec=nan; }
+  s_mib=$(gpu_peak sdscale_gen "$size" -o "$WORK/sdscale-$size-{index}.png")
+  cp "$WORK/last.out" "$WORK/sdscale-$size.json"; cp "$WORK/last.err" "$WORK/sdscale-$size.err"
+  s_warm=$(warm_s "$WORK/last.out"); s_cold=$(first_s "$WORK/last.out")
+  [ -n "$s_cold" ] || { log "sdscale failed at $size:"; tail -5 "$WORK/last.err"; }
   log "diffusers $size"
-  d_mib=$(gpu_peak python scripts/bench_diffusers.py --gen --model "$MODEL" --width "$w" --height "$h" --steps "$STEPS" \
-    --seed 1 --device cuda --dtype f16 --out "$OUT/diffusers-$size.png")
-  d_sec=$(awk -F'\t' '/^generate_seconds/ {print $2}' "$OUT/last.out")
-  [ -n "$d_sec" ] || { log "diffusers failed at $size:"; tail -5 "$OUT/last.err" >&2; d_sec=nan; }
-  awk -v s="$size" -v a="$s_sec" -v b="$d_sec" -v c="$s_mib" -v d="$d_mib" \
-    'BEGIN { printf "%-10s %12s %14s %7.2fx %12s %14s\n", s, a, b, (b > 0 ? a / b : 0), c, d }' >> "$OUT/table.txt"
+  d_mib=$(gpu_peak $PY scripts/bench_diffusers.py --gen --model "$MODEL" --width "$w" --height "$h" --steps "$STEPS" \
+    --seed 1 --device cuda --dtype f16 --repeat "$REPEAT" --out "$WORK/diffusers-$size.png")
+  d_cold=$(awk -F'\t' '/^generate_seconds/ {print $2}' "$WORK/last.out")
+  d_warm=$(awk -F'\t' '/^warm_seconds/ {print $2}' "$WORK/last.out")
+  [ -n "$d_cold" ] || { log "diffusers failed at $size:"; tail -5 "$WORK/last.err"; }
+  awk -v s="$size" -v a="${s_warm:-nan}" -v b="${d_warm:-nan}" -v c="${s_cold:-nan}" -v d="${d_cold:-nan}" -v e="$s_mib" -v f="$d_mib" \
+    'BEGIN { printf "%-10s %9s %9s %6.2fx %9s %9s %9s %9s\n", s, a, b, (b > 0 ? a / b : 0), c, d, e, f }' >> "$WORK/table.txt"
+  tail -1 "$WORK/table.txt"
 done
 
-log "finite, non-constant images"
-python - "$OUT" <<'PY'
-import sys, glob, numpy as np
+log "finite, non-constant images; sdscale vs diffusers on the same weights and seed (f16 both)"
+$PY - "$WORK" <<'PY'
+import sys, glob, os, numpy as np
 from PIL import Image
-for path in sorted(glob.glob(sys.argv[1] + "/*-*x*.png")):
-    x = np.asarray(Image.open(path)).astype(float)
-    print(f"{path.split('/')[-1]:<28} std {x.std():6.2f} {'OK' if x.std() > 1 else 'FLAT/BLACK'}")
+work = sys.argv[1]
+for path in sorted(glob.glob(work + "/diffusers-*.png")):
+    size = path.split("diffusers-")[1][:-4]
+    d = np.asarray(Image.open(path)).astype(float)
+    s_path = f"{work}/sdscale-{size}-0.png"
+    if not os.path.exists(s_path):
+        print(f"{size:<10} sdscale image missing"); continue
+    s = np.asarray(Image.open(s_path)).astype(float)
+    diff = np.abs(s - d)
+    ok = lambda x: "OK" if np.isfinite(x).all() and x.std() > 1 else "FLAT/BLACK"
+    print(f"{size:<10} sdscale std {s.std():6.2f} {ok(s)}  diffusers std {d.std():6.2f} {ok(d)}  |sdscale - diffusers| mean {diff.mean():.2f} max {diff.max():.0f}")
 PY
 
+log "CUDA graphs off (SDSCALE_CUDA_GRAPH=0) vs on, and the entropy mode's cost"
+printf "%-10s %-22s %9s %9s\n" size variant warm_s cold_s > "$WORK/variants.txt"
+variant() { # size, label, output prefix, sdscale_gen args… (environment before the call)
+  local size=$1 label=$2 prefix=$3; shift 3
+  sdscale_gen "$size" "$@" -o "$WORK/$prefix-$size-{index}.png" > "$WORK/last.out" 2> "$WORK/last.err" || tail -3 "$WORK/last.err"
+  printf "%-10s %-22s %9s %9s\n" "$size" "$label" "$(warm_s "$WORK/last.out")" "$(first_s "$WORK/last.out")" >> "$WORK/variants.txt"
+}
+for size in 224x224 512x512 1024x1024; do
+  printf "%-10s %-22s %9s %9s\n" "$size" "graphs (default)" "$(warm_s "$WORK/sdscale-$size.json")" "$(first_s "$WORK/sdscale-$size.json")" >> "$WORK/variants.txt"
+  case $size in
+    512x512) variant "$size" "entropy mode, graphs" entropy --mode entropy ;;
+    *) SDSCALE_CUDA_GRAPH=0 variant "$size" "eager (no graphs)" eager ;;
+  esac
+done
+cat "$WORK/variants.txt"
+$PY - "$WORK" <<'PY'
+import sys, os, numpy as np
+from PIL import Image
+w = sys.argv[1]
+for size in ["224x224", "1024x1024"]:
+    a, b = f"{w}/eager-{size}-0.png", f"{w}/sdscale-{size}-0.png"
+    if os.path.exists(a) and os.path.exists(b):
+        d = np.abs(np.asarray(Image.open(a)).astype(int) - np.asarray(Image.open(b)).astype(int))
+        print(f"{size}: graph vs eager image |d| mean {d.mean():.4f} max {d.max()}")
+PY
+grep -h "warning\|failed" "$WORK"/sdscale-*.err | sort | uniq -c | head -5
+
 log "f16 CUDA vs f32 CPU on the fixture model"
-sdscale gen --model tests/fixtures/tiny-sd --prompt "a corgi on a beach" --width 192 --height 192 --steps 4 --seed 42 \
-  --device cuda --dtype f16 --overwrite -o "$OUT/fixture-cuda-f16.png" > /dev/null 2> "$OUT/fixture.err" || tail -3 "$OUT/fixture.err"
-sdscale gen --model tests/fixtures/tiny-sd --prompt "a corgi on a beach" --width 192 --height 192 --steps 4 --seed 42 \
-  --device cpu --dtype f32 --overwrite -o "$OUT/fixture-cpu-f32.png" > /dev/null 2>&1
-python - "$OUT" <<'PY'
+"$BIN" gen --model tests/fixtures/tiny-sd --prompt "$PROMPT" --width 192 --height 192 --steps 4 --seed 42 \
+  --device cuda --dtype f16 --overwrite -o "$WORK/fixture-cuda-f16.png" > /dev/null 2> "$WORK/fixture.err" || tail -3 "$WORK/fixture.err"
+"$BIN" gen --model tests/fixtures/tiny-sd --prompt "$PROMPT" --width 192 --height 192 --steps 4 --seed 42 \
+  --device cpu --dtype f32 --overwrite -o "$WORK/fixture-cpu-f32.png" > /dev/null 2>&1
+$PY - "$WORK" <<'PY'
 import sys, numpy as np
 from PIL import Image
 a = np.asarray(Image.open(sys.argv[1] + "/fixture-cuda-f16.png")).astype(int)
@@ -86,8 +149,15 @@ ok = d.mean() <= 3.0 and d.max() <= 32
 print(f"fixture f16 CUDA vs f32 CPU: mean |d| {d.mean():.3f}, max |d| {d.max()} -> {'OK' if ok else 'TOO FAR'}")
 PY
 
-log "per-stage timings of one guided UNet step (CUDA events via device synchronisation)"
-SDSCALE_PROFILE=1 sdscale gen --model "$MODEL" --prompt "a corgi on a beach" --width 512 --height 512 --steps 3 \
-  --seed 1 --device cuda --dtype f16 --overwrite -o "$OUT/profile.png" 2>&1 >/dev/null | grep -E "profile" | tail -40
+for size in 512x512 1024x1024; do
+  log "profile of one guided UNet step at $size (per block: synchronised laps; per op kind: CUDA events)"
+  w=${size%x*}; h=${size#*x}
+  SDSCALE_PROFILE=1 "$BIN" gen --model "$MODEL" --prompt "$PROMPT" --width "$w" --height "$h" --steps 2 \
+    --seed 1 --device cuda --dtype f16 --overwrite -o "$WORK/profile-$size.png" 2> "$WORK/profile-$size.log" > /dev/null
+  grep "profile unet" "$WORK/profile-$size.log" | tail -18 | sed 's/^sdscale: profile //'
+done
 
-echo; cat "$OUT/table.txt"
+cp "$WORK/table.txt" "$WORK/variants.txt" "$RESULTS/" 2>/dev/null
+cp "$WORK/sdscale-512x512-0.png" "$WORK/diffusers-512x512.png" "$WORK/sdscale-1024x1024-0.png" "$RESULTS/" 2>/dev/null
+echo; echo "size: sds/dif = sdscale/diffusers seconds per image (warm = median of $REPEAT after the first, cold = first in a fresh process), peak GPU MiB above idle"
+cat "$WORK/table.txt"

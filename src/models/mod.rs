@@ -1,4 +1,5 @@
 //! The three networks of Stable Diffusion, one file each, with diffusers' parameter names.
 pub mod clip;
+pub mod layers;
 pub mod unet;
 pub mod vae;

@@ -11,13 +11,13 @@
 //! deepest level, up block j at level (blocks − 1 − j). The attention-scale policy needs the level to
 //! know how many tokens that layer saw in training.
 
+use super::layers::{silu, Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::attention::{scaled_dot_product_attention, scaled_dot_product_attention_measured, AttentionScale};
 use crate::entropy::{EntropyProbe, RowStats};
-use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use crate::profile::{op, OpKind};
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
-use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 use serde::Deserialize;
 
 // ---------------------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ pub struct UNetConfigFile {
     pub downsample_padding: usize,
     #[serde(default = "one_f")]
     pub mid_block_scale_factor: f64,
-    #[serde(default = "silu")]
+    #[serde(default = "silu_str")]
     pub act_fn: String,
     #[serde(default = "thirty_two")]
     pub norm_num_groups: usize,
@@ -144,7 +144,7 @@ fn yes() -> bool {
 fn norm_eps() -> f64 {
     1e-5
 }
-fn silu() -> String {
+fn silu_str() -> String {
     "silu".into()
 }
 fn default_str() -> String {
@@ -351,10 +351,10 @@ impl Attention {
     ) -> Result<Self> {
         let inner_dim = heads * head_dim;
         Ok(Self {
-            to_q: linear_no_bias(query_dim, inner_dim, vb.pp("to_q"))?,
-            to_k: linear_no_bias(context_dim, inner_dim, vb.pp("to_k"))?,
-            to_v: linear_no_bias(context_dim, inner_dim, vb.pp("to_v"))?,
-            to_out: linear(inner_dim, query_dim, vb.pp("to_out.0"))?,
+            to_q: Linear::no_bias(query_dim, inner_dim, vb.pp("to_q"))?,
+            to_k: Linear::no_bias(context_dim, inner_dim, vb.pp("to_k"))?,
+            to_v: Linear::no_bias(context_dim, inner_dim, vb.pp("to_v"))?,
+            to_out: Linear::new(inner_dim, query_dim, vb.pp("to_out.0"))?,
             heads,
             head_dim,
             path: vb.prefix(),
@@ -366,16 +366,24 @@ impl Attention {
     /// the attention maps of its batch entry are measured on the way (same output, bit for bit).
     fn forward(&self, xs: &Tensor, context: &Tensor, scale: f64, probe: Option<&EntropyProbe>) -> Result<Tensor> {
         let (b, n, _) = xs.dims3()?;
+        let device = xs.device();
         let split_heads = |t: Tensor| {
             let m = t.dim(1)?;
             // (b, m, heads·d) → (b·heads, m, d)
-            t.reshape((b, m, self.heads, self.head_dim))?.transpose(1, 2)?.reshape((b * self.heads, m, self.head_dim))
+            op(OpKind::Elementwise, device, || {
+                t.reshape((b, m, self.heads, self.head_dim))?.transpose(1, 2)?.reshape((
+                    b * self.heads,
+                    m,
+                    self.head_dim,
+                ))
+            })
         };
         let q = split_heads(self.to_q.forward(xs)?)?;
         let k = split_heads(self.to_k.forward(context)?)?;
         let v = split_heads(self.to_v.forward(context)?)?;
         let out = match probe {
-            None => scaled_dot_product_attention(&q, &k, &v, scale)?, // (b·heads, n, d)
+            // (b·heads, n, d)
+            None => op(OpKind::Attention, device, || scaled_dot_product_attention(&q, &k, &v, scale))?,
             Some(probe) => {
                 // Batch entry e owns rows e·heads .. (e+1)·heads of the folded (b·heads) dimension.
                 let first = probe.batch_entry() * self.heads;
@@ -386,7 +394,9 @@ impl Attention {
                 out
             }
         };
-        let out = out.reshape((b, self.heads, n, self.head_dim))?.transpose(1, 2)?.reshape((b, n, ()))?;
+        let out = op(OpKind::Elementwise, device, || {
+            out.reshape((b, self.heads, n, self.head_dim))?.transpose(1, 2)?.reshape((b, n, ()))
+        })?;
         self.to_out.forward(&out)
     }
 }
@@ -401,16 +411,19 @@ impl FeedForward {
     fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         let inner_dim = 4 * dim;
         Ok(Self {
-            proj: linear(dim, 2 * inner_dim, vb.pp("net.0.proj"))?,
-            out: linear(inner_dim, dim, vb.pp("net.2"))?,
+            proj: Linear::new(dim, 2 * inner_dim, vb.pp("net.0.proj"))?,
+            out: Linear::new(inner_dim, dim, vb.pp("net.2"))?,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let projected = self.proj.forward(xs)?;
-        let halves = projected.chunk(2, D::Minus1)?;
         // GEGLU uses the exact (erf) GELU.
-        self.out.forward(&(&halves[0] * halves[1].gelu_erf()?)?)
+        let gated = op(OpKind::Elementwise, xs.device(), || {
+            let halves = projected.chunk(2, D::Minus1)?;
+            &halves[0] * halves[1].gelu_erf()?
+        })?;
+        self.out.forward(&gated)
     }
 }
 
@@ -428,11 +441,11 @@ struct BasicTransformerBlock {
 impl BasicTransformerBlock {
     fn new(vb: VarBuilder, dim: usize, heads: usize, head_dim: usize, level: usize, cfg: &UNetConfig) -> Result<Self> {
         Ok(Self {
-            norm1: layer_norm(dim, cfg.norm_eps, vb.pp("norm1"))?,
+            norm1: LayerNorm::new(dim, cfg.norm_eps, vb.pp("norm1"))?,
             attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim, level)?,
-            norm2: layer_norm(dim, cfg.norm_eps, vb.pp("norm2"))?,
+            norm2: LayerNorm::new(dim, cfg.norm_eps, vb.pp("norm2"))?,
             attn2: Attention::new(vb.pp("attn2"), dim, cfg.cross_attention_dim, heads, head_dim, level)?,
-            norm3: layer_norm(dim, cfg.norm_eps, vb.pp("norm3"))?,
+            norm3: LayerNorm::new(dim, cfg.norm_eps, vb.pp("norm3"))?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
         })
     }
@@ -446,10 +459,11 @@ impl BasicTransformerBlock {
         cross_scale: f64,
         probe: Option<&EntropyProbe>,
     ) -> Result<Tensor> {
+        let add = |a: Tensor, b: &Tensor| op(OpKind::Elementwise, b.device(), || a + b);
         let normed = self.norm1.forward(xs)?;
-        let xs = (self.attn1.forward(&normed, &normed, self_scale, probe)? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, text, cross_scale, None)? + xs)?;
-        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+        let xs = add(self.attn1.forward(&normed, &normed, self_scale, probe)?, xs)?;
+        let xs = add(self.attn2.forward(&self.norm2.forward(&xs)?, text, cross_scale, None)?, &xs)?;
+        add(self.ff.forward(&self.norm3.forward(&xs)?)?, &xs)
     }
 }
 
@@ -463,9 +477,9 @@ enum Projection {
 impl Projection {
     fn new(vb: VarBuilder, channels: usize, use_linear: bool) -> Result<Self> {
         Ok(if use_linear {
-            Projection::Linear(linear(channels, channels, vb)?)
+            Projection::Linear(Linear::new(channels, channels, vb)?)
         } else {
-            Projection::Conv(conv2d(channels, channels, 1, Conv2dConfig::default(), vb)?)
+            Projection::Conv(Conv2d::new(channels, channels, 1, Conv2dConfig::default(), vb)?)
         })
     }
 }
@@ -492,7 +506,7 @@ impl Transformer2DModel {
     ) -> Result<Self> {
         let head_dim = channels / heads;
         // diffusers hard-codes eps = 1e-6 for this group norm.
-        let norm = group_norm(cfg.norm_num_groups, channels, 1e-6, vb.pp("norm"))?;
+        let norm = GroupNorm::new(cfg.norm_num_groups, channels, 1e-6, vb.pp("norm"))?;
         let transformer_blocks = (0..layers)
             .map(|i| {
                 BasicTransformerBlock::new(vb.pp("transformer_blocks").pp(i), channels, heads, head_dim, level, cfg)
@@ -517,8 +531,10 @@ impl Transformer2DModel {
     ) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let residual = xs;
+        let device = &xs.device().clone();
         let xs = self.norm.forward(xs)?;
-        let to_tokens = |t: Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c)); // (b, h·w, c)
+        // (b, h·w, c)
+        let to_tokens = |t: Tensor| op(OpKind::Elementwise, device, || t.permute((0, 2, 3, 1))?.reshape((b, h * w, c)));
         let mut xs = match &self.proj_in {
             Projection::Linear(proj) => proj.forward(&to_tokens(xs)?)?,
             Projection::Conv(proj) => to_tokens(proj.forward(&xs)?)?,
@@ -529,17 +545,49 @@ impl Transformer2DModel {
         for block in &self.transformer_blocks {
             xs = block.forward(&xs, text, self_scale, cross_scale, probe)?;
         }
-        let to_image = |t: Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous(); // (b, c, h, w)
+        // (b, c, h, w)
+        let to_image = |t: Tensor| {
+            op(OpKind::Elementwise, device, || t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous())
+        };
         let xs = match &self.proj_out {
             Projection::Linear(proj) => to_image(proj.forward(&xs)?)?,
             Projection::Conv(proj) => proj.forward(&to_image(xs)?)?,
         };
-        xs + residual
+        op(OpKind::Elementwise, device, || xs + residual)
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Blocks
+
+/// diffusers' `ResnetBlock2D` (default time-embedding norm): GroupNorm, SiLU, 3×3 conv, plus the projected
+/// time embedding, GroupNorm, SiLU, 3×3 conv, plus a (1×1 conv) shortcut, divided by the output scale.
+/// The same as candle-transformers' block, owned so each op is labelled for the profile.
+struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Linear,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+impl ResnetBlock2D {
+    fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let device = xs.device();
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(xs)?,
+            None => xs.clone(),
+        };
+        let hidden = self.conv1.forward(&silu(&self.norm1.forward(xs)?)?)?;
+        // (b, c) → (b, c, 1, 1), added to every pixel.
+        let time = self.time_emb_proj.forward(&silu(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
+        let hidden = op(OpKind::Elementwise, device, || time.broadcast_add(&hidden))?;
+        let hidden = self.conv2.forward(&silu(&self.norm2.forward(&hidden)?)?)?;
+        op(OpKind::Elementwise, device, || (shortcut + hidden)? / self.output_scale_factor)
+    }
+}
 
 fn resnet(
     vb: VarBuilder,
@@ -547,18 +595,22 @@ fn resnet(
     out_channels: usize,
     temb: usize,
     cfg: &UNetConfig,
-    scale: f64,
+    output_scale_factor: f64,
 ) -> Result<ResnetBlock2D> {
-    let config = ResnetBlock2DConfig {
-        out_channels: Some(out_channels),
-        temb_channels: Some(temb),
-        groups: cfg.norm_num_groups,
-        groups_out: None,
-        eps: cfg.norm_eps,
-        use_in_shortcut: None,
-        output_scale_factor: scale,
-    };
-    ResnetBlock2D::new(vb, in_channels, config)
+    let pad1 = Conv2dConfig { padding: 1, ..Default::default() };
+    let groups = cfg.norm_num_groups;
+    Ok(ResnetBlock2D {
+        norm1: GroupNorm::new(groups, in_channels, cfg.norm_eps, vb.pp("norm1"))?,
+        conv1: Conv2d::new(in_channels, out_channels, 3, pad1, vb.pp("conv1"))?,
+        time_emb_proj: Linear::new(temb, out_channels, vb.pp("time_emb_proj"))?,
+        norm2: GroupNorm::new(groups, out_channels, cfg.norm_eps, vb.pp("norm2"))?,
+        conv2: Conv2d::new(out_channels, out_channels, 3, pad1, vb.pp("conv2"))?,
+        conv_shortcut: match in_channels == out_channels {
+            true => None,
+            false => Some(Conv2d::new(in_channels, out_channels, 1, Conv2dConfig::default(), vb.pp("conv_shortcut"))?),
+        },
+        output_scale_factor,
+    })
 }
 
 /// `CrossAttnDownBlock2D` (with attentions) or `DownBlock2D` (without), plus an optional stride-2 conv.
@@ -581,7 +633,7 @@ impl DownBlock {
         let mut xs = xs.clone();
         let mut res_samples = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
-            xs = resnet.forward(&xs, Some(temb))?;
+            xs = resnet.forward(&xs, temb)?;
             if let Some(attention) = self.attentions.get(i) {
                 xs = attention.forward(&xs, text, scale, probe)?;
             }
@@ -615,7 +667,8 @@ impl UpBlock {
         let mut xs = xs.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             let skip = skips.pop().expect("the down path produced one skip per up resnet");
-            xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, Some(temb))?;
+            let joined = op(OpKind::Elementwise, xs.device(), || Tensor::cat(&[&xs, &skip], 1))?;
+            xs = resnet.forward(&joined, temb)?;
             if let Some(attention) = self.attentions.get(i) {
                 xs = attention.forward(&xs, text, scale, probe)?;
             }
@@ -625,7 +678,8 @@ impl UpBlock {
             // next block consumes (diffusers' `upsample_size`; not always 2×: odd latent sizes such as
             // 7 → 4 must come back to 7), then a 3×3 conv.
             let (_, _, h, w) = skips.last().expect("every upsampling block has a skip below it").dims4()?;
-            xs = upsampler.forward(&xs.upsample_nearest2d(h, w)?)?;
+            let upsampled = op(OpKind::Elementwise, xs.device(), || xs.upsample_nearest2d(h, w))?;
+            xs = upsampler.forward(&upsampled)?;
         }
         Ok(xs)
     }
@@ -646,10 +700,10 @@ impl MidBlock {
         scale: AttentionScale,
         probe: Option<&EntropyProbe>,
     ) -> Result<Tensor> {
-        let mut xs = self.resnets[0].forward(xs, Some(temb))?;
+        let mut xs = self.resnets[0].forward(xs, temb)?;
         for (attention, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
             xs = attention.forward(&xs, text, scale, probe)?;
-            xs = resnet.forward(&xs, Some(temb))?;
+            xs = resnet.forward(&xs, temb)?;
         }
         Ok(xs)
     }
@@ -679,7 +733,7 @@ impl UNet2DConditionModel {
 
         let time_proj = Timesteps::new(channels[0], cfg.flip_sin_to_cos, cfg.freq_shift);
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), channels[0], time_embed_dim)?;
-        let conv_in = conv2d(cfg.in_channels, channels[0], 3, pad1, vb.pp("conv_in"))?;
+        let conv_in = Conv2d::new(cfg.in_channels, channels[0], 3, pad1, vb.pp("conv_in"))?;
 
         let transformer = |vb: VarBuilder, c: usize, block: usize, level: usize| {
             Transformer2DModel::new(
@@ -710,7 +764,7 @@ impl UNet2DConditionModel {
                 None
             } else {
                 let config = Conv2dConfig { padding: cfg.downsample_padding, stride: 2, ..Default::default() };
-                Some(conv2d(out_channels, out_channels, 3, config, vb.pp("downsamplers.0.conv"))?)
+                Some(Conv2d::new(out_channels, out_channels, 3, config, vb.pp("downsamplers.0.conv"))?)
             };
             down_blocks.push(DownBlock { resnets, attentions, downsampler });
         }
@@ -758,13 +812,13 @@ impl UNet2DConditionModel {
             let upsampler = if is_final_block {
                 None
             } else {
-                Some(conv2d(out_channels, out_channels, 3, pad1, vb.pp("upsamplers.0.conv"))?)
+                Some(Conv2d::new(out_channels, out_channels, 3, pad1, vb.pp("upsamplers.0.conv"))?)
             };
             up_blocks.push(UpBlock { resnets, attentions, upsampler });
         }
 
-        let conv_norm_out = group_norm(cfg.norm_num_groups, channels[0], cfg.norm_eps, vb.pp("conv_norm_out"))?;
-        let conv_out = conv2d(channels[0], cfg.out_channels, 3, pad1, vb.pp("conv_out"))?;
+        let conv_norm_out = GroupNorm::new(cfg.norm_num_groups, channels[0], cfg.norm_eps, vb.pp("conv_norm_out"))?;
+        let conv_out = Conv2d::new(channels[0], cfg.out_channels, 3, pad1, vb.pp("conv_out"))?;
         Ok(Self {
             time_proj,
             time_embedding,
@@ -799,12 +853,36 @@ impl UNet2DConditionModel {
         scale: AttentionScale,
         probe: Option<&EntropyProbe>,
     ) -> Result<Tensor> {
-        let batch = sample.dim(0)?;
+        let time = self.time_features(timestep, sample.dim(0)?, sample.dtype(), sample.device())?;
+        self.forward_with_time(sample, &time, encoder_hidden_states, scale, probe)
+    }
+
+    /// The sinusoidal embedding of t for a batch (b, block_out_channels[0]), computed in f32 as diffusers
+    /// does, then cast to the compute dtype. It is all of a step that depends on t's value, so a captured
+    /// CUDA graph of [`Self::forward_with_time`] serves every step.
+    pub fn time_features(
+        &self,
+        timestep: f64,
+        batch: usize,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<Tensor> {
+        let timesteps = Tensor::full(timestep as f32, batch, device)?;
+        self.time_proj.forward(&timesteps)?.to_dtype(dtype)
+    }
+
+    /// The UNet from the time features of [`Self::time_features`] on.
+    pub fn forward_with_time(
+        &self,
+        sample: &Tensor,
+        time_features: &Tensor,
+        encoder_hidden_states: &Tensor,
+        scale: AttentionScale,
+        probe: Option<&EntropyProbe>,
+    ) -> Result<Tensor> {
         let mut clock = crate::profile::Clock::start("unet", sample.device());
-        // 1. time: sinusoidal embedding of t (f32, as diffusers), then cast to the compute dtype.
-        let timesteps = Tensor::full(timestep as f32, batch, sample.device())?;
-        let t_emb = self.time_proj.forward(&timesteps)?.to_dtype(sample.dtype())?;
-        let emb = self.time_embedding.forward(&t_emb)?;
+        // 1. time: the embedding MLP over the sinusoidal features.
+        let emb = self.time_embedding.forward(time_features)?;
 
         // 2. pre-process
         let mut xs = self.conv_in.forward(sample)?;
@@ -831,9 +909,10 @@ impl UNet2DConditionModel {
         }
 
         // 6. post-process
-        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = silu(&self.conv_norm_out.forward(&xs)?)?;
         let out = self.conv_out.forward(&xs)?;
         clock.lap("conv_out");
+        clock.finish();
         Ok(out)
     }
 }

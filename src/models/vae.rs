@@ -10,9 +10,10 @@
 //! inputs run in bands of rows, and the attention is the same query-chunked one the UNet uses.
 //! Both are exact: every output pixel is computed from the same inputs with the same weights.
 
+use super::layers::{silu, GroupNorm};
 use crate::attention::{default_scale, scaled_dot_product_attention};
-use candle_core::{Device, Module, Result, Tensor};
-use candle_nn::{group_norm, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 use serde::Deserialize;
 
 /// `vae/config.json`, the fields the decoder reads.
@@ -148,9 +149,9 @@ impl ResnetBlock2D {
     fn new(vb: VarBuilder, c_in: usize, c_out: usize, groups: usize) -> Result<Self> {
         // diffusers' VAE blocks use eps = 1e-6 throughout.
         Ok(Self {
-            norm1: group_norm(groups, c_in, 1e-6, vb.pp("norm1"))?,
+            norm1: GroupNorm::new(groups, c_in, 1e-6, vb.pp("norm1"))?,
             conv1: Conv2d::new(vb.pp("conv1"), c_in, c_out, 3)?,
-            norm2: group_norm(groups, c_out, 1e-6, vb.pp("norm2"))?,
+            norm2: GroupNorm::new(groups, c_out, 1e-6, vb.pp("norm2"))?,
             conv2: Conv2d::new(vb.pp("conv2"), c_out, c_out, 3)?,
             conv_shortcut: match c_in == c_out {
                 true => None,
@@ -164,8 +165,8 @@ impl ResnetBlock2D {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
         };
-        let hidden = self.conv1.forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?)?;
-        let hidden = self.conv2.forward(&candle_nn::ops::silu(&self.norm2.forward(&hidden)?)?)?;
+        let hidden = self.conv1.forward(&silu(&self.norm1.forward(xs)?)?)?;
+        let hidden = self.conv2.forward(&silu(&self.norm2.forward(&hidden)?)?)?;
         shortcut + hidden
     }
 }
@@ -196,7 +197,7 @@ impl AttentionBlock {
             Ok(Linear::new(weight, Some(vb.get(channels, "bias")?)))
         };
         Ok(Self {
-            group_norm: group_norm(groups, channels, 1e-6, vb.pp("group_norm"))?,
+            group_norm: GroupNorm::new(groups, channels, 1e-6, vb.pp("group_norm"))?,
             to_q: linear(names[0])?,
             to_k: linear(names[1])?,
             to_v: linear(names[2])?,
@@ -210,8 +211,11 @@ impl AttentionBlock {
         let q = self.to_q.forward(&tokens)?;
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
-        // One head of width c: the VAE's scale is 1/√c and never changes with the image size.
-        let out = scaled_dot_product_attention(&q, &k, &v, default_scale(c))?;
+        // One head of width c: the VAE's scale is 1/√c and never changes with the image size. Always in
+        // f32: a 512-wide head's logits are large, and f16 scores would round them coarsely.
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let out =
+            scaled_dot_product_attention(&f32(&q)?, &f32(&k)?, &f32(&v)?, default_scale(c))?.to_dtype(q.dtype())?;
         let out = self.to_out.forward(&out)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         out + xs
     }
@@ -289,7 +293,7 @@ impl VaeDecoder {
             mid_attention: AttentionBlock::new(mid.pp("attentions.0"), top, groups)?,
             mid_resnet_1: ResnetBlock2D::new(mid.pp("resnets.1"), top, top, groups)?,
             up_blocks,
-            conv_norm_out: group_norm(groups, channels[0], 1e-6, vb.pp("conv_norm_out"))?,
+            conv_norm_out: GroupNorm::new(groups, channels[0], 1e-6, vb.pp("conv_norm_out"))?,
             conv_out: Conv2d::new(vb.pp("conv_out"), channels[0], cfg.out_channels, 3)?,
             config: cfg,
         })
@@ -309,7 +313,7 @@ impl VaeDecoder {
         for block in &self.up_blocks {
             xs = block.forward(&xs)?;
         }
-        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = silu(&self.conv_norm_out.forward(&xs)?)?;
         self.conv_out.forward(&xs)
     }
 }
