@@ -5,6 +5,9 @@
 //! the entropy of its attention rows drifts like log N (Jin et al., NeurIPS 2023, Eq. 5). Scaling the
 //! logits by √(log_T N / d) = (1/√d)·√(ln N / ln T) keeps that entropy at its training value.
 
+#[cfg(feature = "cuda")]
+mod flash;
+
 use crate::entropy::RowStats;
 use candle_core::{DType, Result, Tensor};
 use std::ops::Range;
@@ -74,12 +77,43 @@ const MAX_SCORES_PER_CHUNK_GPU: usize = 128 * 1024 * 1024;
 /// everything runs in f32 (as diffusers upcasts on the CPU). On a GPU, f16/bf16 inputs stay in their
 /// dtype, as diffusers' fp16 pipeline does: the GEMMs accumulate in f32 (cuBLAS), the softmax
 /// accumulates its sum in f32 (candle's fused kernel), and the scale is applied to q (n·d values)
-/// rather than to the scores (n·n).
+/// rather than to the scores (n·n). On CUDA, f16 heads of 64 (all of SD 2.x's UNet) go instead through
+/// sdscale's fused kernel (attention/flash_attention.cu), which never writes the scores out at all.
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if flash::applies(q, 1) {
+        return flash::attention(q, k, v, 1, scale);
+    }
     if half_on_gpu(q) {
         return half_precision_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK_GPU);
     }
     chunked_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK, None)
+}
+
+/// Multi-head attention over projections laid out (b, n, heads·d), as linear layers make them: each head
+/// attends on its own, and the result has the same layout. On CUDA the fused kernel reads and writes that
+/// layout directly; elsewhere the heads are split into the batch dimension and merged back.
+pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if flash::applies(q, heads) {
+        return flash::attention(q, k, v, heads, scale);
+    }
+    let (b, n, _) = q.dims3()?;
+    let out =
+        scaled_dot_product_attention(&split_heads(q, heads)?, &split_heads(k, heads)?, &split_heads(v, heads)?, scale)?;
+    merge_heads(&out, b, heads, n)
+}
+
+/// (b, m, heads·d) → (b·heads, m, d)
+pub fn split_heads(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, m, width) = t.dims3()?;
+    t.reshape((b, m, heads, width / heads))?.transpose(1, 2)?.reshape((b * heads, m, width / heads))
+}
+
+/// (b·heads, n, d) → (b, n, heads·d)
+pub fn merge_heads(t: &Tensor, b: usize, heads: usize, n: usize) -> Result<Tensor> {
+    let d = t.dim(2)?;
+    t.reshape((b, heads, n, d))?.transpose(1, 2)?.reshape((b, n, heads * d))
 }
 
 /// The same attention, bit for bit, that also accumulates the entropy probe's row statistics of the

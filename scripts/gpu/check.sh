@@ -25,7 +25,7 @@ RESULTS=${OUT:-$WORK/results}
 MODEL=${MODEL:-/tmp/sd21-random}
 SIZES=${SIZES:-"224x224 512x512 512x288 768x768 1024x1024"}
 STEPS=${STEPS:-50}
-REPEAT=${REPEAT:-2}
+REPEAT=${REPEAT:-1}
 PROMPT="a corgi on a beach"
 mkdir -p "$WORK" "$RESULTS"
 exec > >(tee "$RESULTS/check.log") 2>&1
@@ -104,31 +104,47 @@ for path in sorted(glob.glob(work + "/diffusers-*.png")):
     print(f"{size:<10} sdscale std {s.std():6.2f} {ok(s)}  diffusers std {d.std():6.2f} {ok(d)}  |sdscale - diffusers| mean {diff.mean():.2f} max {diff.max():.0f}")
 PY
 
-log "CUDA graphs off (SDSCALE_CUDA_GRAPH=0) vs on, and the entropy mode's cost"
-printf "%-10s %-22s %9s %9s\n" size variant warm_s cold_s > "$WORK/variants.txt"
-variant() { # size, label, output prefix, sdscale_gen args… (environment before the call)
-  local size=$1 label=$2 prefix=$3; shift 3
-  sdscale_gen "$size" "$@" -o "$WORK/$prefix-$size-{index}.png" > "$WORK/last.out" 2> "$WORK/last.err" || tail -3 "$WORK/last.err"
-  printf "%-10s %-22s %9s %9s\n" "$size" "$label" "$(warm_s "$WORK/last.out")" "$(first_s "$WORK/last.out")" >> "$WORK/variants.txt"
-}
-for size in 224x224 512x512 1024x1024; do
-  printf "%-10s %-22s %9s %9s\n" "$size" "graphs (default)" "$(warm_s "$WORK/sdscale-$size.json")" "$(first_s "$WORK/sdscale-$size.json")" >> "$WORK/variants.txt"
-  case $size in
-    512x512) variant "$size" "entropy mode, graphs" entropy --mode entropy ;;
-    *) SDSCALE_CUDA_GRAPH=0 variant "$size" "eager (no graphs)" eager ;;
-  esac
+log "stages of the warm image (sdscale stderr)"
+for size in 512x512 1024x1024; do
+  echo "$size: $(grep -E "text encoder|denoising|VAE decode" "$WORK/sdscale-$size.err" | tail -3 | sed 's/^sdscale: //' | tr '\n' ' ')"
 done
-cat "$WORK/variants.txt"
+
+log "the same weights, seed and prompt after 3 steps (f16 both): sdscale vs diffusers, and sdscale's own kernels (fused attention, im2col conv) vs candle's paths"
+few() { # size, output, extra env as VAR=value…
+  local size=$1 out=$2; shift 2
+  env "$@" "$BIN" gen --model "$MODEL" --prompt "$PROMPT" --width "${size%x*}" --height "${size#*x}" --steps 3 --seed 1 \
+    --device cuda --dtype f16 --overwrite -o "$out" > /dev/null 2> "$WORK/last.err" || tail -3 "$WORK/last.err"
+}
+for size in 512x512 1024x1024; do
+  few "$size" "$WORK/few-fused-$size.png" SDSCALE_FLASH_ATTENTION=1
+  few "$size" "$WORK/few-unfused-$size.png" SDSCALE_FLASH_ATTENTION=0
+  few "$size" "$WORK/few-candleconv-$size.png" SDSCALE_CUDA_CONV=0
+  $PY scripts/bench_diffusers.py --gen --model "$MODEL" --width "${size%x*}" --height "${size#*x}" --steps 3 --seed 1 \
+    --device cuda --dtype f16 --out "$WORK/few-diffusers-$size.png" > /dev/null 2>&1
+done
 $PY - "$WORK" <<'PY'
 import sys, os, numpy as np
 from PIL import Image
 w = sys.argv[1]
-for size in ["224x224", "1024x1024"]:
-    a, b = f"{w}/eager-{size}-0.png", f"{w}/sdscale-{size}-0.png"
-    if os.path.exists(a) and os.path.exists(b):
-        d = np.abs(np.asarray(Image.open(a)).astype(int) - np.asarray(Image.open(b)).astype(int))
-        print(f"{size}: graph vs eager image |d| mean {d.mean():.4f} max {d.max()}")
+load = lambda p: np.asarray(Image.open(p)).astype(int) if os.path.exists(p) else None
+for size in ["512x512", "1024x1024"]:
+    fused, unfused, candle_conv, diff = (load(f"{w}/few-{k}-{size}.png") for k in ("fused", "unfused", "candleconv", "diffusers"))
+    for name, a, b in (("sdscale vs diffusers", fused, diff), ("fused vs unfused attn", fused, unfused),
+                       ("own vs candle conv", fused, candle_conv), ("unfused vs diffusers", unfused, diff)):
+        if a is None or b is None:
+            print(f"{size} {name}: image missing"); continue
+        d = np.abs(a - b)
+        print(f"{size} {name:<22} |d| mean {d.mean():.3f} max {d.max()}  (std {a.std():.1f} / {b.std():.1f})")
 PY
+
+log "the entropy mode's cost (graphs, fused attention)"
+printf "%-10s %-22s %9s %9s\n" size variant warm_s cold_s > "$WORK/variants.txt"
+for size in 224x224 512x512; do
+  printf "%-10s %-22s %9s %9s\n" "$size" "default mode" "$(warm_s "$WORK/sdscale-$size.json")" "$(first_s "$WORK/sdscale-$size.json")" >> "$WORK/variants.txt"
+  sdscale_gen "$size" --mode entropy -o "$WORK/entropy-$size-{index}.png" > "$WORK/last.out" 2> "$WORK/last.err" || tail -3 "$WORK/last.err"
+  printf "%-10s %-22s %9s %9s\n" "$size" "entropy mode" "$(warm_s "$WORK/last.out")" "$(first_s "$WORK/last.out")" >> "$WORK/variants.txt"
+done
+cat "$WORK/variants.txt"
 grep -h "warning\|failed" "$WORK"/sdscale-*.err | sort | uniq -c | head -5
 
 log "f16 CUDA vs f32 CPU on the fixture model"
@@ -158,6 +174,6 @@ for size in 512x512 1024x1024; do
 done
 
 cp "$WORK/table.txt" "$WORK/variants.txt" "$RESULTS/" 2>/dev/null
-cp "$WORK/sdscale-512x512-0.png" "$WORK/diffusers-512x512.png" "$WORK/sdscale-1024x1024-0.png" "$RESULTS/" 2>/dev/null
+cp "$WORK/few-fused-512x512.png" "$WORK/few-diffusers-512x512.png" "$WORK/sdscale-1024x1024-0.png" "$RESULTS/" 2>/dev/null
 echo; echo "size: sds/dif = sdscale/diffusers seconds per image (warm = median of $REPEAT after the first, cold = first in a fresh process), peak GPU MiB above idle"
 cat "$WORK/table.txt"

@@ -1,11 +1,33 @@
 //! The building blocks the UNet and the VAE share: candle-nn's layers, each forward labelled with its
 //! op kind for `SDSCALE_PROFILE=1`, and a GroupNorm that takes candle's fused path on CUDA.
 
+#[cfg(feature = "cuda")]
+mod cuda_conv;
+
 use crate::profile::{op, OpKind};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-/// candle-nn's `Conv2d`, profiled as [`OpKind::Conv`].
+/// conv2d with square padding and stride (no dilation, no groups) plus an optional per-channel bias:
+/// sdscale's im2col + GEMM on CUDA (layers/cuda_conv.rs), candle's convolution elsewhere.
+pub fn conv2d(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        let (_, c_in, h, w) = xs.dims4()?;
+        let k = weight.dim(3)?;
+        let out_pixels = ((h + 2 * padding - k) / stride + 1) * ((w + 2 * padding - k) / stride + 1);
+        if cuda_conv::applies(xs, c_in, k, out_pixels) {
+            return cuda_conv::conv2d(xs, weight, bias, padding, stride);
+        }
+    }
+    let ys = xs.conv2d(weight, padding, stride, 1, 1)?;
+    match bias {
+        Some(bias) => ys.broadcast_add(&bias.reshape((1, (), 1, 1))?),
+        None => Ok(ys),
+    }
+}
+
+/// candle-nn's `Conv2d` (its weights and config) computed by [`conv2d`], profiled as [`OpKind::Conv`].
 pub struct Conv2d(candle_nn::Conv2d);
 
 impl Conv2d {
@@ -22,7 +44,14 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        op(OpKind::Conv, xs.device(), || self.0.forward(xs))
+        let config = self.0.config();
+        op(OpKind::Conv, xs.device(), || {
+            if config.dilation == 1 && config.groups == 1 {
+                conv2d(xs, self.0.weight(), self.0.bias(), config.padding, config.stride)
+            } else {
+                self.0.forward(xs)
+            }
+        })
     }
 }
 

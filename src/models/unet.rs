@@ -12,7 +12,8 @@
 //! know how many tokens that layer saw in training.
 
 use super::layers::{silu, Conv2d, GroupNorm, LayerNorm, Linear};
-use crate::attention::{scaled_dot_product_attention, scaled_dot_product_attention_measured, AttentionScale};
+use crate::attention::AttentionScale;
+use crate::attention::{merge_heads, multi_head_attention, scaled_dot_product_attention_measured, split_heads};
 use crate::entropy::{EntropyProbe, RowStats};
 use crate::profile::{op, OpKind};
 use candle_core::{DType, Module, Result, Tensor, D};
@@ -334,7 +335,6 @@ struct Attention {
     to_v: Linear,
     to_out: Linear,
     heads: usize,
-    head_dim: usize,
     /// The diffusers module path and UNet level, which the entropy probe reports.
     path: String,
     level: usize,
@@ -356,7 +356,6 @@ impl Attention {
             to_v: Linear::no_bias(context_dim, inner_dim, vb.pp("to_v"))?,
             to_out: Linear::new(inner_dim, query_dim, vb.pp("to_out.0"))?,
             heads,
-            head_dim,
             path: vb.prefix(),
             level,
         })
@@ -365,38 +364,26 @@ impl Attention {
     /// `xs` (b, n, c) attends to `context` (b, m, c'); `scale` multiplies the q·k logits. With a probe,
     /// the attention maps of its batch entry are measured on the way (same output, bit for bit).
     fn forward(&self, xs: &Tensor, context: &Tensor, scale: f64, probe: Option<&EntropyProbe>) -> Result<Tensor> {
-        let (b, n, _) = xs.dims3()?;
+        let b = xs.dim(0)?;
         let device = xs.device();
-        let split_heads = |t: Tensor| {
-            let m = t.dim(1)?;
-            // (b, m, heads·d) → (b·heads, m, d)
-            op(OpKind::Elementwise, device, || {
-                t.reshape((b, m, self.heads, self.head_dim))?.transpose(1, 2)?.reshape((
-                    b * self.heads,
-                    m,
-                    self.head_dim,
-                ))
-            })
-        };
-        let q = split_heads(self.to_q.forward(xs)?)?;
-        let k = split_heads(self.to_k.forward(context)?)?;
-        let v = split_heads(self.to_v.forward(context)?)?;
+        let q = self.to_q.forward(xs)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
         let out = match probe {
-            // (b·heads, n, d)
-            None => op(OpKind::Attention, device, || scaled_dot_product_attention(&q, &k, &v, scale))?,
+            // (b, n, heads·d)
+            None => op(OpKind::Attention, device, || multi_head_attention(&q, &k, &v, self.heads, scale))?,
             Some(probe) => {
                 // Batch entry e owns rows e·heads .. (e+1)·heads of the folded (b·heads) dimension.
                 let first = probe.batch_entry() * self.heads;
                 let mut stats = RowStats::default();
+                let (q, k, v) =
+                    (split_heads(&q, self.heads)?, split_heads(&k, self.heads)?, split_heads(&v, self.heads)?);
                 let out =
                     scaled_dot_product_attention_measured(&q, &k, &v, scale, first..first + self.heads, &mut stats)?;
                 probe.record(&self.path, self.level, k.dim(1)?, stats);
-                out
+                merge_heads(&out, b, self.heads, xs.dim(1)?)?
             }
         };
-        let out = op(OpKind::Elementwise, device, || {
-            out.reshape((b, self.heads, n, self.head_dim))?.transpose(1, 2)?.reshape((b, n, ()))
-        })?;
         self.to_out.forward(&out)
     }
 }

@@ -10,10 +10,10 @@
 //! inputs run in bands of rows, and the attention is the same query-chunked one the UNet uses.
 //! Both are exact: every output pixel is computed from the same inputs with the same weights.
 
-use super::layers::{silu, GroupNorm};
+use super::layers::{conv2d, silu, GroupNorm};
 use crate::attention::{default_scale, scaled_dot_product_attention};
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 use serde::Deserialize;
 
 /// `vae/config.json`, the fields the decoder reads.
@@ -101,9 +101,7 @@ impl Conv2d {
     }
 
     fn conv(&self, xs: &Tensor, padding: usize) -> Result<Tensor> {
-        let config = Conv2dConfig { padding, ..Default::default() };
-        let ys = xs.conv2d(&self.weight, config.padding, config.stride, config.dilation, config.groups)?;
-        ys.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+        conv2d(xs, &self.weight, Some(&self.bias), padding, 1)
     }
 }
 
