@@ -77,8 +77,8 @@ const MAX_SCORES_PER_CHUNK_GPU: usize = 128 * 1024 * 1024;
 /// everything runs in f32 (as diffusers upcasts on the CPU). On a GPU, f16/bf16 inputs stay in their
 /// dtype, as diffusers' fp16 pipeline does: the GEMMs accumulate in f32 (cuBLAS), the softmax
 /// accumulates its sum in f32 (candle's fused kernel), and the scale is applied to q (n·d values)
-/// rather than to the scores (n·n). On CUDA, f16 heads of 64 (all of SD 2.x's UNet) go instead through
-/// sdscale's fused kernel (attention/flash_attention.cu), which never writes the scores out at all.
+/// rather than to the scores (n·n). With `SDSCALE_FLASH_ATTENTION=1`, f16 heads of 64 on CUDA go instead
+/// through sdscale's fused kernel (attention/flash.rs: correct, not yet faster).
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if flash::applies(q, 1) {
@@ -91,8 +91,8 @@ pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f
 }
 
 /// Multi-head attention over projections laid out (b, n, heads·d), as linear layers make them: each head
-/// attends on its own, and the result has the same layout. On CUDA the fused kernel reads and writes that
-/// layout directly; elsewhere the heads are split into the batch dimension and merged back.
+/// attends on its own, and the result has the same layout. The heads are split into the batch dimension
+/// and merged back (the opt-in fused CUDA kernel reads and writes the layout directly).
 pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if flash::applies(q, heads) {

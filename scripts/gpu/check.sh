@@ -137,6 +137,34 @@ for size in ["512x512", "1024x1024"]:
         print(f"{size} {name:<22} |d| mean {d.mean():.3f} max {d.max()}  (std {a.std():.1f} / {b.std():.1f})")
 PY
 
+log "which side moves: the full-size model at 128², 3 steps, each tool on each device and dtype"
+# On 2026-11-26 sdscale's and diffusers' f16 CUDA images of the full-size random model disagreed (mean
+# |d| 41 after 3 steps) while on the CPU, f32, the two agree to 0.0001 and sdscale's f16 is 0.16 from
+# its f32. This table says which device/dtype/tool departs.
+for combo in "cuda f16" "cuda f32" "cpu f32"; do
+  set -- $combo
+  "$BIN" gen --model "$MODEL" --prompt "$PROMPT" --width 128 --height 128 --steps 3 --seed 1 --device "$1" --dtype "$2" \
+    --overwrite -o "$WORK/tri-sdscale-$1-$2.png" > /dev/null 2> "$WORK/last.err" || tail -3 "$WORK/last.err"
+  $PY scripts/bench_diffusers.py --gen --model "$MODEL" --width 128 --height 128 --steps 3 --seed 1 --device "$1" \
+    --dtype "$2" --out "$WORK/tri-diffusers-$1-$2.png" > /dev/null 2> "$WORK/last.err" || tail -3 "$WORK/last.err"
+done
+grep -iE "warn|not initialized|missing|unexpected" "$WORK/last.err" | head -5
+$PY - "$WORK" <<'PY'
+import sys, itertools, numpy as np
+from PIL import Image
+w = sys.argv[1]
+names = [f"{tool}-{combo}" for tool in ("sdscale", "diffusers") for combo in ("cuda-f16", "cuda-f32", "cpu-f32")]
+images = {}
+for n in names:
+    try:
+        images[n] = np.asarray(Image.open(f"{w}/tri-{n}.png")).astype(int)
+    except OSError:
+        print(f"{n}: missing")
+for a, b in itertools.combinations(images, 2):
+    d = np.abs(images[a] - images[b])
+    print(f"{a:<20} vs {b:<20} |d| mean {d.mean():7.3f} max {d.max()}")
+PY
+
 log "the entropy mode's cost (graphs, fused attention)"
 printf "%-10s %-22s %9s %9s\n" size variant warm_s cold_s > "$WORK/variants.txt"
 for size in 224x224 512x512; do

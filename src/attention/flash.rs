@@ -1,9 +1,14 @@
 //! sdscale's fused attention kernel (flash_attention.cu) as a candle custom op: f16, head size 64 (every
-//! SD 2.x UNet attention layer), any number of queries and keys, any softmax scale.
+//! SD 2.x UNet attention layer), any number of queries and keys, any softmax scale. It never writes the
+//! scores to device memory and reads the projections' (b, n, heads·64) layout directly.
 //!
-//! Without it the GPU path materialises each chunk of scores: at 1024² the UNet's top level writes and
-//! reads 10 × 16384² f16 scores three times per layer, and attention took 58% of a step (measured on an
-//! H100, 2026-11-26). `SDSCALE_FLASH_ATTENTION=0` turns it off (for comparison).
+//! Opt-in (`SDSCALE_FLASH_ATTENTION=1`): measured on an H100 (2026-11-26, scripts/gpu/check.sh) it is
+//! correct (images within 0.16 levels of the unfused path) but slower than cuBLAS GEMMs around candle's
+//! softmax: 17.1 ms of attention in a 512² step against 11.2 + 1.9 ms (the GEMMs and softmax, plus the
+//! head split/merge copies it saves), 238 against 192 + 7 ms at 1024². The likely cause is
+//! shared-memory bank conflicts in its softmax and rescale loops (the two lanes of a row walk 32
+//! consecutive floats, so a warp's 32 accesses land in one bank); that is the next thing to fix, with
+//! a GPU to measure it on, before it becomes the default.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
@@ -16,12 +21,11 @@ const HEAD_DIM: usize = 64;
 const BLOCK_ROWS: usize = 64;
 const THREADS: u32 = 128;
 
-/// Whether the kernel can compute this attention: f16 on CUDA, `heads` heads of 64 in (b, n, heads·64),
-/// and not switched off.
+/// Whether the kernel is asked for (`SDSCALE_FLASH_ATTENTION=1`) and can compute this attention: f16 on
+/// CUDA, `heads` heads of 64 in (b, n, heads·64).
 pub fn applies(q: &Tensor, heads: usize) -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let enabled =
-        *ENABLED.get_or_init(|| std::env::var("SDSCALE_FLASH_ATTENTION").map_or(true, |v| v != "0" && !v.is_empty()));
+    let enabled = *ENABLED.get_or_init(|| std::env::var("SDSCALE_FLASH_ATTENTION").is_ok_and(|v| v == "1"));
     enabled && q.device().is_cuda() && q.dtype() == DType::F16 && q.dim(2).is_ok_and(|c| c == heads * HEAD_DIM)
 }
 
