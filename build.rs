@@ -17,7 +17,7 @@ fn main() {
     let nvcc = std::env::var_os("NVCC").map(PathBuf::from).unwrap_or_else(|| {
         ["CUDA_HOME", "CUDA_PATH", "CUDA_ROOT"]
             .iter()
-            .filter_map(|var| std::env::var_os(var))
+            .filter_map(std::env::var_os)
             .map(|root| PathBuf::from(root).join("bin").join("nvcc"))
             .find(|path| path.exists())
             .unwrap_or_else(|| PathBuf::from("nvcc"))

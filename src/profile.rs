@@ -64,26 +64,32 @@ impl Mark {
     }
 }
 
+/// The spans of the pass a [`Clock`] is timing. Nested spans are not recorded (`depth`): the outermost
+/// kind owns its time.
+struct SpanLog {
+    depth: usize,
+    spans: Vec<(OpKind, Mark, Mark)>,
+}
+
 thread_local! {
-    /// The spans of the pass a [`Clock`] is timing; None when no clock runs (nested spans are not
-    /// recorded: the outermost kind owns its time).
-    static SPANS: RefCell<Option<(usize, Vec<(OpKind, Mark, Mark)>)>> = const { RefCell::new(None) };
+    /// None when no clock runs.
+    static SPANS: RefCell<Option<SpanLog>> = const { RefCell::new(None) };
 }
 
 /// Runs `f` as one span of `kind` when profiling, else just runs it.
 pub fn op<T>(kind: OpKind, device: &Device, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    if !enabled() || SPANS.with(|spans| spans.borrow().as_ref().is_none_or(|(depth, _)| *depth > 0)) {
+    if !enabled() || SPANS.with(|log| log.borrow().as_ref().is_none_or(|log| log.depth > 0)) {
         return f();
     }
-    SPANS.with(|spans| spans.borrow_mut().as_mut().map(|(depth, _)| *depth += 1));
+    SPANS.with(|log| log.borrow_mut().as_mut().map(|log| log.depth += 1));
     let start = Mark::now(device);
     let out = f();
     let end = Mark::now(device);
-    SPANS.with(|spans| {
-        if let Some((depth, list)) = spans.borrow_mut().as_mut() {
-            *depth -= 1;
+    SPANS.with(|log| {
+        if let Some(log) = log.borrow_mut().as_mut() {
+            log.depth -= 1;
             if let (Some(start), Some(end)) = (start, end) {
-                list.push((kind, start, end));
+                log.spans.push((kind, start, end));
             }
         }
     });
@@ -103,7 +109,7 @@ impl<'a> Clock<'a> {
     pub fn start(what: &'static str, device: &'a Device) -> Self {
         let last = enabled().then(|| {
             let _ = device.synchronize();
-            SPANS.with(|spans| *spans.borrow_mut() = Some((0, Vec::new())));
+            SPANS.with(|log| *log.borrow_mut() = Some(SpanLog { depth: 0, spans: Vec::new() }));
             Instant::now()
         });
         Self { what, device, started: last, last }
@@ -123,7 +129,7 @@ impl<'a> Clock<'a> {
         let Some(started) = self.started else { return };
         let _ = self.device.synchronize();
         let total = started.elapsed().as_secs_f64() * 1e3;
-        let spans = SPANS.with(|spans| spans.borrow_mut().take()).map(|(_, list)| list).unwrap_or_default();
+        let spans = SPANS.with(|log| log.borrow_mut().take()).map(|log| log.spans).unwrap_or_default();
         let mut covered = 0.0;
         for kind in KINDS {
             let (count, ms) = spans
