@@ -1,6 +1,7 @@
 //! The building blocks the UNet and the VAE share: candle-nn's layers, each forward labelled with its
 //! op kind for `SDSCALE_PROFILE=1`, and a GroupNorm that takes candle's fused path on CUDA.
 
+mod cpu_conv;
 #[cfg(feature = "cuda")]
 mod cuda_conv;
 
@@ -9,8 +10,12 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// conv2d with square padding and stride (no dilation, no groups) plus an optional per-channel bias:
-/// sdscale's im2col + GEMM on CUDA (layers/cuda_conv.rs), candle's convolution elsewhere.
+/// sdscale's banded im2col + gemm in f32 on the CPU (layers/cpu_conv.rs), its im2col kernel + cuBLAS on CUDA
+/// (layers/cuda_conv.rs), candle's convolution otherwise.
 pub fn conv2d(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
+    if cpu_conv::applies(xs, weight) {
+        return cpu_conv::conv2d(xs, weight, bias, padding, stride);
+    }
     #[cfg(feature = "cuda")]
     {
         let (_, c_in, h, w) = xs.dims4()?;
