@@ -5,8 +5,9 @@
 //! candle-transformers' SD CLIP because that one approximates GELU with tanh (SD 2.x's config says the
 //! exact erf "gelu") and keeps its config fields private, so it cannot describe a fixture model.
 
+use super::layers::Linear;
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{layer_norm, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
 /// `text_encoder/config.json`, the fields the forward pass needs.
@@ -87,10 +88,10 @@ impl ClipAttention {
     fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
         let width = cfg.hidden_size;
         Ok(Self {
-            q_proj: linear(width, width, vb.pp("q_proj"))?,
-            k_proj: linear(width, width, vb.pp("k_proj"))?,
-            v_proj: linear(width, width, vb.pp("v_proj"))?,
-            out_proj: linear(width, width, vb.pp("out_proj"))?,
+            q_proj: Linear::new(width, width, vb.pp("q_proj"))?,
+            k_proj: Linear::new(width, width, vb.pp("k_proj"))?,
+            v_proj: Linear::new(width, width, vb.pp("v_proj"))?,
+            out_proj: Linear::new(width, width, vb.pp("out_proj"))?,
             num_heads: cfg.num_attention_heads,
             head_dim: width / cfg.num_attention_heads,
         })
@@ -120,8 +121,8 @@ struct ClipMlp {
 impl ClipMlp {
     fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
         Ok(Self {
-            fc1: linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
-            fc2: linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
+            fc1: Linear::new(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
+            fc2: Linear::new(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
             activation: Activation::from_config(&cfg.hidden_act)?,
         })
     }

@@ -1,7 +1,9 @@
-//! The building blocks the UNet and the VAE share: candle-nn's layers, each forward labelled with its
-//! op kind for `SDSCALE_PROFILE=1`, and a GroupNorm that takes candle's fused path on CUDA.
+//! The building blocks the networks share: candle-nn's layers with faster paths where candle's are slow
+//! (convolution, linear and GroupNorm on the CPU; convolution and GroupNorm on CUDA), each forward
+//! labelled with its op kind for `SDSCALE_PROFILE=1`.
 
 mod cpu_conv;
+mod cpu_ops;
 #[cfg(feature = "cuda")]
 mod cuda_conv;
 
@@ -60,7 +62,8 @@ impl Module for Conv2d {
     }
 }
 
-/// candle-nn's `Linear`, profiled as [`OpKind::Matmul`].
+/// candle-nn's `Linear` (one gemm with the bias pre-filled in f32 on the CPU), profiled as
+/// [`OpKind::Matmul`].
 pub struct Linear(candle_nn::Linear);
 
 impl Linear {
@@ -77,7 +80,10 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        op(OpKind::Matmul, xs.device(), || self.0.forward(xs))
+        op(OpKind::Matmul, xs.device(), || match cpu_ops::applies(xs) {
+            true => cpu_ops::linear(xs, self.0.weight(), self.0.bias()),
+            false => self.0.forward(xs),
+        })
     }
 }
 
@@ -98,9 +104,9 @@ impl Module for LayerNorm {
 
 /// `torch.nn.GroupNorm` over (b, c, …) with a per-channel affine.
 ///
-/// On the CPU this is candle-nn's GroupNorm (f32 statistics, two passes), which matches PyTorch within
-/// f32 rounding; the fixture tests pin it. On CUDA candle-nn composes it from about a dozen kernels,
-/// each a pass over the activations, so here a group is normalised as one row of candle's fused
+/// candle-nn composes it from about a dozen ops, each a pass over the activations. In f32 on the CPU it
+/// is two passes here (f64 statistics, then normalise + affine, with the SiLU that usually follows fused
+/// in: [`GroupNorm::forward_silu`]). On CUDA a group is normalised as one row of candle's fused
 /// layer-norm kernel (f32 statistics, one launch), then scaled and shifted per channel.
 pub struct GroupNorm {
     inner: candle_nn::GroupNorm,
@@ -135,9 +141,24 @@ impl GroupNorm {
     }
 }
 
+impl GroupNorm {
+    /// SiLU(GroupNorm(xs)), as every ResNet block and the output heads use it.
+    pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
+        if cpu_ops::applies(xs) {
+            return op(OpKind::Norm, xs.device(), || {
+                cpu_ops::group_norm(xs, self.groups, &self.weight, &self.bias, self.eps, true)
+            });
+        }
+        silu(&self.forward(xs)?)
+    }
+}
+
 impl Module for GroupNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         op(OpKind::Norm, xs.device(), || match xs.device() {
+            Device::Cpu if cpu_ops::applies(xs) => {
+                cpu_ops::group_norm(xs, self.groups, &self.weight, &self.bias, self.eps, false)
+            }
             Device::Cuda(_) if xs.dtype() != DType::F64 => self.forward_fused(xs),
             _ => self.inner.forward(xs),
         })

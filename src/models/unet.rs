@@ -567,11 +567,11 @@ impl ResnetBlock2D {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
         };
-        let hidden = self.conv1.forward(&silu(&self.norm1.forward(xs)?)?)?;
+        let hidden = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
         // (b, c) → (b, c, 1, 1), added to every pixel.
         let time = self.time_emb_proj.forward(&silu(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
         let hidden = op(OpKind::Elementwise, device, || time.broadcast_add(&hidden))?;
-        let hidden = self.conv2.forward(&silu(&self.norm2.forward(&hidden)?)?)?;
+        let hidden = self.conv2.forward(&self.norm2.forward_silu(&hidden)?)?;
         op(OpKind::Elementwise, device, || (shortcut + hidden)? / self.output_scale_factor)
     }
 }
@@ -896,7 +896,7 @@ impl UNet2DConditionModel {
         }
 
         // 6. post-process
-        let xs = silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         let out = self.conv_out.forward(&xs)?;
         clock.lap("conv_out");
         clock.finish();

@@ -10,10 +10,10 @@
 //! inputs run in bands of rows, and the attention is the same query-chunked one the UNet uses.
 //! Both are exact: every output pixel is computed from the same inputs with the same weights.
 
-use super::layers::{conv2d, silu, GroupNorm};
+use super::layers::{conv2d, GroupNorm, Linear};
 use crate::attention::{default_scale, scaled_dot_product_attention};
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 /// `vae/config.json`, the fields the decoder reads.
@@ -163,8 +163,8 @@ impl ResnetBlock2D {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
         };
-        let hidden = self.conv1.forward(&silu(&self.norm1.forward(xs)?)?)?;
-        let hidden = self.conv2.forward(&silu(&self.norm2.forward(&hidden)?)?)?;
+        let hidden = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
+        let hidden = self.conv2.forward(&self.norm2.forward_silu(&hidden)?)?;
         shortcut + hidden
     }
 }
@@ -192,7 +192,7 @@ impl AttentionBlock {
                 Ok(weight) => weight,
                 Err(_) => vb.get((channels, channels, 1, 1), "weight")?.reshape((channels, channels))?,
             };
-            Ok(Linear::new(weight, Some(vb.get(channels, "bias")?)))
+            Ok(Linear::from_weights(weight, Some(vb.get(channels, "bias")?)))
         };
         Ok(Self {
             group_norm: GroupNorm::new(groups, channels, 1e-6, vb.pp("group_norm"))?,
@@ -311,7 +311,7 @@ impl VaeDecoder {
         for block in &self.up_blocks {
             xs = block.forward(&xs)?;
         }
-        let xs = silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }

@@ -6,7 +6,8 @@
 //! of the cycles (2026-11-26). Bands keep the im2col matrix at most 16 MiB, so memory stays bounded at
 //! any size and the gemm reads it from cache.
 
-use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
+use super::cpu_ops::values;
+use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
 /// Floats of im2col matrix per band.
@@ -14,15 +15,6 @@ const MAX_COLS: usize = 4 << 20;
 
 pub fn applies(xs: &Tensor, weight: &Tensor) -> bool {
     xs.device().is_cpu() && xs.dtype() == DType::F32 && weight.dtype() == DType::F32
-}
-
-/// The values of a contiguous f32 CPU tensor's storage, borrowed.
-fn values<'a>(storage: &'a Storage, t: &Tensor) -> Result<&'a [f32]> {
-    let start = t.layout().start_offset();
-    match storage {
-        Storage::Cpu(CpuStorage::F32(data)) if t.is_contiguous() => Ok(&data[start..start + t.elem_count()]),
-        _ => candle_core::bail!("cpu conv2d: expected a contiguous f32 CPU tensor"),
-    }
 }
 
 /// conv2d of `xs` (b, c_in, h, w) with `weight` (c_out, c_in, k, k), square padding and stride, no
@@ -52,8 +44,7 @@ pub fn conv2d(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, padding: usiz
 
     let rows_per_band = (MAX_COLS / (depth * w_out).max(1)).clamp(1, h_out);
     let mut cols = vec![0f32; depth * rows_per_band * w_out];
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let parallelism = super::cpu_ops::gemm_parallelism();
     for image in 0..b {
         let x_image = &x[image * c_in * h * w..(image + 1) * c_in * h * w];
         let out_image = &mut out[image * c_out * plane_out..(image + 1) * c_out * plane_out];
@@ -142,7 +133,8 @@ mod tests {
             let xs = Tensor::randn(0f32, 1., (b, c_in, h, w), &device)?;
             let weight = Tensor::randn(0f32, 1., (c_out, c_in, k, k), &device)?;
             let bias = Tensor::randn(0f32, 1., c_out, &device)?;
-            let expected = xs.conv2d(&weight, padding, stride, 1, 1)?.broadcast_add(&bias.reshape((1, c_out, 1, 1))?)?;
+            let expected =
+                xs.conv2d(&weight, padding, stride, 1, 1)?.broadcast_add(&bias.reshape((1, c_out, 1, 1))?)?;
             let got = conv2d(&xs, &weight, Some(&bias), padding, stride)?;
             assert_eq!(got.dims(), expected.dims());
             let diff = (got - &expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
