@@ -48,13 +48,17 @@ impl RowStats {
         let mean = scores.mean_keepdim(D::Minus1)?;
         let sigma2 = scores.broadcast_sub(&mean)?.sqr()?.mean(D::Minus1)?.flatten_all()?.to_vec1::<f32>()?;
         for (entropy, sigma2) in entropy.into_iter().zip(sigma2) {
-            let entropy = entropy as f64;
-            self.rows += 1;
-            self.entropy_sum += entropy;
-            self.entropy_sq_sum += entropy * entropy;
-            self.sigma2_sum += sigma2 as f64;
+            self.add_row(entropy as f64, sigma2 as f64);
         }
         Ok(())
+    }
+
+    /// Adds one row's entropy and σ².
+    pub fn add_row(&mut self, entropy: f64, sigma2: f64) {
+        self.rows += 1;
+        self.entropy_sum += entropy;
+        self.entropy_sq_sum += entropy * entropy;
+        self.sigma2_sum += sigma2;
     }
 
     /// Mean row entropy.

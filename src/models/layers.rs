@@ -165,6 +165,18 @@ impl Module for GroupNorm {
     }
 }
 
+/// GEGLU's gate: hidden · GELU(gate) for `projected` = [hidden | gate] along the last dimension (exact
+/// erf GELU), profiled as [`OpKind::Elementwise`]; one fused pass in f32 on the CPU.
+pub fn geglu(projected: &Tensor) -> Result<Tensor> {
+    op(OpKind::Elementwise, projected.device(), || {
+        if cpu_ops::applies(projected) {
+            return cpu_ops::geglu(projected);
+        }
+        let halves = projected.chunk(2, candle_core::D::Minus1)?;
+        &halves[0] * halves[1].gelu_erf()?
+    })
+}
+
 /// SiLU, profiled as [`OpKind::Elementwise`].
 pub fn silu(xs: &Tensor) -> Result<Tensor> {
     op(OpKind::Elementwise, xs.device(), || candle_nn::ops::silu(xs))

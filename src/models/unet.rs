@@ -11,12 +11,12 @@
 //! deepest level, up block j at level (blocks − 1 − j). The attention-scale policy needs the level to
 //! know how many tokens that layer saw in training.
 
-use super::layers::{silu, Conv2d, GroupNorm, LayerNorm, Linear};
+use super::layers::{geglu, silu, Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::attention::AttentionScale;
 use crate::attention::{merge_heads, multi_head_attention, scaled_dot_product_attention_measured, split_heads};
 use crate::entropy::{EntropyProbe, RowStats};
 use crate::profile::{op, OpKind};
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 use serde::Deserialize;
@@ -404,12 +404,8 @@ impl FeedForward {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let projected = self.proj.forward(xs)?;
         // GEGLU uses the exact (erf) GELU.
-        let gated = op(OpKind::Elementwise, xs.device(), || {
-            let halves = projected.chunk(2, D::Minus1)?;
-            &halves[0] * halves[1].gelu_erf()?
-        })?;
+        let gated = geglu(&self.proj.forward(xs)?)?;
         self.out.forward(&gated)
     }
 }
