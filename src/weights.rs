@@ -189,9 +189,128 @@ fn weight_candidates(component: &str, stem: &str, dtype: DType) -> Vec<String> {
 /// Memory-maps a safetensors file; each tensor is then copied (and converted to `dtype`) once, when the
 /// network asks for it by name. A truncated or corrupt file fails here, naming the file.
 pub fn var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    if device.is_cpu() {
+        let file = SafetensorsFile::open(path)
+            .with_context(|| format!("reading weights {} (truncated or not a safetensors file?)", path.display()))?;
+        return Ok(VarBuilder::from_backend(Box::new(file), dtype, device.clone()));
+    }
+    // On a GPU each tensor is uploaded straight from the mapped file.
     // SAFETY: the file is mapped read-only; like every mmap user we assume nobody truncates it meanwhile.
     unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
         .with_context(|| format!("reading weights {} (truncated or not a safetensors file?)", path.display()))
+}
+
+/// A safetensors file read tensor by tensor with positioned reads, for the CPU: candle's loader maps the
+/// file and copies every tensor out of the mapping, so while a model loads its weights sit in memory
+/// twice (the mapped file pages and the copies; 8.1 GB peak RSS for a 5.2 GB model). Here each tensor is
+/// read straight into its own buffer and nothing else stays resident.
+struct SafetensorsFile {
+    file: std::fs::File,
+    tensors: std::collections::HashMap<String, TensorEntry>,
+}
+
+struct TensorEntry {
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Absolute byte offset of the data in the file.
+    offset: u64,
+}
+
+impl SafetensorsFile {
+    fn open(path: &Path) -> Result<Self> {
+        use std::os::unix::fs::FileExt;
+        #[derive(serde::Deserialize)]
+        struct Header {
+            dtype: String,
+            shape: Vec<usize>,
+            data_offsets: (u64, u64),
+        }
+        let file = std::fs::File::open(path)?;
+        let file_len = file.metadata()?.len();
+        let mut size = [0u8; 8];
+        file.read_exact_at(&mut size, 0).context("shorter than a safetensors header")?;
+        let header_len = u64::from_le_bytes(size);
+        if header_len > 100 << 20 || 8 + header_len > file_len {
+            bail!("bad safetensors header length {header_len} for a {file_len}-byte file");
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact_at(&mut header, 8)?;
+        let mut entries: std::collections::HashMap<String, serde_json::Value> = serde_json::from_slice(&header)?;
+        entries.remove("__metadata__");
+        let data_start = 8 + header_len;
+        let mut tensors = std::collections::HashMap::with_capacity(entries.len());
+        for (name, entry) in entries {
+            let Header { dtype, shape, data_offsets: (start, end) } = serde_json::from_value(entry)?;
+            let (dtype, size) = match dtype.as_str() {
+                "F32" => (DType::F32, 4),
+                "F16" => (DType::F16, 2),
+                "BF16" => (DType::BF16, 2),
+                other => bail!("tensor {name}: dtype {other} is not supported (F32, F16, BF16)"),
+            };
+            let bytes = shape.iter().product::<usize>() as u64 * size;
+            if end < start || end - start != bytes || data_start + end > file_len {
+                bail!("tensor {name}: its data ({start}..{end}) does not fit the file (truncated?)");
+            }
+            tensors.insert(name, TensorEntry { dtype, shape, offset: data_start + start });
+        }
+        Ok(Self { file, tensors })
+    }
+
+    fn read<T: candle_core::WithDType + Default>(&self, entry: &TensorEntry) -> std::io::Result<Vec<T>> {
+        use std::os::unix::fs::FileExt;
+        let len = entry.shape.iter().product::<usize>();
+        // A zeroed allocation this large comes straight from fresh pages: no extra pass.
+        let mut values = vec![T::default(); len];
+        // SAFETY: `values` is initialised, and T is a plain number type with no invalid bit patterns.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(&values[..]))
+        };
+        // Large tensors: ask for transparent huge pages before the first touch, 512× fewer page faults.
+        if bytes.len() >= 4 << 20 {
+            // SAFETY: advice on memory this Vec owns; failure is harmless.
+            unsafe { libc::madvise(bytes.as_mut_ptr().cast(), bytes.len(), libc::MADV_HUGEPAGE) };
+        }
+        self.file.read_exact_at(bytes, entry.offset)?;
+        Ok(values)
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for SafetensorsFile {
+    fn get(
+        &self,
+        shape: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        let tensor = self.get_unchecked(name, dtype, device)?;
+        if tensor.shape() != &shape {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: shape,
+                got: tensor.shape().clone(),
+            });
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<candle_core::Tensor> {
+        use candle_core::Tensor;
+        let entry =
+            self.tensors.get(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })?;
+        let shape = entry.shape.as_slice();
+        let tensor = match entry.dtype {
+            DType::F32 => Tensor::from_vec(self.read::<f32>(entry)?, shape, &Device::Cpu)?,
+            DType::F16 => Tensor::from_vec(self.read::<half::f16>(entry)?, shape, &Device::Cpu)?,
+            _ => Tensor::from_vec(self.read::<half::bf16>(entry)?, shape, &Device::Cpu)?,
+        };
+        tensor.to_dtype(dtype)?.to_device(device)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
 }
 
 /// Reads and parses one JSON config file.
