@@ -6,20 +6,13 @@
 //! same block buffers, so measuring never changes the output.
 
 use crate::entropy::RowStats;
-use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
+use crate::models::layers::f32_values as values;
+use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
 
 pub fn applies(q: &Tensor) -> bool {
     q.device().is_cpu() && q.dtype() == DType::F32
-}
-
-fn values<'a>(storage: &'a Storage, t: &Tensor) -> Result<&'a [f32]> {
-    let start = t.layout().start_offset();
-    match storage {
-        Storage::Cpu(CpuStorage::F32(data)) if t.is_contiguous() => Ok(&data[start..start + t.elem_count()]),
-        _ => candle_core::bail!("cpu attention: expected contiguous f32 CPU tensors"),
-    }
 }
 
 /// Query rows per block: about 1 MiB of scores, within 16 … 256 rows.

@@ -7,6 +7,8 @@ mod cpu_ops;
 #[cfg(feature = "cuda")]
 mod cuda_conv;
 
+pub(crate) use cpu_ops::values as f32_values;
+
 use crate::profile::{op, OpKind};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;

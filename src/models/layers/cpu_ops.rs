@@ -11,7 +11,7 @@ pub fn applies(xs: &Tensor) -> bool {
 }
 
 /// The values of a contiguous f32 CPU tensor, borrowed from its storage guard.
-pub(super) fn values<'a>(storage: &'a Storage, t: &Tensor) -> Result<&'a [f32]> {
+pub(crate) fn values<'a>(storage: &'a Storage, t: &Tensor) -> Result<&'a [f32]> {
     let start = t.layout().start_offset();
     match storage {
         Storage::Cpu(CpuStorage::F32(data)) if t.is_contiguous() => Ok(&data[start..start + t.elem_count()]),
