@@ -71,7 +71,7 @@ def stages(args):
 def gen(args):
     start = time.perf_counter()
     pipe = load_pipeline(Path(args.model))
-    if args.device != "cpu":
+    if args.device != "cpu" or args.dtype != "f32":
         pipe = pipe.to(args.device, {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[args.dtype])
     set_attention_mode(pipe.unet, pipe.vae, args.mode)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
@@ -124,7 +124,7 @@ def main():
     parser.add_argument("--out", default="diffusers.png")
     parser.add_argument("--repeat", type=int, default=0, help="--gen: time N more generations after the first (median)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (--gen only)")
-    parser.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"], help="--gen on CUDA only")
+    parser.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"], help="--gen only (f16 on the CPU is slow but works)")
     args = parser.parse_args()
     gen(args) if args.gen else stages(args)
 
