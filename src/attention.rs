@@ -203,6 +203,12 @@ mod tests {
 
     const SD21: (usize, usize) = (64, 64);
 
+    /// Standard-normal q (maps, n_q, 8), k and v (maps, n_k, 8) on the CPU.
+    fn random_qkv(maps: usize, n_q: usize, n_k: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let normal = |n: usize| Tensor::randn(0f32, 1., (maps, n, 8), &Device::Cpu);
+        Ok((normal(n_q)?, normal(n_k)?, normal(n_k)?))
+    }
+
     #[test]
     fn training_tokens_per_level_for_sd21() {
         let tokens: Vec<usize> = (0..4).map(|level| train_tokens(SD21, level)).collect();
@@ -237,10 +243,7 @@ mod tests {
 
     #[test]
     fn chunked_attention_matches_the_plain_formula() -> Result<()> {
-        let device = Device::Cpu;
-        let q = Tensor::randn(0f32, 1., (3, 50, 8), &device)?;
-        let k = Tensor::randn(0f32, 1., (3, 40, 8), &device)?;
-        let v = Tensor::randn(0f32, 1., (3, 40, 8), &device)?;
+        let (q, k, v) = random_qkv(3, 50, 40)?;
         let scale = 0.3;
         let expected = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?.matmul(&v)?;
         // One chunk, then chunks of 7 rows (the last one shorter).
@@ -255,10 +258,7 @@ mod tests {
     #[test]
     fn cpu_blocks_match_the_chunked_path() -> Result<()> {
         // 5000 keys → blocks of 52 query rows: 130 queries make two full blocks and a short one.
-        let device = Device::Cpu;
-        let q = Tensor::randn(0f32, 1., (3, 130, 8), &device)?;
-        let k = Tensor::randn(0f32, 1., (3, 5000, 8), &device)?;
-        let v = Tensor::randn(0f32, 1., (3, 5000, 8), &device)?;
+        let (q, k, v) = random_qkv(3, 130, 5000)?;
         let expected = chunked_attention(&q, &k, &v, 0.4, MAX_SCORES_PER_CHUNK, None)?;
         let got = scaled_dot_product_attention(&q, &k, &v, 0.4)?;
         let diff = (got - &expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
@@ -269,10 +269,7 @@ mod tests {
     #[test]
     fn the_gpu_half_precision_path_computes_the_same_attention() -> Result<()> {
         // Its arithmetic runs here in f32 (it is dtype-generic); on a GPU it runs in f16.
-        let device = Device::Cpu;
-        let q = Tensor::randn(0f32, 1., (3, 50, 8), &device)?;
-        let k = Tensor::randn(0f32, 1., (3, 40, 8), &device)?;
-        let v = Tensor::randn(0f32, 1., (3, 40, 8), &device)?;
+        let (q, k, v) = random_qkv(3, 50, 40)?;
         let expected = chunked_attention(&q, &k, &v, 0.3, MAX_SCORES_PER_CHUNK, None)?;
         for max_scores in [MAX_SCORES_PER_CHUNK_GPU, 3 * 40 * 7] {
             let got = half_precision_attention(&q, &k, &v, 0.3, max_scores)?;
@@ -285,10 +282,7 @@ mod tests {
 
     #[test]
     fn measuring_changes_nothing_and_does_not_depend_on_chunking() -> Result<()> {
-        let device = Device::Cpu;
-        let q = Tensor::randn(0f32, 1., (4, 50, 8), &device)?;
-        let k = Tensor::randn(0f32, 1., (4, 40, 8), &device)?;
-        let v = Tensor::randn(0f32, 1., (4, 40, 8), &device)?;
+        let (q, k, v) = random_qkv(4, 50, 40)?;
         let plain = scaled_dot_product_attention(&q, &k, &v, 0.3)?;
         let mut stats = RowStats::default();
         let measured = scaled_dot_product_attention_measured(&q, &k, &v, 0.3, 2..4, &mut stats)?;
@@ -303,7 +297,7 @@ mod tests {
         assert!((chunked.entropy() - stats.entropy()).abs() < 1e-5 && (chunked.sigma2() - stats.sigma2()).abs() < 1e-5);
         let chunked_out = chunked_attention(&q, &k, &v, 0.3, 4 * 40 * 7, None)?;
         let diff =
-            (chunked_out - Tensor::from_vec(plain, (4, 50, 8), &device)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            (chunked_out - Tensor::from_vec(plain, (4, 50, 8), &Device::Cpu)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "cpu blocks vs chunks: {diff}");
         Ok(())
     }
