@@ -46,69 +46,75 @@ pub fn attention(
             let (q_map, k_map, v_map) =
                 (&q_all[map * n_q * d..], &k_all[map * n_k * d..(map + 1) * n_k * d], &v_all[map * n_k * d..]);
             let measured = measured_maps.contains(&map);
-            out_map.par_chunks_mut(rows_per_block * d).enumerate().map(move |(block, out_block)| {
-                let rows = out_block.len() / d;
-                let q_block = &q_map[block * rows_per_block * d..][..rows * d];
-                let mut scores = vec![0f32; rows * n_k];
-                // scores (rows × n_k) = scale · q_block (rows × d) · kᵀ; kᵀ(i, j) = k[j·d + i].
-                // SAFETY (both gemms): dense row-major buffers of exactly the sizes given.
-                unsafe {
-                    gemm::gemm(
-                        rows,
-                        n_k,
-                        d,
-                        scores.as_mut_ptr(),
-                        1,
-                        n_k as isize,
-                        false,
-                        q_block.as_ptr(),
-                        1,
-                        d as isize,
-                        k_map.as_ptr(),
-                        d as isize,
-                        1,
-                        0.0,
-                        scale,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-                let mut stats = Vec::new();
-                let mut probs = vec![0f32; n_k];
-                for row in scores.chunks_mut(n_k) {
-                    softmax_into(row, &mut probs);
-                    if measured {
-                        stats.push(row_statistics(row, &probs));
+            // Each worker thread keeps its score and probability buffers from block to block: both are
+            // fully overwritten, so they are sized once instead of allocated and zeroed per block.
+            let buffers = || (Vec::<f32>::new(), Vec::<f32>::new());
+            out_map.par_chunks_mut(rows_per_block * d).enumerate().map_init(
+                buffers,
+                move |(scores, probs), (block, out_block)| {
+                    let rows = out_block.len() / d;
+                    let q_block = &q_map[block * rows_per_block * d..][..rows * d];
+                    scores.resize(rows * n_k, 0.0);
+                    probs.resize(n_k, 0.0);
+                    // scores (rows × n_k) = scale · q_block (rows × d) · kᵀ; kᵀ(i, j) = k[j·d + i].
+                    // SAFETY (both gemms): dense row-major buffers of exactly the sizes given.
+                    unsafe {
+                        gemm::gemm(
+                            rows,
+                            n_k,
+                            d,
+                            scores.as_mut_ptr(),
+                            1,
+                            n_k as isize,
+                            false,
+                            q_block.as_ptr(),
+                            1,
+                            d as isize,
+                            k_map.as_ptr(),
+                            d as isize,
+                            1,
+                            0.0,
+                            scale,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
                     }
-                    row.copy_from_slice(&probs);
-                }
-                unsafe {
-                    gemm::gemm(
-                        rows,
-                        d,
-                        n_k,
-                        out_block.as_mut_ptr(),
-                        1,
-                        d as isize,
-                        false,
-                        scores.as_ptr(),
-                        1,
-                        n_k as isize,
-                        v_map.as_ptr(),
-                        1,
-                        d as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-                stats
-            })
+                    let mut stats = Vec::new();
+                    for row in scores.chunks_mut(n_k) {
+                        softmax_into(row, probs);
+                        if measured {
+                            stats.push(row_statistics(row, probs));
+                        }
+                        row.copy_from_slice(probs);
+                    }
+                    unsafe {
+                        gemm::gemm(
+                            rows,
+                            d,
+                            n_k,
+                            out_block.as_mut_ptr(),
+                            1,
+                            d as isize,
+                            false,
+                            scores.as_ptr(),
+                            1,
+                            n_k as isize,
+                            v_map.as_ptr(),
+                            1,
+                            d as isize,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                    stats
+                },
+            )
         })
         .collect();
     if let Some((_, stats)) = measure {
