@@ -9,9 +9,10 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device};
-use sdscale::attention::AttentionScale;
 use sdscale::entropy::EntropyProbe;
+use sdscale::mode::Mode;
 use sdscale::pipeline::{GenerateRequest, Pipeline};
+use sdscale::size::PixelSize;
 use sdscale::weights::{ModelFiles, ModelSource};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -38,12 +39,10 @@ fn main() -> Result<()> {
     let request = GenerateRequest {
         prompt: "a corgi on a beach".into(),
         negative_prompt: String::new(),
-        width: size,
-        height: size,
+        plan: Mode::Default.plan(PixelSize::new(size, size), pipeline.training()),
         steps,
         guidance_scale: 7.5,
         seed: 1,
-        attention: AttentionScale::Default,
     };
     let quiet = &mut |_: sdscale::pipeline::Event| {};
     let mut run = |probe: Option<&EntropyProbe>| -> Result<Duration> {

@@ -10,7 +10,9 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use sdscale::attention::AttentionScale;
+use sdscale::mode::{Denoiser, RenderPlan};
 use sdscale::pipeline::{GenerateRequest, Pipeline};
+use sdscale::size::PixelSize;
 use sdscale::weights::{ModelFiles, ModelSource};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -59,9 +61,10 @@ fn main() -> Result<()> {
 
     let prompt = "a corgi on a beach, golden hour, highly detailed photograph";
     if stages.contains("tokenizer") {
+        let tokenizer = sdscale::tokenizer::ClipTokenizer::load(&files.tokenizer_dir)?;
         let ms = time_ms(&device, runs, || {
             for _ in 0..100 {
-                pipeline.tokenizer().encode(prompt)?;
+                tokenizer.encode(prompt)?;
             }
             Ok(())
         })?;
@@ -71,12 +74,10 @@ fn main() -> Result<()> {
     let request = |size: usize, attention| GenerateRequest {
         prompt: prompt.into(),
         negative_prompt: String::new(),
-        width: size,
-        height: size,
+        plan: RenderPlan { render: PixelSize::new(size, size), attention, denoiser: Denoiser::Whole, resize_to: None },
         steps: 50,
         guidance_scale: 7.5,
         seed: 1,
-        attention,
     };
     let embeddings = pipeline.encode_prompt(&request(512, AttentionScale::Default), true, &mut |_| {})?;
     if stages.contains("text") {
@@ -88,7 +89,7 @@ fn main() -> Result<()> {
     }
 
     let factor = pipeline.vae_scale_factor();
-    let entropy = pipeline.entropy_scale(pipeline.training_size());
+    let entropy = AttentionScale::Entropy { train_latent: pipeline.training().latent() };
     for &size in &sizes {
         let latent = size / factor;
         let label = format!("{size}x{size}");

@@ -1,17 +1,20 @@
 //! What each subcommand does, between the parsed command line and the pipeline: resolve the request,
 //! plan every output before any work, load the model once, generate (in batches), write, report.
 
-use crate::attention::{train_tokens, AttentionScale};
 use crate::cli::ModelRequest;
 use crate::cli::{
     Cli, Command, CompareArgs, CompareRequest, EntropyArgs, EntropyRequest, GenArgs, GenRequest, ImageSpec, InfoArgs,
-    Mode, Shell,
+    Shell,
 };
 use crate::entropy::{self, EntropyProbe, Run};
 use crate::grid::{self, Layout};
 use crate::metadata::{self, GridCell, GridMetadata, ImageMetadata, TOOL, VERSION};
+use crate::mode::Mode;
 use crate::output::{self, Fields};
 use crate::pipeline::{self, Event, GenerateRequest, Interrupted, Pipeline};
+use crate::plan::{self, PlannedImage};
+use crate::scheduler;
+use crate::size::{PixelSize, TrainingSize};
 use crate::weights::{ModelFiles, ModelSource};
 use anyhow::{anyhow, Context, Result};
 use candle_core::DeviceLocation;
@@ -89,8 +92,8 @@ fn install_stop_handler() {
 /// A loaded model plus what its metadata needs.
 struct Model {
     pipeline: Pipeline,
-    /// The size the entropy scale's T and resize's pixel count come from.
-    train_size: (usize, usize),
+    /// The size the entropy scale's T and resize's pixel count come from (`--train-size` or the configs).
+    training: TrainingSize,
     name: String,
     revision: Option<String>,
     dtype: String,
@@ -99,7 +102,7 @@ struct Model {
 
 /// Finds the model's files and reads its training size: cheap, so outputs can be checked before the
 /// (slow) load.
-fn resolve_model(model: &ModelRequest) -> Result<(ModelFiles, (usize, usize))> {
+fn resolve_model(model: &ModelRequest) -> Result<(ModelFiles, TrainingSize)> {
     let files = ModelFiles::resolve(&model.source, model.dtype).map_err(bad_input)?;
     for note in &files.notes {
         eprintln!("sdscale: {note}");
@@ -108,7 +111,7 @@ fn resolve_model(model: &ModelRequest) -> Result<(ModelFiles, (usize, usize))> {
     Ok((files, training))
 }
 
-fn load_model(request: &ModelRequest, files: &ModelFiles, training: (usize, usize)) -> Result<Model> {
+fn load_model(request: &ModelRequest, files: &ModelFiles, training: TrainingSize) -> Result<Model> {
     let started = Instant::now();
     let pipeline = Pipeline::load(files, &request.device, request.dtype).map_err(bad_input)?;
     eprintln!("sdscale: loaded {} in {:.2?}", request.source.display_name(), started.elapsed());
@@ -124,12 +127,20 @@ fn load_model(request: &ModelRequest, files: &ModelFiles, training: (usize, usiz
     };
     Ok(Model {
         pipeline,
-        train_size: request.train_size.unwrap_or(training),
+        training: scale_training(request, training),
         name: request.name.clone(),
         revision,
         dtype: request.dtype.as_str().to_string(),
         device,
     })
+}
+
+/// The training size the modes plan against: `--train-size` (fine-tunes) over the model's own.
+fn scale_training(request: &ModelRequest, model: TrainingSize) -> TrainingSize {
+    match request.train_size {
+        Some((width, height)) => model.with_pixels(PixelSize::new(width, height)),
+        None => model,
+    }
 }
 
 fn snapshot_commit(path: &Path) -> Option<String> {
@@ -140,72 +151,32 @@ fn snapshot_commit(path: &Path) -> Option<String> {
 
 // ---- planning -----------------------------------------------------------------------------------
 
-/// One image of a run, fully resolved: what to render, at what size, where to write it.
-#[derive(Debug, Clone)]
-struct Planned {
-    index: usize,
-    spec: ImageSpec,
-    width: usize,
-    height: usize,
-    /// The size the UNet runs at: (width, height) except for `resize`.
-    render: (usize, usize),
-    path: PathBuf,
-}
-
-impl Planned {
-    fn new(index: usize, spec: ImageSpec, training: (usize, usize), train_size: (usize, usize)) -> Self {
-        let width = spec.width.unwrap_or(training.0);
-        let height = spec.height.unwrap_or(training.1);
-        let render = match spec.mode {
-            Mode::Resize => pipeline::resize_render_size((width, height), train_size),
-            Mode::Default | Mode::Entropy => (width, height),
-        };
-        Planned { index, spec, width, height, render, path: PathBuf::new() }
-    }
-
-    fn generate_request(&self, model: &Model) -> GenerateRequest {
-        let attention = match self.spec.mode {
-            Mode::Default | Mode::Resize => AttentionScale::Default,
-            Mode::Entropy => model.pipeline.entropy_scale(model.train_size),
-        };
-        GenerateRequest {
-            prompt: self.spec.prompt.clone(),
-            negative_prompt: self.spec.negative_prompt.clone(),
-            width: self.render.0,
-            height: self.render.1,
-            steps: self.spec.steps,
-            guidance_scale: self.spec.guidance,
-            seed: self.spec.seed,
-            attention,
-        }
-    }
-
-    fn metadata(&self, model: &Model) -> ImageMetadata {
-        ImageMetadata {
-            tool: TOOL.into(),
-            version: VERSION.into(),
-            prompt: self.spec.prompt.clone(),
-            negative_prompt: self.spec.negative_prompt.clone(),
-            seed: self.spec.seed,
-            width: self.width,
-            height: self.height,
-            steps: self.spec.steps,
-            guidance: self.spec.guidance,
-            mode: self.spec.mode,
-            sampler: "DDIM".into(),
-            model: model.name.clone(),
-            revision: model.revision.clone(),
-            dtype: model.dtype.clone(),
-            device: model.device.clone(),
-            train_size: model.train_size,
-            render_size: (self.spec.mode == Mode::Resize).then_some(self.render),
-        }
+/// The metadata written into an image's PNG.
+fn image_metadata(planned: &PlannedImage, model: &Model) -> ImageMetadata {
+    ImageMetadata {
+        tool: TOOL.into(),
+        version: VERSION.into(),
+        prompt: planned.spec.prompt.clone(),
+        negative_prompt: planned.spec.negative_prompt.clone(),
+        seed: planned.spec.seed,
+        width: planned.size.width,
+        height: planned.size.height,
+        steps: planned.spec.steps,
+        guidance: planned.spec.guidance,
+        mode: planned.spec.mode,
+        sampler: scheduler::SAMPLER.into(),
+        model: model.name.clone(),
+        revision: model.revision.clone(),
+        dtype: model.dtype.clone(),
+        device: model.device.clone(),
+        train_size: (model.training.pixels.width, model.training.pixels.height),
+        render_size: planned.render.resize_to.map(|_| (planned.render.render.width, planned.render.render.height)),
     }
 }
 
 /// Refuses, before any work: two images with one name, and files that exist (unless `overwrite`;
 /// with `skip_existing` they are dropped from the plan). Creates missing folders.
-fn check_outputs(plan: Vec<Planned>, overwrite: bool, skip_existing: bool) -> Result<Vec<Planned>> {
+fn check_outputs(plan: Vec<PlannedImage>, overwrite: bool, skip_existing: bool) -> Result<Vec<PlannedImage>> {
     let mut seen: HashMap<PathBuf, usize> = HashMap::new();
     for planned in &plan {
         if let Some(other) = seen.insert(output::same_file_key(&planned.path), planned.index) {
@@ -262,35 +233,37 @@ impl Outcome {
 }
 
 /// Renders the plan in batches of images that can share UNet calls, handing each finished image
-/// (resized for `resize`) to `finish` with its per-image seconds. Stops between steps on Ctrl-C.
+/// (at its final size) to `finish` with its per-image seconds. Stops between steps on Ctrl-C.
 fn render(
     model: &Model,
-    plan: &[Planned],
+    plan: &[PlannedImage],
     batch_size: usize,
-    mut finish: impl FnMut(&Planned, RgbImage, f64) -> Result<()>,
+    mut finish: impl FnMut(&PlannedImage, RgbImage, f64) -> Result<()>,
 ) -> Outcome {
     // Group by what must be shared, in order of first appearance, then cut into batches.
-    let mut groups: Vec<(GenerateRequest, Vec<&Planned>)> = Vec::new();
+    let mut groups: Vec<(GenerateRequest, Vec<&PlannedImage>)> = Vec::new();
     for planned in plan {
-        let request = planned.generate_request(model);
+        let request = planned.generate_request();
         match groups.iter_mut().find(|(r, _)| r.batch_key() == request.batch_key()) {
             Some((_, members)) => members.push(planned),
             None => groups.push((request, vec![planned])),
         }
     }
-    let batches: Vec<&[&Planned]> = groups.iter().flat_map(|(_, members)| members.chunks(batch_size)).collect();
+    let batches: Vec<&[&PlannedImage]> = groups.iter().flat_map(|(_, members)| members.chunks(batch_size)).collect();
 
     let progress = Progress::new(plan.len());
+    // One session for the whole run: on CUDA its captured UNet graph serves every same-shaped batch.
+    let mut session = model.pipeline.session();
     let mut outcome = Outcome::default();
     for batch in batches {
         if STOP.load(Ordering::SeqCst) {
             outcome.interrupted = true;
             break;
         }
-        let requests: Vec<GenerateRequest> = batch.iter().map(|p| p.generate_request(model)).collect();
+        let requests: Vec<GenerateRequest> = batch.iter().map(|p| p.generate_request()).collect();
         progress.start_batch(batch, requests[0].steps);
         let started = Instant::now();
-        let result = model.pipeline.generate_batch(&requests, &mut |event| progress.event(event), &STOP);
+        let result = session.generate_batch(&requests, &mut |event| progress.event(event), &STOP);
         let images = match result {
             Ok(images) => images,
             Err(err) if err.is::<Interrupted>() => {
@@ -305,11 +278,6 @@ fn render(
         };
         let seconds = started.elapsed().as_secs_f64() / batch.len() as f64;
         for (planned, image) in batch.iter().zip(images) {
-            let image = if planned.render == (planned.width, planned.height) {
-                image
-            } else {
-                pipeline::lanczos3(&image, planned.width, planned.height)
-            };
             // Suspending the bars keeps stdout's lines whole when both streams share a terminal.
             match progress.suspend(|| finish(planned, image, seconds)) {
                 Ok(()) => outcome.written += 1,
@@ -352,7 +320,7 @@ impl Progress {
         Progress { bars, total, label: std::cell::RefCell::new(String::new()) }
     }
 
-    fn start_batch(&self, batch: &[&Planned], steps: usize) {
+    fn start_batch(&self, batch: &[&PlannedImage], steps: usize) {
         let first = batch[0];
         // Numbered from 1 as people count; a batch's images need not be neighbours in the plan.
         let numbers: Vec<String> = batch.iter().map(|p| (p.index + 1).to_string()).collect();
@@ -361,8 +329,7 @@ impl Progress {
             n if n <= 6 => format!("images {} of {}", numbers.join(", "), self.total),
             n => format!("images {}, …, {} of {} ({n} at once)", numbers[0], numbers[n - 1], self.total),
         };
-        let (width, height) = first.render;
-        let detail = format!("{label}: {width}x{height}, {steps} steps, {}", first.spec.mode.as_str());
+        let detail = format!("{label}: {}, {steps} steps, {}", first.render.render, first.spec.mode.as_str());
         match &self.bars {
             Some((_, _, bar)) => {
                 bar.reset();
@@ -418,24 +385,21 @@ fn gen(args: GenArgs) -> Result<()> {
         eprintln!("sdscale: seed {seed} (pass --seed {seed} to reproduce)");
     }
     let (files, training) = resolve_model(&request.model)?;
-    let train_size = request.model.train_size.unwrap_or(training);
-    let plan: Vec<Planned> = request
-        .images
-        .iter()
-        .enumerate()
-        .map(|(index, spec)| {
-            let mut planned = Planned::new(index, spec.clone(), training, train_size);
-            planned.path = request.output.render(&Fields {
+    let plan = plan::plan(
+        request.images.iter().cloned(),
+        training.pixels,
+        scale_training(&request.model, training),
+        |index, spec, size| {
+            request.output.render(&Fields {
                 index,
                 seed: spec.seed,
                 mode: spec.mode.as_str(),
-                width: planned.width,
-                height: planned.height,
+                width: size.width,
+                height: size.height,
                 prompt: &spec.prompt,
-            });
-            planned
-        })
-        .collect();
+            })
+        },
+    );
     let total = plan.len();
     let plan = check_outputs(plan, request.overwrite, request.skip_existing)?;
     if plan.is_empty() {
@@ -446,7 +410,7 @@ fn gen(args: GenArgs) -> Result<()> {
     let model = load_model(&request.model, &files, training)?;
     install_stop_handler();
     let outcome = render(&model, &plan, request.model.batch_size, |planned, image, seconds| {
-        let metadata = planned.metadata(&model);
+        let metadata = image_metadata(planned, &model);
         output::write_png(&planned.path, &image, &metadata.text_chunks(), request.overwrite)?;
         if request.json {
             let line = serde_json::json!({
@@ -485,9 +449,8 @@ fn compare(args: CompareArgs) -> Result<()> {
         eprintln!("sdscale: seeds {seed}, {}, {} (pass --seeds to choose)", seed + 1, seed + 2);
     }
     let (files, training) = resolve_model(&request.model)?;
-    let train_size = request.model.train_size.unwrap_or(training);
-    let width = request.width.unwrap_or(training.0);
-    let height = request.height.unwrap_or(training.1);
+    let width = request.width.unwrap_or(training.pixels.width);
+    let height = request.height.unwrap_or(training.pixels.height);
 
     let grid_path = request.output.clone().unwrap_or_else(|| {
         PathBuf::from(format!("{}-{width}x{height}-compare.png", output::slug(&request.prompt, output::SLUG_LEN)))
@@ -497,24 +460,22 @@ fn compare(args: CompareArgs) -> Result<()> {
     let html_path = folder.join(format!("{stem}.html"));
 
     // Row by row (seed), column by column (mode): {index} order is the grid's reading order.
-    let mut plan = Vec::new();
-    for &seed in &request.seeds {
-        for &mode in &request.modes {
-            let spec = ImageSpec {
-                prompt: request.prompt.clone(),
-                negative_prompt: request.negative_prompt.clone(),
-                seed,
-                width: Some(width),
-                height: Some(height),
-                steps: request.steps,
-                guidance: request.guidance,
-                mode,
-            };
-            let mut planned = Planned::new(plan.len(), spec, training, train_size);
-            planned.path = folder.join(format!("{stem}.{}.seed{seed}.png", mode.as_str()));
-            plan.push(planned);
-        }
-    }
+    let (prompt, negative_prompt) = (&request.prompt, &request.negative_prompt);
+    let specs = request.seeds.iter().flat_map(|&seed| {
+        request.modes.iter().map(move |&mode| ImageSpec {
+            prompt: prompt.clone(),
+            negative_prompt: negative_prompt.clone(),
+            seed,
+            width: Some(width),
+            height: Some(height),
+            steps: request.steps,
+            guidance: request.guidance,
+            mode,
+        })
+    });
+    let plan = plan::plan(specs, training.pixels, scale_training(&request.model, training), |_, spec, _| {
+        folder.join(format!("{stem}.{}.seed{}.png", spec.mode.as_str(), spec.seed))
+    });
     let plan = check_outputs(plan, request.overwrite, false)?;
     output::check_output(&grid_path, request.overwrite).map_err(bad_input)?;
     if request.html {
@@ -525,7 +486,7 @@ fn compare(args: CompareArgs) -> Result<()> {
     install_stop_handler();
     let mut images: HashMap<usize, RgbImage> = HashMap::new();
     let outcome = render(&model, &plan, request.model.batch_size, |planned, image, _| {
-        output::write_png(&planned.path, &image, &planned.metadata(&model).text_chunks(), request.overwrite)?;
+        output::write_png(&planned.path, &image, &image_metadata(planned, &model).text_chunks(), request.overwrite)?;
         output::print_path(&planned.path)?;
         images.insert(planned.index, image);
         Ok(())
@@ -572,8 +533,8 @@ fn compare(args: CompareArgs) -> Result<()> {
     if request.html {
         let render_sizes: Vec<(String, (usize, usize))> = plan
             .iter()
-            .filter(|p| p.render != (p.width, p.height))
-            .map(|p| (p.spec.mode.as_str().to_string(), p.render))
+            .filter(|p| p.render.resize_to.is_some())
+            .map(|p| (p.spec.mode.as_str().to_string(), (p.render.render.width, p.render.render.height)))
             .take(1)
             .collect();
         let grid_name = grid_path.file_name().unwrap_or_default().to_string_lossy();
@@ -599,7 +560,8 @@ fn entropy(args: EntropyArgs) -> Result<()> {
 
     let (files, training) = resolve_model(&request.model)?;
     let model = load_model(&request.model, &files, training)?;
-    let (pipeline, train_size) = (&model.pipeline, model.train_size);
+    let (pipeline, training) = (&model.pipeline, model.training);
+    let train_size = (training.pixels.width, training.pixels.height);
     let mut sizes = request.sizes.clone();
     if !sizes.contains(&train_size) {
         sizes.push(train_size);
@@ -617,19 +579,13 @@ fn entropy(args: EntropyArgs) -> Result<()> {
                 runs.push(Run { mode, ..default });
                 continue;
             }
-            let attention = match mode {
-                Mode::Entropy => pipeline.entropy_scale(train_size),
-                Mode::Default | Mode::Resize => AttentionScale::Default,
-            };
             let generate = GenerateRequest {
                 prompt: request.prompt.clone(),
                 negative_prompt: request.negative_prompt.clone(),
-                width,
-                height,
+                plan: mode.plan(PixelSize::new(width, height), training),
                 steps: request.steps,
                 guidance_scale: request.guidance,
                 seed: request.seed,
-                attention,
             };
             eprintln!("sdscale: measuring {width}x{height}, mode {}", mode.as_str());
             let started = Instant::now();
@@ -641,9 +597,9 @@ fn entropy(args: EntropyArgs) -> Result<()> {
     }
 
     let timesteps = pipeline.scheduler(request.steps)?.timesteps;
-    let train_latent = pipeline.train_latent(train_size);
+    let train_latent = training.latent();
     let lines =
-        entropy::measurements(&runs, &request.at, &timesteps, |level| train_tokens(train_latent, level), train_size);
+        entropy::measurements(&runs, &request.at, &timesteps, |level| train_latent.tokens_at_level(level), train_size);
 
     // The plot first: a reader closing stdout early (`| head`) should not cost the picture.
     if let Some(path) = &request.plot {

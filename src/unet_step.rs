@@ -12,13 +12,11 @@
 //! `SDSCALE_CUDA_GRAPH=0` turns graphs off (for comparison); measuring runs (the entropy probe reads
 //! values back to the host) and profiled runs are always eager.
 
-use crate::attention::AttentionScale;
-use crate::entropy::EntropyProbe;
+use crate::attention::{AttentionObserver, AttentionScale};
 use crate::models::unet::UNet2DConditionModel;
 use candle_core::{Device, Result, Tensor};
 
-pub struct UNetStepper<'a> {
-    unet: &'a UNet2DConditionModel,
+pub struct UNetStepper {
     #[cfg(feature = "cuda")]
     graph: graph::State,
 }
@@ -30,38 +28,39 @@ pub fn graphs_enabled(device: &Device) -> bool {
         && std::env::var("SDSCALE_CUDA_GRAPH").map_or(true, |v| v != "0" && !v.is_empty())
 }
 
-impl<'a> UNetStepper<'a> {
+impl UNetStepper {
     /// `use_graph` only has an effect on CUDA builds and devices; see [`graphs_enabled`].
-    pub fn new(unet: &'a UNet2DConditionModel, device: &Device, use_graph: bool) -> Self {
+    pub fn new(device: &Device, use_graph: bool) -> Self {
         #[cfg(not(feature = "cuda"))]
         let _ = (device, use_graph);
         Self {
-            unet,
             #[cfg(feature = "cuda")]
             graph: graph::State::new(device, use_graph),
         }
     }
 
     /// The noise prediction for `sample` at `timestep`. `on_warning` hears, once, why graphs were given up.
+    #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
+        unet: &UNet2DConditionModel,
         sample: &Tensor,
         timestep: f64,
         text: &Tensor,
         scale: AttentionScale,
-        probe: Option<&EntropyProbe>,
+        probe: Option<&dyn AttentionObserver>,
         on_warning: &mut dyn FnMut(String),
     ) -> Result<Tensor> {
-        let time = self.unet.time_features(timestep, sample.dim(0)?, sample.dtype(), sample.device())?;
+        let time = unet.time_features(timestep, sample.dim(0)?, sample.dtype(), sample.device())?;
         #[cfg(feature = "cuda")]
         if probe.is_none() {
-            if let Some(out) = self.graph.step(self.unet, sample, &time, text, scale, on_warning)? {
+            if let Some(out) = self.graph.step(unet, sample, &time, text, scale, on_warning)? {
                 return Ok(out);
             }
         }
         #[cfg(not(feature = "cuda"))]
         let _ = on_warning;
-        self.unet.forward_with_time(sample, &time, text, scale, probe)
+        unet.forward_with_time(sample, &time, text, scale, probe)
     }
 }
 

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use self::safetensors::SafetensorsFile;
+use crate::family::Family;
 use single_file::Part;
 
 /// The model the user asked for, before any file is read.
@@ -71,7 +72,7 @@ impl ModelSource {
         } else if path.exists() {
             bail!("--model {spec}: not a folder or a .safetensors file (pass a diffusers model folder, a checkpoint or a Hub repo id owner/name)");
         } else {
-            bail!("--model {spec}: no such file or folder, and not a Hub repo id (owner/name)");
+            bail!("--model {spec}: no such folder or file, and not a Hub repo id (owner/name)");
         };
         if let Some(config) = config {
             bail!("--config {config}: only a single-file checkpoint takes --config; --model {spec} brings its own configs");
@@ -138,6 +139,8 @@ impl Weights {
 /// Every file a pipeline needs, resolved to local paths.
 #[derive(Debug, Clone)]
 pub struct ModelFiles {
+    /// From `model_index.json`: which text encoder and decoder surround the UNet, in which folders.
+    pub family: Family,
     pub unet_config: PathBuf,
     pub unet_weights: Weights,
     pub text_encoder_config: PathBuf,
@@ -154,6 +157,7 @@ pub struct ModelFiles {
 
 /// The configs of a model, without its weights.
 struct Configs {
+    family: Family,
     unet: PathBuf,
     text_encoder: PathBuf,
     vae: PathBuf,
@@ -161,35 +165,27 @@ struct Configs {
     tokenizer_dir: PathBuf,
 }
 
-const UNET_WEIGHTS: (&str, &str) = ("unet", "diffusion_pytorch_model");
-const TEXT_ENCODER_WEIGHTS: (&str, &str) = ("text_encoder", "model");
-const VAE_WEIGHTS: (&str, &str) = ("vae", "diffusion_pytorch_model");
+/// The weight files of a family's networks, as (folder, file stem).
+fn weight_files(family: Family) -> [(&'static str, &'static str); 3] {
+    let folders = family.folders();
+    [("unet", "diffusion_pytorch_model"), (folders.text_encoder, "model"), (folders.decoder, "diffusion_pytorch_model")]
+}
 
 impl ModelFiles {
     pub fn resolve(source: &ModelSource, dtype: DType) -> Result<Self> {
         match source {
             ModelSource::Dir(dir) => {
                 let configs = configs_from_dir(dir)?;
+                let [unet, text_encoder, decoder] = weight_files(configs.family);
                 let weights = |(component, stem): (&str, &str)| dir_weights(dir, component, stem, dtype);
-                Ok(Self::assemble(
-                    configs,
-                    weights(UNET_WEIGHTS)?,
-                    weights(TEXT_ENCODER_WEIGHTS)?,
-                    weights(VAE_WEIGHTS)?,
-                    Vec::new(),
-                ))
+                Ok(Self::assemble(configs, weights(unet)?, weights(text_encoder)?, weights(decoder)?, Vec::new()))
             }
             ModelSource::Hub { repo, revision } => {
                 let hub = Hub::new(repo, revision.as_deref())?;
                 let configs = hub.configs()?;
+                let [unet, text_encoder, decoder] = weight_files(configs.family);
                 let weights = |(component, stem): (&str, &str)| hub.weights(component, stem, dtype);
-                Ok(Self::assemble(
-                    configs,
-                    weights(UNET_WEIGHTS)?,
-                    weights(TEXT_ENCODER_WEIGHTS)?,
-                    weights(VAE_WEIGHTS)?,
-                    Vec::new(),
-                ))
+                Ok(Self::assemble(configs, weights(unet)?, weights(text_encoder)?, weights(decoder)?, Vec::new()))
             }
             ModelSource::File { path, config } => {
                 let file = SafetensorsFile::open(path)?;
@@ -221,6 +217,7 @@ impl ModelFiles {
 
     fn assemble(configs: Configs, unet: Weights, text_encoder: Weights, vae: Weights, notes: Vec<String>) -> Self {
         Self {
+            family: configs.family,
             unet_config: configs.unet,
             unet_weights: unet,
             text_encoder_config: configs.text_encoder,
@@ -235,6 +232,9 @@ impl ModelFiles {
 }
 
 fn configs_from_dir(dir: &Path) -> Result<Configs> {
+    let index = dir.join("model_index.json");
+    let family = Family::from_model_index(index.is_file().then_some(index.as_path()))?;
+    let folders = family.folders();
     let file = |name: &str| -> Result<PathBuf> {
         let path = dir.join(name);
         if path.is_file() {
@@ -243,15 +243,16 @@ fn configs_from_dir(dir: &Path) -> Result<Configs> {
             bail!("model folder {} has no {name} (expected the diffusers layout: unet/, text_encoder/, vae/, scheduler/, tokenizer/)", dir.display())
         }
     };
-    let tokenizer_dir = dir.join("tokenizer");
+    let tokenizer_dir = dir.join(folders.tokenizer);
     if !tokenizer_dir.join("tokenizer.json").is_file() {
-        file("tokenizer/vocab.json")?;
-        file("tokenizer/merges.txt")?;
+        file(&format!("{}/vocab.json", folders.tokenizer))?;
+        file(&format!("{}/merges.txt", folders.tokenizer))?;
     }
     Ok(Configs {
+        family,
         unet: file("unet/config.json")?,
-        text_encoder: file("text_encoder/config.json")?,
-        vae: file("vae/config.json")?,
+        text_encoder: file(&format!("{}/config.json", folders.text_encoder))?,
+        vae: file(&format!("{}/config.json", folders.decoder))?,
         scheduler: file("scheduler/scheduler_config.json")?,
         tokenizer_dir,
     })
@@ -336,22 +337,27 @@ impl Hub {
     }
 
     fn configs(&self) -> Result<Configs> {
+        let index = self.fetch("model_index.json").ok();
+        let family = Family::from_model_index(index.as_deref())?;
+        let folders = family.folders();
         let unet = self.required("unet/config.json")?;
-        let tokenizer_dir = match self.fetch("tokenizer/tokenizer.json") {
+        let tokenizer = |name: &str| format!("{}/{name}", folders.tokenizer);
+        let tokenizer_dir = match self.fetch(&tokenizer("tokenizer.json")) {
             Ok(path) => path.parent().unwrap().to_path_buf(),
             Err(_) => {
-                let vocab = self.required("tokenizer/vocab.json")?;
-                self.required("tokenizer/merges.txt")?;
+                let vocab = self.required(&tokenizer("vocab.json"))?;
+                self.required(&tokenizer("merges.txt"))?;
                 // Optional, but they decide the special tokens (SD 2.x pads with "!").
-                let _ = self.fetch("tokenizer/special_tokens_map.json");
-                let _ = self.fetch("tokenizer/tokenizer_config.json");
+                let _ = self.fetch(&tokenizer("special_tokens_map.json"));
+                let _ = self.fetch(&tokenizer("tokenizer_config.json"));
                 vocab.parent().unwrap().to_path_buf()
             }
         };
         Ok(Configs {
+            family,
             unet,
-            text_encoder: self.required("text_encoder/config.json")?,
-            vae: self.required("vae/config.json")?,
+            text_encoder: self.required(&format!("{}/config.json", folders.text_encoder))?,
+            vae: self.required(&format!("{}/config.json", folders.decoder))?,
             scheduler: self.required("scheduler/scheduler_config.json")?,
             tokenizer_dir,
         })

@@ -12,7 +12,9 @@
 use crate::util::{pipeline, sdscale, stderr, stdout, tiny_model};
 use sdscale::attention::AttentionScale;
 use sdscale::entropy::EntropyProbe;
+use sdscale::mode::{Denoiser, RenderPlan};
 use sdscale::pipeline::GenerateRequest;
+use sdscale::size::PixelSize;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -21,20 +23,19 @@ use std::path::Path;
 const ATTN_SHARPEN: f32 = 7.0;
 
 fn request(size: usize, attention: AttentionScale, guidance: f64) -> GenerateRequest {
+    let render = PixelSize::new(size, size);
     GenerateRequest {
         prompt: "a corgi on a beach".into(),
         negative_prompt: String::new(),
-        width: size,
-        height: size,
+        plan: RenderPlan { render, attention, denoiser: Denoiser::Whole, resize_to: None },
         steps: 3,
         guidance_scale: guidance,
         seed: 1,
-        attention,
     }
 }
 
 fn entropy_mode() -> AttentionScale {
-    pipeline().entropy_scale(pipeline().training_size())
+    AttentionScale::Entropy { train_latent: pipeline().training().latent() }
 }
 
 /// See: issue 5 ("with it on, `gen` output is bit-identical to without it").
@@ -42,11 +43,13 @@ fn entropy_mode() -> AttentionScale {
 fn the_probe_does_not_change_the_image() {
     for (attention, guidance) in [(entropy_mode(), 7.5), (AttentionScale::Default, 1.0)] {
         let request = request(192, attention, guidance);
-        let plain = pipeline().generate(&request, &mut |_| {}).unwrap();
+        let never = std::sync::atomic::AtomicBool::new(false);
+        let plain = pipeline().session().generate_batch(std::slice::from_ref(&request), &mut |_| {}, &never).unwrap();
+        let plain = &plain[0];
         let probe = EntropyProbe::new(0..3);
         let latents = pipeline().denoise(&request, &mut |_| {}, Some(&probe)).unwrap();
         let probed = pipeline().decode_latents(&latents, &mut |_| {}).unwrap();
-        assert!(plain == probed, "the probe changed the image ({attention:?}, guidance {guidance})");
+        assert!(*plain == probed, "the probe changed the image ({attention:?}, guidance {guidance})");
         // 16 self-attention layers (6 down, 1 mid, 9 up) at each of the 3 steps.
         assert_eq!(probe.into_samples().len(), 3 * 16);
     }
@@ -55,7 +58,7 @@ fn the_probe_does_not_change_the_image() {
 /// At the training size N = T everywhere, so the entropy scale is 1/√d and the runs are identical.
 #[test]
 fn both_modes_measure_the_same_at_the_training_size() {
-    let (width, _) = pipeline().training_size();
+    let width = pipeline().training().pixels.width;
     let measure = |attention| {
         let probe = EntropyProbe::new([0, 2]);
         pipeline().denoise(&request(width, attention, 7.5), &mut |_| {}, Some(&probe)).unwrap();

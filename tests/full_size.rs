@@ -47,7 +47,7 @@ fn full_size_unet_one_guided_step_at_224_and_512x288() {
     assert!((860_000_000..870_000_000).contains(&parameters), "{parameters} parameters");
 
     let text = Tensor::randn(0f32, 1.0, (2, 77, 1024), &Device::Cpu).unwrap();
-    let entropy = AttentionScale::Entropy { train_latent: (64, 64) };
+    let entropy = AttentionScale::Entropy { train_latent: sdscale::size::LatentSize { height: 64, width: 64 } };
     // 224×224 → 28×28 latents (28 → 14 → 7 → 4: an odd level); 512×288 → 64×36 latents.
     for (latent_height, latent_width) in [(28, 28), (36, 64)] {
         let sample = Tensor::randn(0f32, 1.0, (2, 4, latent_height, latent_width), &Device::Cpu).unwrap();

@@ -1,6 +1,6 @@
 //! Each stage of the pipeline against diffusers/transformers/torch outputs on the fixture model.
 
-use crate::util::{load_tensors, max_abs_diff, pipeline, read_json};
+use crate::util::{clip, load_tensors, max_abs_diff, pipeline, read_json, vae};
 use candle_core::{DType, Device, Tensor};
 use sdscale::attention::AttentionScale;
 use sdscale::rng::{randn, TorchGenerator};
@@ -10,7 +10,7 @@ use sdscale::scheduler::{DdimConfig, DdimScheduler};
 /// prompts: punctuation, digits, unicode, emoji, literal special tokens, very long.
 #[test]
 fn token_ids_match_transformers() {
-    let tokenizer = pipeline().tokenizer();
+    let tokenizer = &clip().tokenizer;
     let cases = read_json("tokens.json");
     let cases = cases.as_array().unwrap();
     assert!(cases.len() >= 30);
@@ -85,17 +85,16 @@ fn ddim_step_matches_diffusers() {
 fn text_embeddings_match_transformers() {
     let tensors = load_tensors("text.safetensors");
     let reference = read_json("text.json");
-    let pipeline = pipeline();
     for (prompt, ids_key, embeds_key) in [
         (reference["prompt"].as_str().unwrap(), "input_ids", "prompt_embeds"),
         (reference["negative_prompt"].as_str().unwrap(), "negative_input_ids", "negative_prompt_embeds"),
     ] {
-        let ids = pipeline.tokenizer().encode(prompt).unwrap().ids;
+        let ids = clip().tokenizer.encode(prompt).unwrap().ids;
         let want_ids: Vec<u32> =
             tensors[ids_key].flatten_all().unwrap().to_vec1::<i64>().unwrap().into_iter().map(|i| i as u32).collect();
         assert_eq!(ids, want_ids);
         let input = Tensor::from_vec(ids, (1, 77), &Device::Cpu).unwrap();
-        let got = pipeline.text_encoder().forward(&input).unwrap();
+        let got = clip().model.forward(&input).unwrap();
         let (diff, scale) = max_abs_diff(&got, &tensors[embeds_key]);
         assert!(diff <= 1e-5 * scale.max(1.0), "{embeds_key}: max difference {diff}");
     }
@@ -109,7 +108,7 @@ fn unet_matches_diffusers_in_both_modes() {
     let timestep = reference["timestep"].as_f64().unwrap();
     let pipeline = pipeline();
     let text = &tensors["encoder_hidden_states"];
-    let entropy = pipeline.entropy_scale(pipeline.training_size());
+    let entropy = AttentionScale::Entropy { train_latent: pipeline.training().latent() };
     for case in reference["cases"].as_array().unwrap() {
         let sample = &tensors[case["sample"].as_str().unwrap()];
         for (mode, key) in [(AttentionScale::Default, "out_default"), (entropy, "out_entropy")] {
@@ -129,7 +128,7 @@ fn unet_modes_are_bit_identical_at_the_training_size_only() {
     let tensors = load_tensors("unet.safetensors");
     let pipeline = pipeline();
     let text = &tensors["encoder_hidden_states"];
-    let entropy = pipeline.entropy_scale(pipeline.training_size());
+    let entropy = AttentionScale::Entropy { train_latent: pipeline.training().latent() };
     let run = |sample: &Tensor, mode| {
         pipeline.unet().forward(sample, 501.0, text, mode).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
     };
@@ -144,7 +143,7 @@ fn vae_decode_matches_diffusers() {
     let tensors = load_tensors("vae.safetensors");
     let scaling = read_json("vae.json")["scaling_factor"].as_f64().unwrap();
     let latents = (&tensors["latents"] / scaling).unwrap();
-    let got = pipeline().vae().decode(&latents.to_dtype(DType::F32).unwrap()).unwrap();
+    let got = vae().vae.decode(&latents.to_dtype(DType::F32).unwrap()).unwrap();
     let (diff, scale) = max_abs_diff(&got, &tensors["decoded"]);
     assert!(diff <= 1e-4 * scale.max(1.0), "VAE: max difference {diff}");
 }

@@ -1,6 +1,7 @@
 //! Shared helpers: fixture paths, the fixture pipeline, running the real binary, comparing images.
 
 use candle_core::{DType, Device, Tensor};
+use sdscale::family::{ClipTextEncoder, SdVae};
 use sdscale::pipeline::Pipeline;
 use sdscale::weights::{ModelFiles, ModelSource};
 use std::collections::HashMap;
@@ -31,9 +32,35 @@ pub fn load_tensors(name: &str) -> HashMap<String, Tensor> {
 /// The fixture model, loaded once per test process (f32, CPU, as the references were made).
 pub fn pipeline() -> &'static Pipeline {
     static PIPELINE: OnceLock<Pipeline> = OnceLock::new();
-    PIPELINE.get_or_init(|| {
-        let files = ModelFiles::resolve(&ModelSource::Dir(tiny_model()), DType::F32).unwrap();
-        Pipeline::load(&files, &Device::Cpu, DType::F32).unwrap()
+    PIPELINE.get_or_init(|| Pipeline::load(&fixture_files(), &Device::Cpu, DType::F32).unwrap())
+}
+
+fn fixture_files() -> ModelFiles {
+    ModelFiles::resolve(&ModelSource::Dir(tiny_model()), DType::F32).unwrap()
+}
+
+/// The fixture's CLIP tokenizer and text encoder on their own (f32, CPU), for the network tests.
+pub fn clip() -> &'static ClipTextEncoder {
+    static CLIP: OnceLock<ClipTextEncoder> = OnceLock::new();
+    CLIP.get_or_init(|| {
+        let files = fixture_files();
+        ClipTextEncoder::load(
+            &files.tokenizer_dir,
+            &files.text_encoder_config,
+            &files.text_encoder_weights,
+            &Device::Cpu,
+            DType::F32,
+        )
+        .unwrap()
+    })
+}
+
+/// The fixture's VAE decoder on its own (f32, CPU).
+pub fn vae() -> &'static SdVae {
+    static VAE: OnceLock<SdVae> = OnceLock::new();
+    VAE.get_or_init(|| {
+        let files = fixture_files();
+        SdVae::load(&files.vae_config, &files.vae_weights, &Device::Cpu, DType::F32).unwrap()
     })
 }
 

@@ -5,7 +5,7 @@
 //! CPU UNet step (9.4 of 17.8 s, 2026-11-26). The entropy probe's row statistics are taken from the
 //! same block buffers, so measuring never changes the output.
 
-use crate::entropy::RowStats;
+use super::RowStats;
 use crate::models::layers::f32_values as values;
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;

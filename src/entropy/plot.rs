@@ -5,7 +5,7 @@
 //! same on machines without any system fonts.
 
 use super::Measurement;
-use crate::cli::Mode;
+use crate::mode::Mode;
 use anyhow::{anyhow, Context, Result};
 use image::RgbImage;
 use plotters::prelude::*;

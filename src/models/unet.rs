@@ -12,9 +12,10 @@
 //! know how many tokens that layer saw in training.
 
 use super::layers::{geglu, silu, Conv2d, GroupNorm, LayerNorm, Linear};
-use crate::attention::AttentionScale;
-use crate::attention::{merge_heads, multi_head_attention, scaled_dot_product_attention_measured, split_heads};
-use crate::entropy::{EntropyProbe, RowStats};
+use crate::attention::{
+    merge_heads, multi_head_attention, scaled_dot_product_attention_measured, split_heads, AttentionObserver,
+    AttentionScale, RowStats,
+};
 use crate::profile::{op, OpKind};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
@@ -363,7 +364,13 @@ impl Attention {
 
     /// `xs` (b, n, c) attends to `context` (b, m, c'); `scale` multiplies the q·k logits. With a probe,
     /// the attention maps of its batch entry are measured on the way (same output, bit for bit).
-    fn forward(&self, xs: &Tensor, context: &Tensor, scale: f64, probe: Option<&EntropyProbe>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        context: &Tensor,
+        scale: f64,
+        probe: Option<&dyn AttentionObserver>,
+    ) -> Result<Tensor> {
         let b = xs.dim(0)?;
         let device = xs.device();
         let q = self.to_q.forward(xs)?;
@@ -440,7 +447,7 @@ impl BasicTransformerBlock {
         text: &Tensor,
         self_scale: f64,
         cross_scale: f64,
-        probe: Option<&EntropyProbe>,
+        probe: Option<&dyn AttentionObserver>,
     ) -> Result<Tensor> {
         let add = |a: Tensor, b: &Tensor| op(OpKind::Elementwise, b.device(), || a + b);
         let normed = self.norm1.forward(xs)?;
@@ -510,7 +517,7 @@ impl Transformer2DModel {
         xs: &Tensor,
         text: &Tensor,
         scale: AttentionScale,
-        probe: Option<&EntropyProbe>,
+        probe: Option<&dyn AttentionObserver>,
     ) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let residual = xs;
@@ -611,7 +618,7 @@ impl DownBlock {
         temb: &Tensor,
         text: &Tensor,
         scale: AttentionScale,
-        probe: Option<&EntropyProbe>,
+        probe: Option<&dyn AttentionObserver>,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut xs = xs.clone();
         let mut res_samples = Vec::with_capacity(self.resnets.len() + 1);
@@ -645,7 +652,7 @@ impl UpBlock {
         temb: &Tensor,
         text: &Tensor,
         scale: AttentionScale,
-        probe: Option<&EntropyProbe>,
+        probe: Option<&dyn AttentionObserver>,
     ) -> Result<Tensor> {
         let mut xs = xs.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
@@ -681,7 +688,7 @@ impl MidBlock {
         temb: &Tensor,
         text: &Tensor,
         scale: AttentionScale,
-        probe: Option<&EntropyProbe>,
+        probe: Option<&dyn AttentionObserver>,
     ) -> Result<Tensor> {
         let mut xs = self.resnets[0].forward(xs, temb)?;
         for (attention, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
@@ -834,7 +841,7 @@ impl UNet2DConditionModel {
         timestep: f64,
         encoder_hidden_states: &Tensor,
         scale: AttentionScale,
-        probe: Option<&EntropyProbe>,
+        probe: Option<&dyn AttentionObserver>,
     ) -> Result<Tensor> {
         let time = self.time_features(timestep, sample.dim(0)?, sample.dtype(), sample.device())?;
         self.forward_with_time(sample, &time, encoder_hidden_states, scale, probe)
@@ -861,7 +868,7 @@ impl UNet2DConditionModel {
         time_features: &Tensor,
         encoder_hidden_states: &Tensor,
         scale: AttentionScale,
-        probe: Option<&EntropyProbe>,
+        probe: Option<&dyn AttentionObserver>,
     ) -> Result<Tensor> {
         let mut clock = crate::profile::Clock::start("unet", sample.device());
         // 1. time: the embedding MLP over the sinusoidal features.
