@@ -240,22 +240,12 @@ fn render(
     batch_size: usize,
     mut finish: impl FnMut(&PlannedImage, RgbImage, f64) -> Result<()>,
 ) -> Outcome {
-    // Group by what must be shared, in order of first appearance, then cut into batches.
-    let mut groups: Vec<(GenerateRequest, Vec<&PlannedImage>)> = Vec::new();
-    for planned in plan {
-        let request = planned.generate_request();
-        match groups.iter_mut().find(|(r, _)| r.batch_key() == request.batch_key()) {
-            Some((_, members)) => members.push(planned),
-            None => groups.push((request, vec![planned])),
-        }
-    }
-    let batches: Vec<&[&PlannedImage]> = groups.iter().flat_map(|(_, members)| members.chunks(batch_size)).collect();
-
+    let batches = plan::batches(plan, batch_size);
     let progress = Progress::new(plan.len());
     // One session for the whole run: on CUDA its captured UNet graph serves every same-shaped batch.
     let mut session = model.pipeline.session();
     let mut outcome = Outcome::default();
-    for batch in batches {
+    for batch in &batches {
         if STOP.load(Ordering::SeqCst) {
             outcome.interrupted = true;
             break;

@@ -43,15 +43,21 @@ pub struct BatchKey {
     guidance_bits: u64,
 }
 
+impl BatchKey {
+    pub fn new(plan: &RenderPlan, steps: usize, guidance_scale: f64) -> Self {
+        BatchKey {
+            render: plan.render,
+            attention: plan.attention,
+            denoiser: plan.denoiser,
+            steps,
+            guidance_bits: guidance_scale.to_bits(),
+        }
+    }
+}
+
 impl GenerateRequest {
     pub fn batch_key(&self) -> BatchKey {
-        BatchKey {
-            render: self.plan.render,
-            attention: self.plan.attention,
-            denoiser: self.plan.denoiser,
-            steps: self.steps,
-            guidance_bits: self.guidance_scale.to_bits(),
-        }
+        BatchKey::new(&self.plan, self.steps, self.guidance_scale)
     }
 
     /// diffusers: guidance only when guidance_scale > 1; otherwise the conditional branch alone.

@@ -4,7 +4,7 @@
 
 use crate::cli::ImageSpec;
 use crate::mode::RenderPlan;
-use crate::pipeline::GenerateRequest;
+use crate::pipeline::{BatchKey, GenerateRequest};
 use crate::size::{PixelSize, TrainingSize};
 use std::path::PathBuf;
 
@@ -33,6 +33,20 @@ impl PlannedImage {
             seed: self.spec.seed,
         }
     }
+}
+
+/// Cuts a plan into batches of at most `batch_size` images that can share UNet calls (the same
+/// [`BatchKey`]): grouped in order of first appearance, each group in plan order.
+pub fn batches(plan: &[PlannedImage], batch_size: usize) -> Vec<Vec<&PlannedImage>> {
+    let mut groups: Vec<(BatchKey, Vec<&PlannedImage>)> = Vec::new();
+    for planned in plan {
+        let key = BatchKey::new(&planned.render, planned.spec.steps, planned.spec.guidance);
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, members)) => members.push(planned),
+            None => groups.push((key, vec![planned])),
+        }
+    }
+    groups.iter().flat_map(|(_, members)| members.chunks(batch_size.max(1)).map(<[_]>::to_vec)).collect()
 }
 
 /// Plans `specs` in order. A spec without a size gets `default_size` (the model's own training size);
@@ -91,5 +105,21 @@ mod tests {
             ]
         );
         assert_eq!(planned[1].generate_request().plan.resize_to, Some(PixelSize::new(192, 192)));
+    }
+
+    #[test]
+    fn batches_group_what_can_share_unet_calls_in_plan_order() {
+        let training = TrainingSize { pixels: PixelSize::new(128, 128), vae_scale_factor: 8 };
+        let specs = [
+            spec(Mode::Default, Some(64)),
+            spec(Mode::Entropy, Some(64)),
+            spec(Mode::Default, Some(64)),
+            spec(Mode::Default, Some(64)),
+            spec(Mode::Entropy, Some(64)),
+        ];
+        let planned = plan(specs, training.pixels, training, |i, _, _| PathBuf::from(i.to_string()));
+        let indices: Vec<Vec<usize>> =
+            batches(&planned, 2).iter().map(|batch| batch.iter().map(|p| p.index).collect()).collect();
+        assert_eq!(indices, [vec![0, 2], vec![3], vec![1, 4]]);
     }
 }
