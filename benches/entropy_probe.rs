@@ -39,7 +39,7 @@ fn main() -> Result<()> {
     let request = GenerateRequest {
         prompt: "a corgi on a beach".into(),
         negative_prompt: String::new(),
-        plan: Mode::Default.plan(PixelSize::new(size, size), pipeline.training()),
+        plan: Mode::Default.plan(PixelSize::new(size, size), pipeline.training(), Default::default()),
         steps,
         guidance_scale: 7.5,
         seed: 1,

@@ -177,6 +177,9 @@ fn image_metadata(planned: &PlannedImage, model: &Model) -> ImageMetadata {
 /// Refuses, before any work: two images with one name, and files that exist (unless `overwrite`;
 /// with `skip_existing` they are dropped from the plan). Creates missing folders.
 fn check_outputs(plan: Vec<PlannedImage>, overwrite: bool, skip_existing: bool) -> Result<Vec<PlannedImage>> {
+    for planned in &plan {
+        planned.render.check().map_err(bad_input)?;
+    }
     let mut seen: HashMap<PathBuf, usize> = HashMap::new();
     for planned in &plan {
         if let Some(other) = seen.insert(output::same_file_key(&planned.path), planned.index) {
@@ -238,12 +241,13 @@ fn render(
     model: &Model,
     plan: &[PlannedImage],
     batch_size: usize,
+    view_batch: usize,
     mut finish: impl FnMut(&PlannedImage, RgbImage, f64) -> Result<()>,
 ) -> Outcome {
     let batches = plan::batches(plan, batch_size);
     let progress = Progress::new(plan.len());
     // One session for the whole run: on CUDA its captured UNet graph serves every same-shaped batch.
-    let mut session = model.pipeline.session();
+    let mut session = model.pipeline.session().with_view_batch(view_batch);
     let mut outcome = Outcome::default();
     for batch in &batches {
         if STOP.load(Ordering::SeqCst) {
@@ -370,7 +374,11 @@ impl Progress {
 // ---- gen ----------------------------------------------------------------------------------------
 
 fn gen(args: GenArgs) -> Result<()> {
+    let multidiffusion = args.multidiffusion.clone();
     let request = GenRequest::try_from(args).map_err(bad_input)?;
+    let modes: Vec<Mode> = request.images.iter().map(|spec| spec.mode).collect();
+    let options = multidiffusion.options(&modes).map_err(bad_input)?;
+    let view_batch = multidiffusion.view_batch;
     if let Some(seed) = request.random_seed {
         eprintln!("sdscale: seed {seed} (pass --seed {seed} to reproduce)");
     }
@@ -379,6 +387,7 @@ fn gen(args: GenArgs) -> Result<()> {
         request.images.iter().cloned(),
         training.pixels,
         scale_training(&request.model, training),
+        options,
         |index, spec, size| {
             request.output.render(&Fields {
                 index,
@@ -399,7 +408,7 @@ fn gen(args: GenArgs) -> Result<()> {
 
     let model = load_model(&request.model, &files, training)?;
     install_stop_handler();
-    let outcome = render(&model, &plan, request.model.batch_size, |planned, image, seconds| {
+    let outcome = render(&model, &plan, request.model.batch_size, view_batch, |planned, image, seconds| {
         let metadata = image_metadata(planned, &model);
         output::write_png(&planned.path, &image, &metadata.text_chunks(), request.overwrite)?;
         if request.json {
@@ -434,7 +443,10 @@ fn print_line(line: &str) -> Result<()> {
 // ---- compare ------------------------------------------------------------------------------------
 
 fn compare(args: CompareArgs) -> Result<()> {
+    let multidiffusion = args.multidiffusion.clone();
     let request = CompareRequest::try_from(args).map_err(bad_input)?;
+    let options = multidiffusion.options(&request.modes).map_err(bad_input)?;
+    let view_batch = multidiffusion.view_batch;
     if let Some(seed) = request.random_seed {
         eprintln!("sdscale: seeds {seed}, {}, {} (pass --seeds to choose)", seed + 1, seed + 2);
     }
@@ -463,7 +475,7 @@ fn compare(args: CompareArgs) -> Result<()> {
             mode,
         })
     });
-    let plan = plan::plan(specs, training.pixels, scale_training(&request.model, training), |_, spec, _| {
+    let plan = plan::plan(specs, training.pixels, scale_training(&request.model, training), options, |_, spec, _| {
         folder.join(format!("{stem}.{}.seed{}.png", spec.mode.as_str(), spec.seed))
     });
     let plan = check_outputs(plan, request.overwrite, false)?;
@@ -475,7 +487,7 @@ fn compare(args: CompareArgs) -> Result<()> {
     let model = load_model(&request.model, &files, training)?;
     install_stop_handler();
     let mut images: HashMap<usize, RgbImage> = HashMap::new();
-    let outcome = render(&model, &plan, request.model.batch_size, |planned, image, _| {
+    let outcome = render(&model, &plan, request.model.batch_size, view_batch, |planned, image, _| {
         output::write_png(&planned.path, &image, &image_metadata(planned, &model).text_chunks(), request.overwrite)?;
         output::print_path(&planned.path)?;
         images.insert(planned.index, image);
@@ -572,7 +584,7 @@ fn entropy(args: EntropyArgs) -> Result<()> {
             let generate = GenerateRequest {
                 prompt: request.prompt.clone(),
                 negative_prompt: request.negative_prompt.clone(),
-                plan: mode.plan(PixelSize::new(width, height), training),
+                plan: mode.plan(PixelSize::new(width, height), training, Default::default()),
                 steps: request.steps,
                 guidance_scale: request.guidance,
                 seed: request.seed,

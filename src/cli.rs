@@ -6,7 +6,7 @@
 //! after `try_from` looks at raw flags. This is the only file that names flags.
 
 use crate::metadata::{self, Found};
-use crate::mode::Mode;
+use crate::mode::{Mode, ModeOptions, ViewRule};
 use crate::output::Template;
 use crate::weights::ModelSource;
 use anyhow::{anyhow, bail, Context, Result};
@@ -107,6 +107,42 @@ pub struct BatchArgs {
     pub batch_size: usize,
 }
 
+/// Options of `--mode multidiffusion`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MultiDiffusionArgs {
+    /// MultiDiffusion's windows: `diffusers` (its panorama pipeline; one window per side of at most
+    /// 512 px) or `original` (omerbt/MultiDiffusion's rule, which the paper's 224² MD row used).
+    #[arg(long, value_enum, default_value = "diffusers", value_name = "RULE")]
+    pub md_views: ViewRule,
+
+    /// MultiDiffusion panorama that wraps around horizontally (height at most 512 px: one row of windows).
+    #[arg(long)]
+    pub circular: bool,
+
+    /// MultiDiffusion windows per UNet call (diffusers' view_batch_size; same images, more memory).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub view_batch: usize,
+}
+
+impl MultiDiffusionArgs {
+    /// The options, checked against the modes they would apply to.
+    pub fn options(&self, modes: &[Mode]) -> Result<ModeOptions> {
+        let applies = modes.contains(&Mode::Multidiffusion);
+        if !applies && (self.circular || self.md_views != ViewRule::Diffusers || self.view_batch != 1) {
+            let flag = match (self.circular, self.md_views) {
+                (true, _) => "--circular",
+                (false, ViewRule::Original) => "--md-views",
+                _ => "--view-batch",
+            };
+            bail!("{flag} applies to --mode multidiffusion only; add that mode or drop the flag");
+        }
+        if self.view_batch == 0 || self.view_batch > 64 {
+            bail!("--view-batch {} is out of range; use 1 to 64", self.view_batch);
+        }
+        Ok(ModeOptions { views: self.md_views, circular: self.circular })
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct GenArgs {
     /// The prompt.
@@ -183,6 +219,9 @@ pub struct GenArgs {
 
     #[command(flatten)]
     pub batch: BatchArgs,
+
+    #[command(flatten)]
+    pub multidiffusion: MultiDiffusionArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -238,6 +277,9 @@ pub struct CompareArgs {
 
     #[command(flatten)]
     pub batch: BatchArgs,
+
+    #[command(flatten)]
+    pub multidiffusion: MultiDiffusionArgs,
 }
 
 #[derive(Debug, clap::Args)]

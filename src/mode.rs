@@ -2,7 +2,7 @@
 //!
 //! A mode is a pipeline concept. It decides three things, all in [`Mode::plan`]: the size the UNet
 //! renders at, the attention scale, and how the latents are denoised; plus a resize afterwards. A new
-//! mode is one variant and one arm of that match (MultiDiffusion, say, is `Denoiser::Views`).
+//! mode is one variant and one arm of that match (MultiDiffusion is `Denoiser::Views`).
 
 use crate::attention::AttentionScale;
 use crate::size::{PixelSize, TrainingSize};
@@ -19,6 +19,92 @@ pub enum Mode {
     /// The paper's baseline: render with 1/√d at about the training pixel count with the target's
     /// aspect, then resize to the target size with Lanczos3.
     Resize,
+    /// The paper's other baseline (Bar-Tal et al. 2023), as diffusers' panorama pipeline: denoise
+    /// 64×64-latent windows with stride 8 and average them every step.
+    Multidiffusion,
+}
+
+/// Which windows MultiDiffusion denoises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ViewRule {
+    /// diffusers' `get_views`: a side of at most 64 latents is one window (so at 512² and below
+    /// MultiDiffusion is the plain pipeline).
+    #[default]
+    Diffusers,
+    /// The original MultiDiffusion code's `get_views` (omerbt/MultiDiffusion), which has no such guard:
+    /// below 64 latents it makes windows with negative offsets, sliced as Python slices them. This is
+    /// the setting behind the paper's MD row at 224²; for reproducing it, not a recommendation.
+    Original,
+}
+
+/// Options of the modes that have any, set once per run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ModeOptions {
+    pub views: ViewRule,
+    /// MultiDiffusion panoramas that wrap around horizontally (one row of windows, as diffusers).
+    pub circular: bool,
+}
+
+/// MultiDiffusion's windows, in latent pixels, as diffusers' panorama pipeline lays them out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Views {
+    pub window: usize,
+    pub stride: usize,
+    pub rule: ViewRule,
+    pub circular: bool,
+}
+
+/// Python's `a // b` (floor division, also for a negative divisor, which the original rule has).
+fn floor_div(a: i64, b: i64) -> i64 {
+    let quotient = a / b;
+    if a % b != 0 && ((a < 0) != (b < 0)) {
+        quotient - 1
+    } else {
+        quotient
+    }
+}
+
+/// One window: rows and columns of the latents (columns may run past the right edge when circular:
+/// they wrap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub rows: (usize, usize),
+    pub cols: (usize, usize),
+}
+
+impl Views {
+    /// The windows over (height, width) latents, in diffusers' (row-major) order.
+    pub fn windows(&self, height: usize, width: usize) -> Vec<Window> {
+        let (window, stride) = (self.window as i64, self.stride as i64);
+        let (h, w) = (height as i64, width as i64);
+        let blocks = |side: i64, circular: bool| -> i64 {
+            match self.rule {
+                ViewRule::Diffusers if side <= window => 1,
+                ViewRule::Diffusers if circular => side / stride,
+                // Python's // floors: below the window this goes negative in the original code.
+                _ => (side - window).div_euclid(stride) + 1,
+            }
+        };
+        let (rows, cols) = (blocks(h, false), blocks(w, self.circular));
+        let total = rows * cols;
+        // Python's slice bounds: a negative index counts from the end, then both clamp to the side.
+        let clamp = |i: i64, side: i64| if i < 0 { (i + side).max(0) } else { i.min(side) } as usize;
+        (0..total.max(0))
+            .map(|i| {
+                let (row_start, col_start) = (floor_div(i, cols) * stride, (i - cols * floor_div(i, cols)) * stride);
+                let (row_end, col_end) = (row_start + window, col_start + window);
+                let rows = (clamp(row_start, h), clamp(row_end, h));
+                let cols = if self.circular {
+                    (col_start as usize, col_end as usize)
+                } else {
+                    (clamp(col_start, w), clamp(col_end, w))
+                };
+                Window { rows, cols }
+            })
+            .filter(|window| window.rows.1 > window.rows.0 && window.cols.1 > window.cols.0)
+            .collect()
+    }
 }
 
 /// How the denoising loop turns latents into the next latents.
@@ -26,6 +112,8 @@ pub enum Mode {
 pub enum Denoiser {
     /// One guided UNet call on the whole latent image per step, as `StableDiffusionPipeline`.
     Whole,
+    /// MultiDiffusion: the guided UNet and the scheduler step on each window, averaged.
+    Views(Views),
 }
 
 /// Everything a mode decides for one image.
@@ -39,14 +127,34 @@ pub struct RenderPlan {
     pub resize_to: Option<PixelSize>,
 }
 
+impl RenderPlan {
+    /// What a mode cannot do at a size, refused before any work.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if let Denoiser::Views(views) = self.denoiser {
+            // diffusers' circular value extraction indexes each window with its own row offsets,
+            // which is only right for one row of windows; so is ours, by the same rule.
+            let latent_rows = self.render.height.div_ceil(8);
+            if views.circular && latent_rows > views.window {
+                anyhow::bail!(
+                    "--circular wraps one row of MultiDiffusion windows: the height ({} px) must be at most {} px",
+                    self.render.height,
+                    views.window * 8
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Mode {
-    pub const ALL: [Mode; 3] = [Mode::Default, Mode::Entropy, Mode::Resize];
+    pub const ALL: [Mode; 4] = [Mode::Default, Mode::Entropy, Mode::Resize, Mode::Multidiffusion];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Default => "default",
             Mode::Entropy => "entropy",
             Mode::Resize => "resize",
+            Mode::Multidiffusion => "multidiffusion",
         }
     }
 
@@ -55,7 +163,7 @@ impl Mode {
     }
 
     /// The one place a mode becomes a way of rendering `target` with a model trained at `training`.
-    pub fn plan(self, target: PixelSize, training: TrainingSize) -> RenderPlan {
+    pub fn plan(self, target: PixelSize, training: TrainingSize, options: ModeOptions) -> RenderPlan {
         let as_is = |attention| RenderPlan { render: target, attention, denoiser: Denoiser::Whole, resize_to: None };
         match self {
             Mode::Default => as_is(AttentionScale::Default),
@@ -69,6 +177,17 @@ impl Mode {
                     resize_to: (render != target).then_some(target),
                 }
             }
+            Mode::Multidiffusion => RenderPlan {
+                render: target,
+                attention: AttentionScale::Default,
+                denoiser: Denoiser::Views(Views {
+                    window: 64,
+                    stride: 8,
+                    rule: options.views,
+                    circular: options.circular,
+                }),
+                resize_to: None,
+            },
         }
     }
 }
@@ -108,14 +227,45 @@ mod tests {
     fn each_mode_plans_its_render() {
         let training = TrainingSize { pixels: px(512, 512), vae_scale_factor: 8 };
         let target = px(768, 512);
-        let default = Mode::Default.plan(target, training);
+        let default = Mode::Default.plan(target, training, ModeOptions::default());
         assert_eq!((default.render, default.attention, default.resize_to), (target, AttentionScale::Default, None));
-        let entropy = Mode::Entropy.plan(target, training);
+        let entropy = Mode::Entropy.plan(target, training, ModeOptions::default());
         let train_latent = LatentSize { height: 64, width: 64 };
         assert_eq!((entropy.render, entropy.attention), (target, AttentionScale::Entropy { train_latent }));
-        let resize = Mode::Resize.plan(target, training);
+        let resize = Mode::Resize.plan(target, training, ModeOptions::default());
         assert_eq!((resize.render, resize.resize_to), (px(624, 416), Some(target)));
         // At its own render size, resize has nothing to resize.
-        assert_eq!(Mode::Resize.plan(px(512, 512), training).resize_to, None);
+        assert_eq!(Mode::Resize.plan(px(512, 512), training, ModeOptions::default()).resize_to, None);
+    }
+
+    fn windows(rule: ViewRule, circular: bool, height: usize, width: usize) -> Vec<((usize, usize), (usize, usize))> {
+        let views = Views { window: 64, stride: 8, rule, circular };
+        views.windows(height, width).into_iter().map(|w| (w.rows, w.cols)).collect()
+    }
+
+    #[test]
+    fn diffusers_views_tile_row_major_and_leave_a_ragged_edge_uncovered() {
+        assert_eq!(windows(ViewRule::Diffusers, false, 28, 28), [((0, 28), (0, 28))]);
+        let grid = windows(ViewRule::Diffusers, false, 88, 80);
+        assert_eq!(grid.len(), 4 * 3);
+        assert_eq!((grid[0], grid[1], grid[3]), (((0, 64), (0, 64)), ((0, 64), (8, 72)), ((8, 72), (0, 64))));
+        // 68 rows: (68 − 64) // 8 + 1 = 1 row of windows, rows 64..67 never covered.
+        assert!(windows(ViewRule::Diffusers, false, 68, 80).iter().all(|&(rows, _)| rows == (0, 64)));
+        // Circular: width // 8 windows, the last ones wrapping past the edge.
+        let ring = windows(ViewRule::Diffusers, true, 64, 128);
+        assert_eq!((ring.len(), ring[15]), (16, ((0, 64), (120, 184))));
+    }
+
+    #[test]
+    fn the_original_rule_reproduces_the_papers_224_setting() {
+        // omerbt/MultiDiffusion at 28×28 latents: (28 − 64) // 8 + 1 = −4 blocks a side, 16 windows
+        // whose negative offsets Python's slicing wraps (e.g. rows 20..28 × cols 4..28).
+        let views = windows(ViewRule::Original, false, 28, 28);
+        assert_eq!(views.len(), 16);
+        assert_eq!(views[0], ((0, 28), (0, 28)));
+        assert_eq!(views[1], ((20, 28), (4, 28)));
+        assert_eq!(views[5], ((12, 28), (4, 28)));
+        // Above 64 latents both rules agree.
+        assert_eq!(windows(ViewRule::Original, false, 88, 80), windows(ViewRule::Diffusers, false, 88, 80));
     }
 }

@@ -9,7 +9,7 @@
 use crate::attention::{AttentionObserver, AttentionScale};
 use crate::entropy::EntropyProbe;
 use crate::family::{self, ClipTextEncoder, Family, LatentDecoder, SdVae, TextEncoder};
-use crate::mode::{Denoiser, RenderPlan};
+use crate::mode::{Denoiser, RenderPlan, Views};
 use crate::models::unet::{UNet2DConditionModel, UNetConfig, UNetConfigFile};
 use crate::rng::{randn, TorchGenerator};
 use crate::scheduler::{DdimConfig, DdimScheduler};
@@ -17,7 +17,7 @@ use crate::size::{PixelSize, TrainingSize};
 use crate::unet_step::{graphs_enabled, UNetStepper};
 use crate::weights::{read_json, ModelFiles};
 use anyhow::{anyhow, ensure, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use image::RgbImage;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -159,7 +159,7 @@ impl Pipeline {
     /// A rendering session: per-run state (on CUDA, the captured graph of the UNet step) lives as long
     /// as the session, so every batch of a run reuses it.
     pub fn session(&self) -> Session<'_> {
-        Session { pipeline: self, stepper: UNetStepper::new(&self.device, graphs_enabled(&self.device)) }
+        Session { pipeline: self, stepper: UNetStepper::new(&self.device, graphs_enabled(&self.device)), view_batch: 1 }
     }
 
     /// Stages 1–3 for one image, in a session of its own: the final latents, not yet decoded. With a
@@ -174,13 +174,15 @@ impl Pipeline {
         let never = AtomicBool::new(false);
         // Measured runs read values back to the host every layer: always eager.
         let mut stepper = UNetStepper::new(&self.device, probe.is_none() && graphs_enabled(&self.device));
-        self.denoise_batch(&mut stepper, std::slice::from_ref(request), on_event, &never, probe)
+        self.denoise_batch(&mut stepper, 1, std::slice::from_ref(request), on_event, &never, probe)
     }
 
     /// Stages 1–3 for a batch: text embeddings, seeded noise, the denoising loop.
+    #[allow(clippy::too_many_arguments)]
     fn denoise_batch(
         &self,
         stepper: &mut UNetStepper,
+        view_batch: usize,
         requests: &[GenerateRequest],
         on_event: &mut dyn FnMut(Event),
         cancel: &AtomicBool,
@@ -228,6 +230,10 @@ impl Pipeline {
                     let noise =
                         self.guided_noise(stepper, &latents, timestep, &prompt_embeds, first, probe, on_event)?;
                     scheduler.step(&noise, timestep, &latents)?
+                }
+                Denoiser::Views(views) => {
+                    let step = ViewStep { views, timestep, prompt_embeds: &prompt_embeds, request: first, view_batch };
+                    self.multidiffusion_step(stepper, &scheduler, &latents, step, on_event)?
                 }
             };
             on_event(Event::Step { index, total, timestep });
@@ -307,6 +313,49 @@ impl Pipeline {
         Ok((&noise_pred_uncond + ((noise_pred_text - &noise_pred_uncond)? * request.guidance_scale)?)?)
     }
 
+    /// One MultiDiffusion step, as diffusers' `StableDiffusionPanoramaPipeline`: for each window (in
+    /// its order, `view_batch` windows per UNet call) crop the latents, run the guided UNet and the
+    /// scheduler step on the crop, add the result into a running sum and a count; then latents =
+    /// sum / count, in f32. Latents no window covers (a ragged edge) stay 0, as in diffusers.
+    fn multidiffusion_step(
+        &self,
+        stepper: &mut UNetStepper,
+        scheduler: &DdimScheduler,
+        latents: &Tensor,
+        step: ViewStep,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<Tensor> {
+        let (batch, _, height, width) = latents.dims4()?;
+        let windows = step.views.windows(height, width);
+        let mut value = latents.zeros_like()?.to_dtype(DType::F32)?;
+        let mut count = value.clone();
+        let guided = step.request.guided();
+        // Windows of the same shape share UNet calls; the original rule's ragged windows go alone.
+        let mut start = 0;
+        while start < windows.len() {
+            let shape = |w: &crate::mode::Window| (w.rows.1 - w.rows.0, w.cols.1 - w.cols.0);
+            let mut end = start + 1;
+            while end < windows.len() && end - start < step.view_batch && shape(&windows[end]) == shape(&windows[start])
+            {
+                end += 1;
+            }
+            let group = &windows[start..end];
+            let crops = group.iter().map(|w| crop(latents, w)).collect::<Result<Vec<_>>>()?;
+            let crops = Tensor::cat(&crops, 0)?; // (views·B, c, window, window), view-major
+            let embeds = repeat_embeddings(step.prompt_embeds, batch, group.len(), guided)?;
+            let noise = self.guided_noise(stepper, &crops, step.timestep, &embeds, step.request, None, on_event)?;
+            let denoised = scheduler.step(&noise, step.timestep, &crops)?.to_dtype(DType::F32)?;
+            for (k, window) in group.iter().enumerate() {
+                let view = denoised.narrow(0, k * batch, batch)?;
+                add_window(&mut value, &mut count, &view, window)?;
+            }
+            start = end;
+        }
+        let covered = count.gt(0f64)?;
+        let averaged = (&value / count.maximum(1f64)?)?;
+        Ok(covered.where_cond(&averaged, &value)?.to_dtype(latents.dtype())?)
+    }
+
     /// `torch.randn((1, c, h, w), generator=torch.Generator("cpu").manual_seed(seed))`, then moved to the
     /// compute device and dtype (DDIM's init_noise_sigma is 1).
     pub fn prepare_latents(&self, seed: u32, latent_width: usize, latent_height: usize) -> Result<Tensor> {
@@ -319,6 +368,23 @@ impl Pipeline {
     /// One image's final latents → 8-bit RGB, through the family's decoder.
     pub fn decode_latents(&self, latents: &Tensor, on_event: &mut dyn FnMut(Event)) -> Result<RgbImage> {
         self.decoder.decode(latents, &mut |warning| on_event(Event::Warning(warning)))
+    }
+
+    /// A horizontally wrapping panorama's decode, as diffusers' `decode_latents_with_padding`: 8 latent
+    /// columns from the other side on each edge, decoded, and their pixels cut off again, so the
+    /// seam has no border artifacts.
+    fn decode_wrapped(&self, latents: &Tensor, on_event: &mut dyn FnMut(Event)) -> Result<RgbImage> {
+        const PADDING: usize = 8;
+        let width = latents.dim(3)?;
+        let padding = PADDING.min(width);
+        let padded = Tensor::cat(
+            &[latents.narrow(3, width - padding, padding)?, latents.clone(), latents.narrow(3, 0, padding)?],
+            3,
+        )?;
+        let image = self.decode_latents(&padded, on_event)?;
+        let cut = (padding * self.decoder.scale_factor()) as u32;
+        let kept = image.width() - 2 * cut;
+        Ok(image::imageops::crop_imm(&image, cut, 0, kept, image.height()).to_image())
     }
 
     /// Pixels per latent pixel: 8 for SD.
@@ -338,13 +404,81 @@ impl Pipeline {
     }
 }
 
+/// What one MultiDiffusion step needs besides the latents.
+struct ViewStep<'a> {
+    views: Views,
+    timestep: usize,
+    prompt_embeds: &'a Tensor,
+    request: &'a GenerateRequest,
+    view_batch: usize,
+}
+
+/// The latents under a window: (B, c, rows, cols); a circular window that runs past the right edge
+/// continues from the left one.
+fn crop(latents: &Tensor, window: &crate::mode::Window) -> Result<Tensor> {
+    let width = latents.dim(3)?;
+    let (row0, row1) = window.rows;
+    let (col0, col1) = window.cols;
+    let rows = latents.narrow(2, row0, row1 - row0)?;
+    if col1 <= width {
+        return Ok(rows.narrow(3, col0, col1 - col0)?);
+    }
+    Ok(Tensor::cat(&[rows.narrow(3, col0, width - col0)?, rows.narrow(3, 0, col1 - width)?], 3)?)
+}
+
+/// Adds a denoised window into the running sum and count, wrapping circular windows.
+fn add_window(value: &mut Tensor, count: &mut Tensor, view: &Tensor, window: &crate::mode::Window) -> Result<()> {
+    let width = value.dim(3)?;
+    let (row0, row1) = window.rows;
+    let (col0, col1) = window.cols;
+    let mut add = |cols: std::ops::Range<usize>, from: usize| -> Result<()> {
+        let part = view.narrow(3, from, cols.len())?;
+        let ranges = [0..value.dim(0)?, 0..value.dim(1)?, row0..row1, cols.clone()];
+        let index = (.., .., row0..row1, cols);
+        let sum = (value.i(index.clone())? + &part)?;
+        *value = value.slice_assign(&ranges, &sum)?;
+        let counted = (count.i(index)? + 1.0)?;
+        *count = count.slice_assign(&ranges, &counted)?;
+        Ok(())
+    };
+    if col1 <= width {
+        add(col0..col1, 0)
+    } else {
+        add(col0..width, 0)?;
+        add(0..col1 - width, width - col0)
+    }
+}
+
+/// Prompt embeddings for `views` windows of a batch of B images, in the layout `guided_noise` reads
+/// for crops stacked view-major: [negatives of every window…, prompts of every window…] when guided.
+fn repeat_embeddings(embeds: &Tensor, batch: usize, views: usize, guided: bool) -> Result<Tensor> {
+    if views == 1 {
+        return Ok(embeds.clone());
+    }
+    let halves: Vec<Tensor> =
+        if guided { vec![embeds.narrow(0, 0, batch)?, embeds.narrow(0, batch, batch)?] } else { vec![embeds.clone()] };
+    let mut parts = Vec::with_capacity(halves.len() * views);
+    for half in &halves {
+        parts.extend(std::iter::repeat_n(half.clone(), views));
+    }
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
 /// A run of batches on one loaded pipeline; see [`Pipeline::session`].
 pub struct Session<'a> {
     pipeline: &'a Pipeline,
     stepper: UNetStepper,
+    view_batch: usize,
 }
 
 impl Session<'_> {
+    /// MultiDiffusion windows per UNet call (times the batch's images), like diffusers'
+    /// `view_batch_size`; 1 by default.
+    pub fn with_view_batch(mut self, view_batch: usize) -> Self {
+        self.view_batch = view_batch.max(1);
+        self
+    }
+
     /// Several images through the UNet together: a batch of B runs as one (2B, …) UNet call per step,
     /// laid out [negatives…, prompts…] as diffusers batches `num_images_per_prompt`. Every row is
     /// computed independently (GroupNorm and attention never mix rows), so each image equals the one
@@ -357,7 +491,8 @@ impl Session<'_> {
         on_event: &mut dyn FnMut(Event),
         cancel: &AtomicBool,
     ) -> Result<Vec<RgbImage>> {
-        let latents = self.pipeline.denoise_batch(&mut self.stepper, requests, on_event, cancel, None)?;
+        let latents =
+            self.pipeline.denoise_batch(&mut self.stepper, self.view_batch, requests, on_event, cancel, None)?;
 
         // 4. decode one image at a time: the VAE's memory grows fast with pixels, and it is cheap
         // next to the denoising loop.
@@ -367,7 +502,11 @@ impl Session<'_> {
             if cancel.load(Ordering::Relaxed) {
                 return Err(Interrupted.into());
             }
-            let image = self.pipeline.decode_latents(&latents.narrow(0, i, 1)?, on_event)?;
+            let latents = latents.narrow(0, i, 1)?;
+            let image = match request.plan.denoiser {
+                Denoiser::Views(views) if views.circular => self.pipeline.decode_wrapped(&latents, on_event)?,
+                _ => self.pipeline.decode_latents(&latents, on_event)?,
+            };
             images.push(match request.plan.resize_to {
                 Some(size) => lanczos3(&image, size),
                 None => image,

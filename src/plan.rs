@@ -3,7 +3,7 @@
 //! configs, before anything slow happens. Sharding and evaluation slice and reuse this list.
 
 use crate::cli::ImageSpec;
-use crate::mode::RenderPlan;
+use crate::mode::{ModeOptions, RenderPlan};
 use crate::pipeline::{BatchKey, GenerateRequest};
 use crate::size::{PixelSize, TrainingSize};
 use std::path::PathBuf;
@@ -55,6 +55,7 @@ pub fn plan(
     specs: impl IntoIterator<Item = ImageSpec>,
     default_size: PixelSize,
     training: TrainingSize,
+    options: ModeOptions,
     mut path: impl FnMut(usize, &ImageSpec, PixelSize) -> PathBuf,
 ) -> Vec<PlannedImage> {
     specs
@@ -63,7 +64,7 @@ pub fn plan(
         .map(|(index, spec)| {
             let size =
                 PixelSize::new(spec.width.unwrap_or(default_size.width), spec.height.unwrap_or(default_size.height));
-            let render = spec.mode.plan(size, training);
+            let render = spec.mode.plan(size, training, options);
             let path = path(index, &spec, size);
             PlannedImage { index, spec, size, render, path }
         })
@@ -92,7 +93,7 @@ mod tests {
     fn images_are_planned_in_order_with_sizes_from_the_model_and_modes() {
         let training = TrainingSize { pixels: PixelSize::new(128, 128), vae_scale_factor: 8 };
         let specs = [spec(Mode::Default, None), spec(Mode::Resize, Some(192)), spec(Mode::Entropy, Some(64))];
-        let planned = plan(specs, training.pixels, training, |index, spec, size| {
+        let planned = plan(specs, training.pixels, training, ModeOptions::default(), |index, spec, size| {
             PathBuf::from(format!("{index}-{}-{size}.png", spec.mode.as_str()))
         });
         let summary: Vec<_> = planned.iter().map(|p| (p.index, p.size, p.render.render, p.path.clone())).collect();
@@ -117,7 +118,8 @@ mod tests {
             spec(Mode::Default, Some(64)),
             spec(Mode::Entropy, Some(64)),
         ];
-        let planned = plan(specs, training.pixels, training, |i, _, _| PathBuf::from(i.to_string()));
+        let planned =
+            plan(specs, training.pixels, training, ModeOptions::default(), |i, _, _| PathBuf::from(i.to_string()));
         let indices: Vec<Vec<usize>> =
             batches(&planned, 2).iter().map(|batch| batch.iter().map(|p| p.index).collect()).collect();
         assert_eq!(indices, [vec![0, 2], vec![3], vec![1, 4]]);

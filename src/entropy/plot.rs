@@ -24,8 +24,9 @@ const ENTROPY_COLOUR: RGBColor = RGBColor(214, 39, 40);
 fn colour(mode: Mode) -> RGBColor {
     match mode {
         Mode::Entropy => ENTROPY_COLOUR,
-        // `entropy` measures the two attention scales only; resize renders with the default one.
-        Mode::Default | Mode::Resize => DEFAULT_COLOUR,
+        // `entropy` measures the two attention scales only; resize and MultiDiffusion render with the
+        // default one.
+        Mode::Default | Mode::Resize | Mode::Multidiffusion => DEFAULT_COLOUR,
     }
 }
 
