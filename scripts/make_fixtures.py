@@ -51,6 +51,7 @@ Rerun from the repository root, with the reference environment kept outside the 
     ~/.venvs/sdscale-ref/bin/pip install --no-deps open-clip-torch==3.3.0   # only for its BPE vocab file
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --full ~/.cache/sdscale/sd21-random
+    ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only multidiffusion   # see make_multidiffusion
 
 Do not install ftfy: transformers 5's CLIPTokenizer is a `tokenizers` pipeline that never uses it,
 and sdscale mirrors exactly that pipeline.
@@ -72,6 +73,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 # Quiet, offline, reproducible: set before the HF libraries are imported.
@@ -1353,6 +1355,225 @@ def check_single_file(pipe, images: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# MultiDiffusion references (diffusers' StableDiffusionPanoramaPipeline): `--only multidiffusion`
+# --------------------------------------------------------------------------------------------
+# Writes ONLY tests/fixtures/reference/multidiffusion.json, images/md_*.png and
+# images/md_latents.safetensors, from the committed tiny-sd/ folder; every other reference file is
+# left untouched (a full rerun rewrites them, with float noise on another machine).
+#
+# What diffusers 0.42.1's panorama loop does (pipeline_stable_diffusion_panorama.py), and so what the
+# references pin down:
+#  * views (get_views): latent windows of 64 with stride 8, computed on the latent size as floats;
+#    a side of <= 64 latents gets ONE block (the slice then clamps to the latent size). Blocks per
+#    side = (side - 64) // 8 + 1, so a side whose (side - 64) is not a multiple of 8 leaves its last
+#    rows/columns uncovered. With circular_padding the width has side // 8 blocks (when side > 64)
+#    whose windows run past the right edge and wrap to column 0.
+#  * per step, per view: crop, CFG on the batch latents.repeat_interleave(2) = [v, v] with embeds
+#    [negative, positive] (uncond first), DDIM step (eta 0) on the crop, add into value/count;
+#    then latents = where(count > 0, value / count, value): UNCOVERED latents become exactly 0 after
+#    the first step (value is 0 there) and stay 0.
+#  * decode: latents / scaling_factor; with circular_padding decode_latents_with_padding instead:
+#    (1 / scaling_factor) * latents (a different f32 rounding than the division), 8 latent columns
+#    of wrap padding on each side, decoded, then 64 px cropped off each side.
+#  * the circular value extraction indexes the denoised VIEW with the panorama's h_start:h_end, which
+#    is only right for h_start == 0, i.e. a single row of views (height <= 512 px).
+
+# Steps: one tiny-UNet call on a 64x64 latent window with CFG takes ~2.5 s on 2 busy CPU cores, so
+# the 64-latent-window cases take 2 DDIM steps (still a multi-step loop: value/count reset, uncovered
+# latents kept at 0); the 224 px case (crops of <= 28 latents) is cheap and takes 3.
+MD_GUIDANCE = 7.5
+# (name, prompt, negative prompt, width, height, seed, steps, circular_padding, view rule)
+MD_CASES = [
+    # latents 88x80: 4 x 3 = 12 views
+    ("md_grid_640x704", IMAGE_PROMPT, None, 640, 704, 101, 2, False, "diffusers"),
+    # latents 68x80: 1 x 3 views; (68 - 64) is not a multiple of 8, so latent rows 64..67 are never
+    # covered and are 0 after every step
+    ("md_uncovered_544x640", IMAGE_PROMPT, None, 640, 544, 102, 2, False, "diffusers"),
+    # latents 64x128: one row of 128 // 8 = 16 wrapping views; decoded with decode_latents_with_padding
+    ("md_circular_512x1024", IMAGE_PROMPT, None, 1024, 512, 103, 2, True, "diffusers"),
+    # latents 72x64: 2 views stacked vertically, negative prompt
+    ("md_negative_512x576", IMAGE_PROMPT, "blurry", 512, 576, 104, 2, False, "diffusers"),
+    # The paper's setting: the ORIGINAL MultiDiffusion get_views (see original_get_views), NOT
+    # diffusers' default. Latents 28x28: 16 crops of 8..28 latents per side.
+    ("md_original_224x224", IMAGE_PROMPT, None, 224, 224, 105, 3, False, "original"),
+]
+
+
+def md_case_dict(case) -> dict:
+    name, prompt, negative, width, height, seed, steps, circular, views = case
+    return {
+        "file": f"{name}.png",
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "width": width,
+        "height": height,
+        "steps": steps,
+        "guidance": MD_GUIDANCE,
+        "seed": seed,
+        "mode": "multidiffusion",
+        "circular": circular,
+        "views": views,
+    }
+
+
+def original_get_views(panorama_height, panorama_width, window_size=64, stride=8, circular_padding=False):
+    """get_views of the ORIGINAL MultiDiffusion code (github omerbt/MultiDiffusion, panorama.py),
+    which reproduces the paper's MD row setting; diffusers' default differs. No `if side >
+    window_size else 1` guard: below 512 px the float floor division makes the block counts
+    negative (224 px: (28 - 64) // 8 + 1 = -4.0), their product positive (16), and the starts
+    negative multiples of 8 (i // -4.0, i % -4.0). Python slicing then wraps negative starts and clamps
+    ends, so the crops have varied sizes; diffusers' loop (circular_padding=False) slices the latents,
+    value and count with the very same Python slices, so only this function needs replacing."""
+    assert not circular_padding, "the original code has no circular padding"
+    panorama_height /= 8
+    panorama_width /= 8
+    num_blocks_height = (panorama_height - window_size) // stride + 1
+    num_blocks_width = (panorama_width - window_size) // stride + 1
+    total_num_blocks = int(num_blocks_height * num_blocks_width)
+    views = []
+    for i in range(total_num_blocks):
+        h_start = int((i // num_blocks_width) * stride)
+        h_end = h_start + window_size
+        w_start = int((i % num_blocks_width) * stride)
+        w_end = w_start + window_size
+        views.append((h_start, h_end, w_start, w_end))
+    return views
+
+
+def panorama_pipeline(pipe):
+    """StableDiffusionPanoramaPipeline sharing the loaded pipeline's components."""
+    from diffusers import StableDiffusionPanoramaPipeline
+
+    md = StableDiffusionPanoramaPipeline(
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        unet=pipe.unet,
+        scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    md.set_progress_bar_config(disable=True)
+    return md
+
+
+@torch.no_grad()
+def render_md(md, case: dict):
+    """One panorama render with diffusers' default attention (AttnProcessor2_0); returns
+    (PIL image, final latents before decoding, the views the pipeline used)."""
+    set_attention_mode(md.unet, md.vae, "default")
+    if case["views"] == "original":
+        md.get_views = original_get_views  # instance attribute: replaces the method for this pipeline only
+    else:
+        assert case["views"] == "diffusers"
+        md.__dict__.pop("get_views", None)
+    views = md.get_views(case["height"], case["width"], circular_padding=case["circular"])
+    final = {}
+
+    def grab(_pipe, _i, _t, kwargs):
+        final["latents"] = kwargs["latents"].clone()
+        return kwargs
+
+    image = md(
+        case["prompt"],
+        negative_prompt=case["negative_prompt"],
+        height=case["height"],
+        width=case["width"],
+        num_inference_steps=case["steps"],
+        guidance_scale=case["guidance"],
+        eta=0.0,
+        view_batch_size=1,
+        circular_padding=case["circular"],
+        generator=torch.Generator("cpu").manual_seed(case["seed"]),
+        callback_on_step_end=grab,
+    ).images[0]
+    md.__dict__.pop("get_views", None)
+    return image, final["latents"], [list(v) for v in views]
+
+
+@torch.no_grad()
+def decode_md(md, latents: torch.Tensor, circular: bool):
+    """The panorama pipeline's own decode of final latents (see its __call__)."""
+    set_attention_mode(md.unet, md.vae, "default")
+    if circular:
+        image = md.decode_latents_with_padding(latents)
+    else:
+        image = md.vae.decode(latents / md.vae.config.scaling_factor, return_dict=False)[0]
+    return md.image_processor.postprocess(image, output_type="pil", do_denormalize=[True])[0]
+
+
+def check_md_single_view(pipe, md) -> float:
+    """At <= 512 px diffusers' panorama has one view that is the whole latent: its latents must equal
+    the plain StableDiffusionPipeline's (same seed and steps). Justifies comparing sdscale's
+    MultiDiffusion against the plain pipeline at small sizes."""
+    plain_case = image_case_dict(IMAGE_CASES[0])  # sq192_default
+    assert (plain_case["width"], plain_case["height"], plain_case["mode"]) == (192, 192, "default")
+    _, plain_lat = render(pipe, plain_case)
+    md_case = {**md_case_dict(("single", plain_case["prompt"], plain_case["negative_prompt"], 192, 192,
+                               plain_case["seed"], plain_case["steps"], False, "diffusers")),
+               "guidance": plain_case["guidance"]}
+    _, md_lat, views = render_md(md, md_case)
+    assert views == [[0, 64, 0, 64]], views
+    diff = float((md_lat - plain_lat).abs().max())
+    stored = load_file(REF_DIR / "images" / "latents.safetensors")["sq192_default"]
+    print(f"single view 192x192 (seed {plain_case['seed']}, {plain_case['steps']} steps): panorama vs "
+          f"StableDiffusionPipeline latents max |Δ| {diff:g} (torch.equal: {torch.equal(md_lat, plain_lat)}); "
+          f"vs stored latents.safetensors sq192_default max |Δ| {float((md_lat - stored).abs().max()):g}")
+    assert diff <= 1e-6, diff
+    return diff
+
+
+def make_multidiffusion() -> None:
+    """`--only multidiffusion`: the panorama references, from the committed fixture folder."""
+    from PIL import Image
+
+    pipe = load_pipeline(TINY_DIR)
+    md = panorama_pipeline(pipe)
+    check_md_single_view(pipe, md)
+
+    out_dir = REF_DIR / "images"
+    entries, latents = [], {}
+    for case in MD_CASES:
+        name = case[0]
+        entry = md_case_dict(case)
+        start = time.perf_counter()
+        image, lat, views = render_md(md, entry)
+        seconds = time.perf_counter() - start
+        assert lat.shape == (1, 4, entry["height"] // 8, entry["width"] // 8), lat.shape
+        path = out_dir / entry["file"]
+        image.save(path)
+        latents[name] = lat
+        if name == "md_uncovered_544x640":
+            assert torch.count_nonzero(lat[:, :, 64:, :]) == 0, "uncovered latents should be 0"
+            assert torch.count_nonzero(lat[:, :, :64, :]) == lat[:, :, :64, :].numel()
+        if entry["views"] == "original":
+            print(f"  {name}: original MultiDiffusion views (h0, h1, w0, w1), {len(views)} of them:")
+            for h0, h1, w0, w1 in views:
+                hs, ws = slice(h0, h1).indices(lat.shape[2]), slice(w0, w1).indices(lat.shape[3])
+                print(f"    {[h0, h1, w0, w1]} -> rows {hs[0]}..{hs[1]}, cols {ws[0]}..{ws[1]} "
+                      f"({hs[1] - hs[0]}x{ws[1] - ws[0]})")
+        entries.append({**entry, "view_list": views, "latents_key": name})
+        print(f"  {entry['file']}: {entry['width']}x{entry['height']}, latents {lat.shape[2]}x{lat.shape[3]}, "
+              f"{len(views)} views, seed {entry['seed']}, {entry['steps']} steps, "
+              f"{path.stat().st_size / 1e6:.2f} MB, rendered in {seconds:.0f} s", flush=True)
+    lat_path = out_dir / "md_latents.safetensors"
+    save_safetensors(latents, lat_path)
+    write_json(REF_DIR / "multidiffusion.json", entries)
+
+    # The stored latents, decoded the way the pipeline decodes, reproduce the stored PNGs exactly.
+    stored = load_file(lat_path)
+    for entry in entries:
+        decoded = decode_md(md, stored[entry["latents_key"]], entry["circular"])
+        with Image.open(out_dir / entry["file"]) as png:
+            assert np.array_equal(np.asarray(decoded), np.asarray(png.convert("RGB"))), entry["file"]
+    total = sum((out_dir / e["file"]).stat().st_size for e in entries)
+    print(f"decoding md_latents.safetensors reproduces every md_*.png exactly; PNGs {total / 1e6:.2f} MB in all")
+    print(f"wrote {(REF_DIR / 'multidiffusion.json').relative_to(REPO)}, {lat_path.relative_to(REPO)} and "
+          f"{len(entries)} images")
+
+
+# --------------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------------
 
@@ -1427,6 +1648,9 @@ def main() -> None:
     parser.add_argument("--search-f", type=float, nargs="+", metavar="F",
                         help="print calibration numbers for these attn1 q/k factors; writes nothing")
     parser.add_argument("--vae-gain", type=float, default=VAE_CONV_OUT_GAIN, help="VAE conv_out gain for --search-f")
+    parser.add_argument("--only", choices=["multidiffusion"],
+                        help="multidiffusion: write only reference/multidiffusion.json, images/md_*.png and "
+                             "images/md_latents.safetensors, from the existing tiny-sd/ (nothing else is rewritten)")
     args = parser.parse_args()
     if args.fp16_variants and not args.full:
         parser.error("--fp16-variants goes with --full (the fixtures always have them)")
@@ -1434,7 +1658,9 @@ def main() -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}")
-    if args.search_f:
+    if args.only == "multidiffusion":
+        make_multidiffusion()
+    elif args.search_f:
         search_f(args.search_f, args.vae_gain)
     elif args.full:
         make_full(args.full, args.fp16_variants)

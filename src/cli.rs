@@ -1050,7 +1050,7 @@ mod tests {
         };
         let request = parse(&["--seeds", "1,2"]).unwrap();
         assert_eq!(request.seeds, [1, 2]);
-        assert_eq!(request.modes, Mode::ALL);
+        assert_eq!(request.modes, [Mode::Default, Mode::Entropy, Mode::Resize]);
         assert!(parse(&["--seeds", "1,1"]).unwrap_err().to_string().contains("twice"));
         assert!(parse(&["--modes", "default,default"]).unwrap_err().to_string().contains("twice"));
         assert!(parse(&["--modes", "fast"]).is_err());
