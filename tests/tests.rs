@@ -10,5 +10,6 @@ mod compare;
 mod entropy;
 mod full_size;
 mod images;
+mod multidiffusion;
 mod real_layout;
 mod reference;
