@@ -117,6 +117,7 @@ impl Pipeline {
         let scheduler_config = DdimConfig::load(&files.scheduler_config)?;
 
         let text_config: ClipTextConfig = read_json(&files.text_encoder_config)?;
+        text_config.validate().map_err(|e| anyhow!("{}: {e}", files.text_encoder_config.display()))?;
         let text_encoder =
             ClipTextTransformer::new(files.text_encoder_weights.var_builder(dtype, device)?, &text_config)
                 .with_context(|| {

@@ -197,3 +197,29 @@ fn random_seed_is_printed_for_reproduction() {
     assert!(result.status.success(), "{}", stderr(&result));
     assert!(stderr(&result).contains("pass --seed"), "{}", stderr(&result));
 }
+
+/// A config value the networks divide by, index with or size a layer from is refused up front with one
+/// line naming the file and the key (`norm_num_groups: 0` used to panic with a division by zero).
+#[test]
+fn impossible_config_values_are_refused_naming_file_and_key() {
+    for (file, key, value) in [
+        ("unet/config.json", "norm_num_groups", serde_json::json!(0)),
+        ("unet/config.json", "attention_head_dim", serde_json::json!(0)),
+        ("unet/config.json", "sample_size", serde_json::json!(0)),
+        ("unet/config.json", "norm_eps", serde_json::json!(-1.0)),
+        ("vae/config.json", "norm_num_groups", serde_json::json!(0)),
+        ("vae/config.json", "norm_num_groups", serde_json::json!(3)),
+        ("vae/config.json", "scaling_factor", serde_json::json!(0.0)),
+        ("text_encoder/config.json", "num_attention_heads", serde_json::json!(0)),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = copy_model(dir.path());
+        let path = model.join(file);
+        let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        config[key] = value;
+        std::fs::write(&path, config.to_string()).unwrap();
+        assert_refused(dir.path(), &gen_args("model", &["-o", "out.png"]), key);
+        let log = stderr(&sdscale(dir.path(), &gen_args("model", &["-o", "out.png"])));
+        assert!(log.contains(file), "the error names the file {file}: {log}");
+    }
+}

@@ -29,6 +29,31 @@ fn default_layer_norm_eps() -> f64 {
     1e-5
 }
 
+impl ClipTextConfig {
+    /// Refuses, with one line naming the key, values the encoder would divide by zero or index past.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.hidden_size == 0 || self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return Err(format!(
+                "text encoder config: hidden_size = {} is not a positive multiple of num_attention_heads = {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.max_position_embeddings < crate::tokenizer::MAX_LENGTH {
+            return Err(format!(
+                "text encoder config: max_position_embeddings = {} is shorter than CLIP's {} tokens",
+                self.max_position_embeddings,
+                crate::tokenizer::MAX_LENGTH
+            ));
+        }
+        for (key, value) in [("vocab_size", self.vocab_size), ("intermediate_size", self.intermediate_size)] {
+            if value == 0 {
+                return Err(format!("text encoder config: {key} is 0; it must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Activation {
     Gelu,

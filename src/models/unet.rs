@@ -164,6 +164,9 @@ fn eight_per_block() -> PerBlock {
     PerBlock::One(8)
 }
 
+/// The largest `sample_size` accepted, in latent pixels: 4096 px at SD's 8× VAE, the largest side sdscale renders.
+const MAX_SAMPLE_SIZE: usize = 512;
+
 /// The resolved UNet configuration: every per-block value expanded, every unsupported option refused.
 #[derive(Debug, Clone)]
 pub struct UNetConfig {
@@ -286,13 +289,40 @@ impl UNetConfig {
             PerBlock::Each(sizes) if sizes.len() == 2 => (sizes[0], sizes[1]),
             PerBlock::Each(sizes) => return Err(unsupported("sample_size", sizes)),
         };
+        // Every value the network divides by, indexes with or sizes a layer from: one line naming the key.
+        let at_least_one = |key: &str, value: usize| match value {
+            0 => Err(format!("unet config: {key} is 0; it must be at least 1")),
+            _ => Ok(()),
+        };
+        at_least_one("in_channels", file.in_channels)?;
+        at_least_one("out_channels", file.out_channels)?;
+        at_least_one("norm_num_groups", file.norm_num_groups)?;
+        at_least_one("cross_attention_dim", file.cross_attention_dim)?;
+        at_least_one("layers_per_block", file.layers_per_block)?;
+        if sample_size.0 == 0 || sample_size.1 == 0 || sample_size.0.max(sample_size.1) > MAX_SAMPLE_SIZE {
+            return Err(format!(
+                "unet config: sample_size {:?} is out of range; use 1 to {MAX_SAMPLE_SIZE} latent pixels",
+                file.sample_size
+            ));
+        }
+        for (key, value) in [("norm_eps", file.norm_eps), ("mid_block_scale_factor", file.mid_block_scale_factor)] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(format!("unet config: {key} = {value} must be a positive number"));
+            }
+        }
+        if !file.freq_shift.is_finite() {
+            return Err(format!("unet config: freq_shift = {} must be a finite number", file.freq_shift));
+        }
         for (i, (&channels, &heads)) in file.block_out_channels.iter().zip(&num_attention_heads).enumerate() {
+            if channels == 0 {
+                return Err(format!("unet config: block_out_channels[{i}] is 0; it must be at least 1"));
+            }
             if heads == 0 || channels % heads != 0 {
-                return Err(format!("unet config: block {i} has {channels} channels, not divisible by {heads} heads"));
+                return Err(format!("unet config: block {i} has {channels} channels, not divisible by {heads} heads (num_attention_heads / attention_head_dim)"));
             }
             if channels % file.norm_num_groups != 0 {
                 return Err(format!(
-                    "unet config: block {i} has {channels} channels, not divisible by {} groups",
+                    "unet config: block {i} has {channels} channels, not divisible by norm_num_groups = {}",
                     file.norm_num_groups
                 ));
             }

@@ -60,7 +60,11 @@ fn scaling_factor() -> f64 {
     0.18215
 }
 
+/// The most decoder blocks accepted: each but the last doubles the image size (SD has 4, an 8× factor).
+const MAX_BLOCKS: usize = 6;
+
 impl VaeConfig {
+    /// Refuses, with one line naming the key, what the decoder does not implement or cannot compute.
     pub fn validate(&self) -> std::result::Result<(), String> {
         if let Some(t) = self.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
             return Err(format!("vae config: up block type {t:?} is not supported (UpDecoderBlock2D only)"));
@@ -73,6 +77,36 @@ impl VaeConfig {
         }
         if self.block_out_channels.is_empty() {
             return Err("vae config: block_out_channels is empty".into());
+        }
+        // Every value the decoder divides by, indexes with or sizes a layer from: one line naming the key.
+        if self.block_out_channels.len() > MAX_BLOCKS {
+            return Err(format!(
+                "vae config: block_out_channels has {} blocks; at most {MAX_BLOCKS} are supported (SD has 4)",
+                self.block_out_channels.len()
+            ));
+        }
+        for (key, value) in [
+            ("norm_num_groups", self.norm_num_groups),
+            ("latent_channels", self.latent_channels),
+            ("out_channels", self.out_channels),
+        ] {
+            if value == 0 {
+                return Err(format!("vae config: {key} is 0; it must be at least 1"));
+            }
+        }
+        for (i, &channels) in self.block_out_channels.iter().enumerate() {
+            if channels == 0 || channels % self.norm_num_groups != 0 {
+                return Err(format!(
+                    "vae config: block_out_channels[{i}] = {channels} is not a positive multiple of norm_num_groups = {}",
+                    self.norm_num_groups
+                ));
+            }
+        }
+        if !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0) {
+            return Err(format!(
+                "vae config: scaling_factor = {} must be a positive number (SD 2.1: 0.18215)",
+                self.scaling_factor
+            ));
         }
         Ok(())
     }
