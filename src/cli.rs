@@ -285,7 +285,7 @@ pub struct EntropyArgs {
     pub sizes: Vec<String>,
 
     /// DDIM denoising steps.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = DEFAULT_STEPS)]
     pub steps: usize,
 
     /// Where to measure, as fractions of the schedule, comma-separated: step round(at·(steps−1)).
@@ -293,7 +293,7 @@ pub struct EntropyArgs {
     pub at: Vec<f64>,
 
     /// Classifier-free guidance scale; 1 or less runs the conditional branch only.
-    #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = DEFAULT_GUIDANCE, allow_negative_numbers = true)]
     pub guidance: f64,
 
     /// Seed for the initial noise, 0..=4294967295, as in `gen` [default: random, printed on stderr].
@@ -435,12 +435,12 @@ impl Settings {
         }
         if let Some(steps) = self.steps {
             if steps == 0 || steps > MAX_STEPS {
-                bail!("{} {steps} is out of range; use 1 to {MAX_STEPS} (50 is the usual)", flag("steps"));
+                bail!("{} {steps} is out of range; use 1 to {MAX_STEPS} ({DEFAULT_STEPS} is the usual)", flag("steps"));
             }
         }
         if let Some(guidance) = self.guidance {
             if !guidance.is_finite() {
-                bail!("{} {guidance} is not a finite number; use e.g. 7.5", flag("guidance"));
+                bail!("{} {guidance} is not a finite number; use e.g. {DEFAULT_GUIDANCE}", flag("guidance"));
             }
         }
         if let Some(seed) = self.seed {
@@ -503,6 +503,12 @@ impl TryFrom<GenArgs> for GenRequest {
             }
         };
         let defaults = flags.over(&base);
+        if let Some(path) = &args.from {
+            // The flags are valid, so anything wrong here came from the image's metadata.
+            defaults.validate(str::to_string).with_context(|| {
+                format!("--from {}: a stored setting cannot be used (a flag such as --width or --steps overrides it)", path.display())
+            })?;
+        }
 
         // The run's base seed: drawn once when nothing sets one, so every image is reproducible.
         let mut random_seed = None;
@@ -725,9 +731,8 @@ impl TryFrom<EntropyArgs> for EntropyRequest {
                 sizes.push(size);
             }
         }
-        if args.steps == 0 || args.steps > MAX_STEPS {
-            bail!("--steps {} is out of range; use 1 to {MAX_STEPS} (50 is the usual)", args.steps);
-        }
+        let flags = Settings { steps: Some(args.steps), guidance: Some(args.guidance), ..Settings::default() };
+        flags.validate(|key| format!("--{key}"))?;
         let mut at = Vec::new();
         let mut steps_seen = Vec::new();
         for &fraction in &args.at {
@@ -740,9 +745,6 @@ impl TryFrom<EntropyArgs> for EntropyRequest {
                 steps_seen.push(step);
                 at.push(fraction);
             }
-        }
-        if !args.guidance.is_finite() {
-            bail!("--guidance {} is not a finite number; use e.g. 7.5", args.guidance);
         }
         let (seed, seed_is_random) = match args.seed {
             Some(seed) => (check_seed("--seed", seed)?, false),
@@ -962,6 +964,19 @@ mod tests {
         assert_eq!(request(&["--train-size", "768x512"]).unwrap().model.train_size, Some((768, 512)));
         assert!(request(&["--train-size", "768"]).is_err());
         assert_eq!((first(&[]).steps, first(&[]).guidance), (50, 7.5));
+    }
+
+    /// One check (`Settings::validate`) and one set of defaults for every subcommand.
+    #[test]
+    fn steps_and_guidance_are_checked_alike_everywhere() {
+        for (flag, value) in [("--steps", "0"), ("--steps", "1001"), ("--guidance", "NaN")] {
+            let gen = format!("{:#}", request(&[flag, value]).unwrap_err());
+            let entropy = format!("{:#}", entropy_request(&["--sizes", "224", flag, value]).unwrap_err());
+            assert_eq!(gen, entropy);
+        }
+        let entropy = entropy_request(&["--sizes", "224"]).unwrap();
+        assert_eq!((entropy.steps, entropy.guidance), (DEFAULT_STEPS, DEFAULT_GUIDANCE));
+        assert_eq!((first(&[]).steps, first(&[]).guidance), (DEFAULT_STEPS, DEFAULT_GUIDANCE));
     }
 
     #[test]

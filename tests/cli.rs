@@ -223,3 +223,32 @@ fn impossible_config_values_are_refused_naming_file_and_key() {
         assert!(log.contains(file), "the error names the file {file}: {log}");
     }
 }
+
+/// `--from` values go through the same checks as flags, before the model loads: an impossible size, 0
+/// steps, a side that would exhaust memory or a NaN guidance in a PNG's metadata exit 2 at once.
+#[test]
+fn from_image_values_are_validated_like_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model().display().to_string();
+    let source = dir.path().join("from");
+    std::fs::create_dir(&source).unwrap();
+    let image = image::RgbImage::new(8, 8);
+    for (settings, needle) in [
+        ("Steps: 1, Sampler: DDIM, CFG scale: 7.5, Seed: 1, Size: 100x100", "multiple of 8"),
+        ("Steps: 0, Sampler: DDIM, CFG scale: 7.5, Seed: 1, Size: 64x64", "steps 0"),
+        ("Steps: 1, Sampler: DDIM, CFG scale: 7.5, Seed: 1, Size: 65536x65536", "larger than 4096"),
+        ("Steps: 1, Sampler: DDIM, CFG scale: NaN, Seed: 1, Size: 64x64", "guidance NaN"),
+    ] {
+        let path = source.join("in.png");
+        let text = format!("a corgi\n{settings}");
+        sdscale::output::write_png(&path, &image, &[("parameters", text)], true).unwrap();
+        let args = ["gen", "--model", &model, "--from", "from/in.png", "-o", "out.png"];
+        assert_refused(dir.path(), &args, needle);
+        let log = stderr(&sdscale(dir.path(), &args));
+        assert!(log.contains("--from") && !log.contains("loaded"), "refused before loading, naming --from: {log}");
+    }
+    // A flag overrides the bad stored value.
+    let args = ["gen", "--model", &model, "--from", "from/in.png", "--guidance", "2", "--steps", "1", "-o", "ok.png"];
+    let result = sdscale(dir.path(), &args);
+    assert!(result.status.success(), "{}", stderr(&result));
+}
