@@ -6,7 +6,7 @@
 //! after `try_from` looks at raw flags. This is the only file that names flags.
 
 use crate::metadata::{self, Found};
-use crate::output::Template;
+use crate::output::{check_png_name, Template};
 use crate::weights::ModelSource;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device};
@@ -674,7 +674,7 @@ impl TryFrom<CompareArgs> for CompareRequest {
             }
         }
         if let Some(output) = &args.output {
-            check_png_name(output)?;
+            check_png_name(Some("-o"), output)?;
         }
         let train_size = args.model.train_size.as_deref().map(parse_size).transpose()?;
         Ok(Self {
@@ -754,9 +754,7 @@ impl TryFrom<EntropyArgs> for EntropyRequest {
         // One image per size and mode: nothing to batch.
         let model = model_request(&args.model, 1, None, args.model.revision.clone(), train_size)?;
         if let Some(plot) = &args.plot {
-            if plot.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()) != Some("png".into()) {
-                bail!("--plot {}: the plot must be a .png file", plot.display());
-            }
+            check_png_name(Some("--plot"), plot)?;
         }
         Ok(Self {
             prompt: args.prompt,
@@ -773,13 +771,6 @@ impl TryFrom<EntropyArgs> for EntropyRequest {
             model,
         })
     }
-}
-
-fn check_png_name(path: &Path) -> Result<()> {
-    if path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()) != Some("png".into()) {
-        bail!("-o {}: the output must be a .png file", path.display());
-    }
-    Ok(())
 }
 
 fn model_request(
