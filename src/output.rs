@@ -248,11 +248,6 @@ impl Template {
         Ok(Self { parts })
     }
 
-    /// Whether any placeholder is used (a plain file name can only hold one image).
-    pub fn has_placeholders(&self) -> bool {
-        self.parts.iter().any(|p| matches!(p, Part::Field { .. }))
-    }
-
     pub fn render(&self, fields: &Fields) -> PathBuf {
         let mut name = String::new();
         for part in &self.parts {
@@ -309,10 +304,8 @@ mod tests {
     fn templates_fill_placeholders_with_widths() {
         let template = Template::parse("out/{index:04}-{seed}-{mode}-{width}x{height}-{prompt}.png").unwrap();
         assert_eq!(template.render(&fields()), Path::new("out/0007-42-entropy-224x160-a-corgi-on-a-beach.png"));
-        assert!(template.has_placeholders());
         let plain = Template::parse("{{x}}.png").unwrap();
         assert_eq!(plain.render(&fields()), Path::new("{x}.png"));
-        assert!(!plain.has_placeholders());
     }
 
     #[test]
