@@ -506,7 +506,10 @@ impl TryFrom<GenArgs> for GenRequest {
         if let Some(path) = &args.from {
             // The flags are valid, so anything wrong here came from the image's metadata.
             defaults.validate(str::to_string).with_context(|| {
-                format!("--from {}: a stored setting cannot be used (a flag such as --width or --steps overrides it)", path.display())
+                format!(
+                    "--from {}: a stored setting cannot be used (a flag such as --width or --steps overrides it)",
+                    path.display()
+                )
             })?;
         }
 
@@ -859,7 +862,9 @@ fn parse_device(spec: &str) -> Result<Device> {
     };
     match spec {
         "cpu" => Ok(Device::Cpu),
-        "auto" if candle_core::utils::cuda_is_available() => Ok(open_cuda(0).unwrap_or(Device::Cpu)),
+        "auto" if candle_core::utils::cuda_is_available() => {
+            Ok(auto_device(|| open_cuda(0), &mut |warning| eprintln!("sdscale: warning: {warning}")))
+        }
         "auto" => Ok(Device::Cpu),
         "cuda" => cuda(0),
         _ => match spec.strip_prefix("cuda:").map(str::parse::<usize>) {
@@ -867,6 +872,17 @@ fn parse_device(spec: &str) -> Result<Device> {
             _ => bail!("--device {spec:?}: use cpu, cuda, cuda:N or auto"),
         },
     }
+}
+
+/// `--device auto` on a CUDA build: the GPU when it opens, else the CPU, saying why (once: the device
+/// is parsed once per run) rather than silently running many times slower.
+fn auto_device(open: impl FnOnce() -> candle_core::Result<Device>, warn: &mut dyn FnMut(String)) -> Device {
+    open().unwrap_or_else(|err| {
+        let reason = format!("{err}");
+        let reason = reason.lines().next().unwrap_or_default();
+        warn(format!("--device auto: cannot open CUDA device 0 ({reason}); running on the CPU (pass --device cpu to silence this)"));
+        Device::Cpu
+    })
 }
 
 /// A seed from the OS's randomness (std's hasher keys are seeded from it).
@@ -968,6 +984,17 @@ mod tests {
         let entropy = entropy_request(&["--sizes", "224"]).unwrap();
         assert_eq!((entropy.steps, entropy.guidance), (DEFAULT_STEPS, DEFAULT_GUIDANCE));
         assert_eq!((first(&[]).steps, first(&[]).guidance), (DEFAULT_STEPS, DEFAULT_GUIDANCE));
+    }
+
+    #[test]
+    fn auto_device_says_once_why_it_falls_back_to_the_cpu() {
+        let mut warnings = Vec::new();
+        let device = auto_device(|| Err(candle_core::Error::Msg("no CUDA driver".into())), &mut |w| warnings.push(w));
+        assert!(device.is_cpu());
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("no CUDA driver") && warnings[0].contains("CPU"), "{}", warnings[0]);
+        let device = auto_device(|| Ok(Device::Cpu), &mut |w| warnings.push(w));
+        assert!(device.is_cpu() && warnings.len() == 1, "no warning when the device opens");
     }
 
     #[test]
