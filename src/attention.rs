@@ -79,15 +79,11 @@ const MAX_SCORES_PER_CHUNK_GPU: usize = 128 * 1024 * 1024;
 /// f32 inputs on a GPU, and f16 on the CPU, everything runs in f32 (as diffusers upcasts on the CPU). On a GPU, f16/bf16 inputs stay in their
 /// dtype, as diffusers' fp16 pipeline does: the GEMMs accumulate in f32 (cuBLAS), the softmax
 /// accumulates its sum in f32 (candle's fused kernel), and the scale is applied to q (n·d values)
-/// rather than to the scores (n·n). With `SDSCALE_FLASH_ATTENTION=1`, f16 heads of 64 on CUDA go instead
-/// through sdscale's fused kernel (attention/flash.rs: correct, not yet faster).
+/// rather than to the scores (n·n). (With `SDSCALE_FLASH_ATTENTION=1`, [`multi_head_attention`] sends f16
+/// heads of 64 on CUDA to sdscale's fused kernel instead: attention/flash.rs, correct, not yet faster.)
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     if cpu::applies(q) {
         return cpu::attention(q, k, v, scale, None);
-    }
-    #[cfg(feature = "cuda")]
-    if flash::applies(q, 1) {
-        return flash::attention(q, k, v, 1, scale);
     }
     if half_on_gpu(q) {
         return half_precision_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK_GPU);
