@@ -854,20 +854,8 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         scale: AttentionScale,
     ) -> Result<Tensor> {
-        self.forward_probed(sample, timestep, encoder_hidden_states, scale, None)
-    }
-
-    /// [`Self::forward`], with every self-attention layer reporting to `probe` when there is one.
-    pub fn forward_probed(
-        &self,
-        sample: &Tensor,
-        timestep: f64,
-        encoder_hidden_states: &Tensor,
-        scale: AttentionScale,
-        probe: Option<&EntropyProbe>,
-    ) -> Result<Tensor> {
         let time = self.time_features(timestep, sample.dim(0)?, sample.dtype(), sample.device())?;
-        self.forward_with_time(sample, &time, encoder_hidden_states, scale, probe)
+        self.forward_with_time(sample, &time, encoder_hidden_states, scale, None)
     }
 
     /// The sinusoidal embedding of t for a batch (b, block_out_channels[0]), computed in f32 as diffusers
