@@ -117,10 +117,12 @@ pub fn merge_heads(t: &Tensor, b: usize, heads: usize, n: usize) -> Result<Tenso
     t.reshape((b, heads, n, d))?.transpose(1, 2)?.reshape((b, n, heads * d))
 }
 
-/// The same attention, bit for bit, that also accumulates the entropy probe's row statistics of the
-/// attention maps `rows` of the folded batch dimension (e.g. the heads of the text-conditioned branch)
-/// into `stats`, one query chunk at a time, so nothing larger than a chunk's scores is ever held.
-/// (Measured runs always take the f32 path, so what the probe reads is the f32 softmax.)
+/// The same attention that also accumulates the entropy probe's row statistics of the attention maps
+/// `rows` of the folded batch dimension (e.g. the heads of the text-conditioned branch) into `stats`,
+/// one query chunk at a time, so nothing larger than a chunk's scores is ever held. Measured runs always
+/// take an f32 path, so what the probe reads is the f32 softmax. The output is the unmeasured one bit for
+/// bit only in f32 on the CPU (both are attention/cpu.rs); on a GPU, and for half-precision inputs, the
+/// unmeasured call may take another path and differ by rounding.
 pub fn scaled_dot_product_attention_measured(
     q: &Tensor,
     k: &Tensor,

@@ -219,7 +219,8 @@ impl Pipeline {
 
     /// Steps 1–3 of [`Self::generate`] for one image: the final latents, not yet decoded. With a probe,
     /// every UNet self-attention layer reports the text-conditioned branch's attention statistics at the
-    /// probe's steps (`sdscale entropy`); the latents are the same either way.
+    /// probe's steps (`sdscale entropy`); the latents are the same either way in f32 on the CPU (within
+    /// rounding elsewhere: see [`crate::attention::scaled_dot_product_attention_measured`]).
     pub fn denoise(
         &self,
         request: &GenerateRequest,

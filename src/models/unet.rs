@@ -392,7 +392,9 @@ impl Attention {
     }
 
     /// `xs` (b, n, c) attends to `context` (b, m, c'); `scale` multiplies the q·k logits. With a probe,
-    /// the attention maps of its batch entry are measured on the way (same output, bit for bit).
+    /// the attention maps of its batch entry are measured on the way: the same output bit for bit in f32
+    /// on the CPU; elsewhere the measured path computes in f32, so half-precision outputs differ by
+    /// rounding.
     fn forward(&self, xs: &Tensor, context: &Tensor, scale: f64, probe: Option<&EntropyProbe>) -> Result<Tensor> {
         let b = xs.dim(0)?;
         let device = xs.device();
