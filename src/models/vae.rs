@@ -114,8 +114,8 @@ impl VaeConfig {
 
 /// A convolution (3×3 with padding 1, or 1×1) that bounds its temporary memory: on accelerators,
 /// inputs whose im2col buffer would exceed [`MAX_IM2COL_ELEMENTS`] are convolved a band of output rows
-/// at a time from an explicitly zero-padded copy. candle's CPU convolution already tiles internally, so
-/// there it is a plain call.
+/// at a time from an explicitly zero-padded copy. On the CPU it is a plain call: sdscale's own CPU
+/// convolution (layers/cpu_conv.rs) already works in bands of rows of at most 16 MiB.
 struct Conv2d {
     weight: Tensor, // (c_out, c_in, k, k)
     bias: Tensor,   // (c_out,)
