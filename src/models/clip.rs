@@ -6,6 +6,7 @@
 //! exact erf "gelu") and keeps its config fields private, so it cannot describe a fixture model.
 
 use super::layers::Linear;
+use crate::attention::default_scale;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{layer_norm, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
@@ -129,8 +130,8 @@ impl ClipAttention {
         let k = heads(self.k_proj.forward(xs)?)?;
         let v = heads(self.v_proj.forward(xs)?)?;
         let in_dtype = q.dtype();
-        let scores =
-            (q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)? * (self.head_dim as f64).powf(-0.5))?;
+        // The softmax scale comes from attention.rs, the one place that chooses it: CLIP keeps 1/√d.
+        let scores = (q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)? * default_scale(self.head_dim))?;
         let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(causal_mask)?)?.to_dtype(in_dtype)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?; // (b, n, c)
         self.out_proj.forward(&out)
