@@ -36,10 +36,28 @@ pub fn conv2d(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, padding: usiz
     }
 }
 
-/// candle-nn's `Conv2d` (its weights and config) computed by [`conv2d`], profiled as [`OpKind::Conv`].
-pub struct Conv2d(candle_nn::Conv2d);
+/// diffusers' `nn.Conv2d` as SD uses it (square kernel, padding and stride, a bias, no dilation or
+/// groups), with its parameter names (`weight` (c_out, c_in, k, k), `bias`), computed by [`conv2d`] and
+/// profiled as [`OpKind::Conv`]. The UNet's and the VAE's convolutions are both this type.
+///
+/// [`Conv2d::banded`] bounds the temporary memory of the VAE's, which run at the full image size: on
+/// accelerators, inputs whose im2col buffer would exceed [`MAX_IM2COL_ELEMENTS`] are convolved a band of
+/// output rows at a time from an explicitly zero-padded copy (every output pixel from the same inputs
+/// and weights). On the CPU it is a plain call: sdscale's CPU convolution (layers/cpu_conv.rs) already
+/// works in bands of at most 16 MiB.
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    padding: usize,
+    stride: usize,
+    banded: bool,
+}
+
+/// ~512 MiB of f32 (256 MiB of f16) im2col columns per band of a [`Conv2d::banded`] convolution.
+const MAX_IM2COL_ELEMENTS: usize = 128 * 1024 * 1024;
 
 impl Conv2d {
+    /// Loads `weight` and `bias` from `vb`; `config` gives padding and stride (dilation and groups must be 1).
     pub fn new(
         c_in: usize,
         c_out: usize,
@@ -47,19 +65,55 @@ impl Conv2d {
         config: candle_nn::Conv2dConfig,
         vb: VarBuilder,
     ) -> Result<Self> {
-        candle_nn::conv2d(c_in, c_out, kernel, config, vb).map(Self)
+        if config.dilation != 1 || config.groups != 1 {
+            candle_core::bail!("conv2d {}: dilation and groups other than 1 are not supported", vb.prefix());
+        }
+        Ok(Self {
+            weight: vb.get((c_out, c_in, kernel, kernel), "weight")?,
+            bias: Some(vb.get(c_out, "bias")?),
+            padding: config.padding,
+            stride: config.stride,
+            banded: false,
+        })
+    }
+
+    /// The same convolution, computed in bands of output rows where its im2col buffer would be large.
+    pub fn banded(self) -> Self {
+        Self { banded: true, ..self }
+    }
+
+    fn conv(&self, xs: &Tensor, padding: usize) -> Result<Tensor> {
+        conv2d(xs, &self.weight, self.bias.as_ref(), padding, self.stride)
+    }
+
+    fn forward_in_bands(&self, xs: &Tensor, rows_per_band: usize) -> Result<Tensor> {
+        let h = xs.dim(2)?;
+        let p = self.padding;
+        let padded = xs.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?; // (b, c, h + 2p, w + 2p)
+        let mut bands = Vec::with_capacity(h.div_ceil(rows_per_band));
+        let mut row = 0;
+        while row < h {
+            let rows = rows_per_band.min(h - row);
+            // Output rows [row, row + rows) need padded input rows [row, row + rows + 2p).
+            bands.push(self.conv(&padded.narrow(2, row, rows + 2 * p)?, 0)?);
+            row += rows;
+        }
+        Tensor::cat(&bands, 2)
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let config = self.0.config();
         op(OpKind::Conv, xs.device(), || {
-            if config.dilation == 1 && config.groups == 1 {
-                conv2d(xs, self.0.weight(), self.0.bias(), config.padding, config.stride)
-            } else {
-                self.0.forward(xs)
+            if !self.banded || xs.device().is_cpu() || self.padding == 0 || self.stride != 1 {
+                return self.conv(xs, self.padding);
             }
+            let (b, c_in, h, w) = xs.dims4()?;
+            let (_, _, k, _) = self.weight.dims4()?;
+            if b * c_in * k * k * h * w <= MAX_IM2COL_ELEMENTS {
+                return self.conv(xs, self.padding);
+            }
+            self.forward_in_bands(xs, (MAX_IM2COL_ELEMENTS / (b * c_in * k * k * w)).max(1))
         })
     }
 }
@@ -182,4 +236,29 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
 /// SiLU, profiled as [`OpKind::Elementwise`].
 pub fn silu(xs: &Tensor) -> Result<Tensor> {
     op(OpKind::Elementwise, xs.device(), || candle_nn::ops::silu(xs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Banding must not change a single output value's inputs: compare against one plain conv.
+    #[test]
+    fn banded_convolution_equals_the_plain_one() -> Result<()> {
+        let device = Device::Cpu;
+        let conv = Conv2d {
+            weight: Tensor::randn(0f32, 1.0, (5, 3, 3, 3), &device)?,
+            bias: Some(Tensor::randn(0f32, 1.0, 5, &device)?),
+            padding: 1,
+            stride: 1,
+            banded: true,
+        };
+        let xs = Tensor::randn(0f32, 1.0, (2, 3, 11, 7), &device)?;
+        let plain = conv.conv(&xs, 1)?;
+        // Bands of 4, 4 and 3 rows.
+        let banded = conv.forward_in_bands(&xs, 4)?;
+        let diff = (plain - banded)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
 }

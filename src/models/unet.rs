@@ -5,13 +5,15 @@
 //! `transformers/transformer_2d.py`, `attention.py` (BasicTransformerBlock, FeedForward/GEGLU) and
 //! `attention_processor.py` (Attention + AttnProcessor2_0). We own this network because its attention
 //! scale is the point of the project and candle-transformers keeps that scale private; the ResNet
-//! blocks and timestep embeddings are candle-transformers' own, which match diffusers.
+//! blocks are the VAE's too (models/resnet.rs), the timestep embeddings candle-transformers' own, which
+//! match diffusers.
 //!
 //! Levels: down block i runs at level i (level 0 = full latent resolution), the mid block at the
 //! deepest level, up block j at level (blocks − 1 − j). The attention-scale policy needs the level to
 //! know how many tokens that layer saw in training.
 
-use super::layers::{geglu, silu, Conv2d, GroupNorm, LayerNorm, Linear};
+use super::layers::{geglu, Conv2d, GroupNorm, LayerNorm, Linear};
+use super::resnet::{ResnetBlock2D, ResnetConfig};
 use crate::attention::AttentionScale;
 use crate::attention::{merge_heads, multi_head_attention, scaled_dot_product_attention_measured, split_heads};
 use crate::entropy::{EntropyProbe, RowStats};
@@ -575,35 +577,7 @@ impl Transformer2DModel {
 // ---------------------------------------------------------------------------------------------
 // Blocks
 
-/// diffusers' `ResnetBlock2D` (default time-embedding norm): GroupNorm, SiLU, 3×3 conv, plus the projected
-/// time embedding, GroupNorm, SiLU, 3×3 conv, plus a (1×1 conv) shortcut, divided by the output scale.
-/// The same as candle-transformers' block, owned so each op is labelled for the profile.
-struct ResnetBlock2D {
-    norm1: GroupNorm,
-    conv1: Conv2d,
-    time_emb_proj: Linear,
-    norm2: GroupNorm,
-    conv2: Conv2d,
-    conv_shortcut: Option<Conv2d>,
-    output_scale_factor: f64,
-}
-
-impl ResnetBlock2D {
-    fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let device = xs.device();
-        let shortcut = match &self.conv_shortcut {
-            Some(conv) => conv.forward(xs)?,
-            None => xs.clone(),
-        };
-        let hidden = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
-        // (b, c) → (b, c, 1, 1), added to every pixel.
-        let time = self.time_emb_proj.forward(&silu(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
-        let hidden = op(OpKind::Elementwise, device, || time.broadcast_add(&hidden))?;
-        let hidden = self.conv2.forward(&self.norm2.forward_silu(&hidden)?)?;
-        op(OpKind::Elementwise, device, || (shortcut + hidden)? / self.output_scale_factor)
-    }
-}
-
+/// A ResNet block with the time embedding (models/resnet.rs), as the UNet's down, mid and up blocks use it.
 fn resnet(
     vb: VarBuilder,
     in_channels: usize,
@@ -612,20 +586,14 @@ fn resnet(
     cfg: &UNetConfig,
     output_scale_factor: f64,
 ) -> Result<ResnetBlock2D> {
-    let pad1 = Conv2dConfig { padding: 1, ..Default::default() };
-    let groups = cfg.norm_num_groups;
-    Ok(ResnetBlock2D {
-        norm1: GroupNorm::new(groups, in_channels, cfg.norm_eps, vb.pp("norm1"))?,
-        conv1: Conv2d::new(in_channels, out_channels, 3, pad1, vb.pp("conv1"))?,
-        time_emb_proj: Linear::new(temb, out_channels, vb.pp("time_emb_proj"))?,
-        norm2: GroupNorm::new(groups, out_channels, cfg.norm_eps, vb.pp("norm2"))?,
-        conv2: Conv2d::new(out_channels, out_channels, 3, pad1, vb.pp("conv2"))?,
-        conv_shortcut: match in_channels == out_channels {
-            true => None,
-            false => Some(Conv2d::new(in_channels, out_channels, 1, Conv2dConfig::default(), vb.pp("conv_shortcut"))?),
-        },
-        output_scale_factor,
-    })
+    let config = ResnetConfig {
+        groups: cfg.norm_num_groups,
+        eps: cfg.norm_eps,
+        temb_channels: Some(temb),
+        output_scale_factor: Some(output_scale_factor),
+        banded: false,
+    };
+    ResnetBlock2D::new(vb, in_channels, out_channels, &config)
 }
 
 /// `CrossAttnDownBlock2D` (with attentions) or `DownBlock2D` (without), plus an optional stride-2 conv.
@@ -648,7 +616,7 @@ impl DownBlock {
         let mut xs = xs.clone();
         let mut res_samples = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
-            xs = resnet.forward(&xs, temb)?;
+            xs = resnet.forward(&xs, Some(temb))?;
             if let Some(attention) = self.attentions.get(i) {
                 xs = attention.forward(&xs, text, scale, probe)?;
             }
@@ -683,7 +651,7 @@ impl UpBlock {
         for (i, resnet) in self.resnets.iter().enumerate() {
             let skip = skips.pop().expect("the down path produced one skip per up resnet");
             let joined = op(OpKind::Elementwise, xs.device(), || Tensor::cat(&[&xs, &skip], 1))?;
-            xs = resnet.forward(&joined, temb)?;
+            xs = resnet.forward(&joined, Some(temb))?;
             if let Some(attention) = self.attentions.get(i) {
                 xs = attention.forward(&xs, text, scale, probe)?;
             }
@@ -715,10 +683,10 @@ impl MidBlock {
         scale: AttentionScale,
         probe: Option<&EntropyProbe>,
     ) -> Result<Tensor> {
-        let mut xs = self.resnets[0].forward(xs, temb)?;
+        let mut xs = self.resnets[0].forward(xs, Some(temb))?;
         for (attention, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
             xs = attention.forward(&xs, text, scale, probe)?;
-            xs = resnet.forward(&xs, temb)?;
+            xs = resnet.forward(&xs, Some(temb))?;
         }
         Ok(xs)
     }
