@@ -5,11 +5,10 @@
 //! the entropy of its attention rows drifts like log N (Jin et al., NeurIPS 2023, Eq. 5). Scaling the
 //! logits by √(log_T N / d) = (1/√d)·√(ln N / ln T) keeps that entropy at its training value.
 
-mod cpu;
-#[cfg(feature = "cuda")]
-mod flash;
-
 use crate::entropy::RowStats;
+use crate::kernels::cpu::attention as cpu;
+#[cfg(feature = "cuda")]
+use crate::kernels::cuda::flash_attention as flash;
 use candle_core::{DType, Result, Tensor};
 use std::ops::Range;
 
@@ -75,12 +74,13 @@ const MAX_SCORES_PER_CHUNK_GPU: usize = 128 * 1024 * 1024;
 ///
 /// Queries are chunked so memory stays bounded at large sizes; every query row is computed
 /// independently, so chunking does not change the result. In f32 on the CPU, the blocks are small enough
-/// to stay in cache and each is finished (scores, softmax, ·v) before the next (attention/cpu.rs). For
+/// to stay in cache and each is finished (scores, softmax, ·v) before the next (kernels/cpu/attention.rs). For
 /// f32 inputs on a GPU, and f16 on the CPU, everything runs in f32 (as diffusers upcasts on the CPU). On a GPU, f16/bf16 inputs stay in their
 /// dtype, as diffusers' fp16 pipeline does: the GEMMs accumulate in f32 (cuBLAS), the softmax
 /// accumulates its sum in f32 (candle's fused kernel), and the scale is applied to q (n·d values)
 /// rather than to the scores (n·n). (With `SDSCALE_FLASH_ATTENTION=1`, [`multi_head_attention`] sends f16
-/// heads of 64 on CUDA to sdscale's fused kernel instead: attention/flash.rs, correct, not yet faster.)
+/// heads of 64 on CUDA to sdscale's fused kernel instead: kernels/cuda/flash_attention.rs, correct, not yet
+/// faster.)
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     if cpu::applies(q) {
         return cpu::attention(q, k, v, scale, None);
@@ -121,7 +121,7 @@ pub fn merge_heads(t: &Tensor, b: usize, heads: usize, n: usize) -> Result<Tenso
 /// `rows` of the folded batch dimension (e.g. the heads of the text-conditioned branch) into `stats`,
 /// one query chunk at a time, so nothing larger than a chunk's scores is ever held. Measured runs always
 /// take an f32 path, so what the probe reads is the f32 softmax. The output is the unmeasured one bit for
-/// bit only in f32 on the CPU (both are attention/cpu.rs); on a GPU, and for half-precision inputs, the
+/// bit only in f32 on the CPU (both are kernels/cpu/attention.rs); on a GPU, and for half-precision inputs, the
 /// unmeasured call may take another path and differ by rounding.
 pub fn scaled_dot_product_attention_measured(
     q: &Tensor,

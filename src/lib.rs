@@ -14,6 +14,7 @@ pub mod cli;
 pub mod entropy;
 pub mod grid;
 pub mod html;
+mod kernels;
 pub mod metadata;
 pub mod models;
 pub mod output;

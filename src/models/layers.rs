@@ -2,20 +2,16 @@
 //! (convolution, linear and GroupNorm on the CPU; convolution and GroupNorm on CUDA), each forward
 //! labelled with its op kind for `SDSCALE_PROFILE=1`.
 
-mod cpu_conv;
-mod cpu_ops;
+use crate::kernels::cpu::{conv as cpu_conv, ops as cpu_ops};
 #[cfg(feature = "cuda")]
-mod cuda_conv;
-
-pub(crate) use cpu_ops::values as f32_values;
-
+use crate::kernels::cuda::conv as cuda_conv;
 use crate::profile::{op, OpKind};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 /// conv2d with square padding and stride (no dilation, no groups) plus an optional per-channel bias:
-/// sdscale's banded im2col + gemm in f32 on the CPU (layers/cpu_conv.rs), its im2col kernel + cuBLAS on CUDA
-/// (layers/cuda_conv.rs), candle's convolution otherwise.
+/// sdscale's banded im2col + gemm in f32 on the CPU (kernels/cpu/conv.rs), its im2col kernel + cuBLAS on CUDA
+/// (kernels/cuda/conv.rs), candle's convolution otherwise.
 pub fn conv2d(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
     if cpu_conv::applies(xs, weight) {
         return cpu_conv::conv2d(xs, weight, bias, padding, stride);
@@ -43,7 +39,7 @@ pub fn conv2d(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, padding: usiz
 /// [`Conv2d::banded`] bounds the temporary memory of the VAE's, which run at the full image size: on
 /// accelerators, inputs whose im2col buffer would exceed [`MAX_IM2COL_ELEMENTS`] are convolved a band of
 /// output rows at a time from an explicitly zero-padded copy (every output pixel from the same inputs
-/// and weights). On the CPU it is a plain call: sdscale's CPU convolution (layers/cpu_conv.rs) already
+/// and weights). On the CPU it is a plain call: sdscale's CPU convolution (kernels/cpu/conv.rs) already
 /// works in bands of at most 16 MiB.
 pub struct Conv2d {
     weight: Tensor,

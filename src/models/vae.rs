@@ -114,7 +114,7 @@ impl VaeConfig {
 }
 
 /// A VAE convolution: 3×3 with padding 1 or 1×1, computed in bands of rows where it would need a large
-/// im2col buffer (layers.rs).
+/// im2col buffer (models/layers.rs).
 fn conv(vb: VarBuilder, c_in: usize, c_out: usize, kernel: usize) -> Result<Conv2d> {
     let config = Conv2dConfig { padding: kernel / 2, ..Default::default() };
     Ok(Conv2d::new(c_in, c_out, kernel, config, vb)?.banded())

@@ -6,7 +6,7 @@
 //! of the cycles (2026-11-26). Bands keep the im2col matrix at most 16 MiB, so memory stays bounded at
 //! any size and the gemm reads it from cache.
 
-use super::cpu_ops::values;
+use super::{gemm_parallelism, values};
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
@@ -44,7 +44,7 @@ pub fn conv2d(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, padding: usiz
 
     let rows_per_band = (MAX_COLS / (depth * w_out).max(1)).clamp(1, h_out);
     let mut cols = vec![0f32; depth * rows_per_band * w_out];
-    let parallelism = super::cpu_ops::gemm_parallelism();
+    let parallelism = gemm_parallelism();
     for image in 0..b {
         let x_image = &x[image * c_in * h * w..(image + 1) * c_in * h * w];
         let out_image = &mut out[image * c_out * plane_out..(image + 1) * c_out * plane_out];

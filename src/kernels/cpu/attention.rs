@@ -6,7 +6,7 @@
 //! same block buffers, so measuring never changes the output.
 
 use crate::entropy::RowStats;
-use crate::models::layers::f32_values as values;
+use super::values;
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
