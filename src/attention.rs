@@ -5,6 +5,7 @@
 //! the entropy of its attention rows drifts like log N (Jin et al., NeurIPS 2023, Eq. 5). Scaling the
 //! logits by √(log_T N / d) = (1/√d)·√(ln N / ln T) keeps that entropy at its training value.
 
+pub use crate::backend::AttentionBackend;
 use crate::entropy::RowStats;
 use crate::kernels::cpu::attention as cpu;
 #[cfg(feature = "cuda")]
@@ -81,27 +82,42 @@ const MAX_SCORES_PER_CHUNK_GPU: usize = 128 * 1024 * 1024;
 /// rather than to the scores (n·n). (With `SDSCALE_FLASH_ATTENTION=1`, [`multi_head_attention`] sends f16
 /// heads of 64 on CUDA to sdscale's fused kernel instead: kernels/cuda/flash_attention.rs, correct, not yet
 /// faster.)
-pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    if cpu::applies(q) {
-        return cpu::attention(q, k, v, scale, None);
+///
+/// `backend` is the one chosen for the inputs' device and dtype when the model loaded (crate::backend).
+pub fn scaled_dot_product_attention(
+    backend: AttentionBackend,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    match backend {
+        AttentionBackend::CpuBlocks => cpu::attention(q, k, v, scale, None),
+        AttentionBackend::GpuHalf | AttentionBackend::FusedCuda => {
+            half_precision_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK_GPU)
+        }
+        AttentionBackend::Chunked => chunked_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK, None),
     }
-    if half_on_gpu(q) {
-        return half_precision_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK_GPU);
-    }
-    chunked_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK, None)
 }
 
 /// Multi-head attention over projections laid out (b, n, heads·d), as linear layers make them: each head
 /// attends on its own, and the result has the same layout. The heads are split into the batch dimension
 /// and merged back (the opt-in fused CUDA kernel reads and writes the layout directly).
-pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+pub fn multi_head_attention(
+    backend: AttentionBackend,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if flash::applies(q, heads) {
+    if backend == AttentionBackend::FusedCuda && flash::fits(q, heads) {
         return flash::attention(q, k, v, heads, scale);
     }
     let (b, n, _) = q.dims3()?;
-    let out =
-        scaled_dot_product_attention(&split_heads(q, heads)?, &split_heads(k, heads)?, &split_heads(v, heads)?, scale)?;
+    let (q, k, v) = (split_heads(q, heads)?, split_heads(k, heads)?, split_heads(v, heads)?);
+    let out = scaled_dot_product_attention(backend, &q, &k, &v, scale)?;
     merge_heads(&out, b, heads, n)
 }
 
@@ -124,6 +140,7 @@ pub fn merge_heads(t: &Tensor, b: usize, heads: usize, n: usize) -> Result<Tenso
 /// bit only in f32 on the CPU (both are kernels/cpu/attention.rs); on a GPU, and for half-precision inputs, the
 /// unmeasured call may take another path and differ by rounding.
 pub fn scaled_dot_product_attention_measured(
+    backend: AttentionBackend,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -131,14 +148,10 @@ pub fn scaled_dot_product_attention_measured(
     rows: Range<usize>,
     stats: &mut RowStats,
 ) -> Result<Tensor> {
-    if cpu::applies(q) {
-        return cpu::attention(q, k, v, scale, Some((rows, stats)));
+    match backend {
+        AttentionBackend::CpuBlocks => cpu::attention(q, k, v, scale, Some((rows, stats))),
+        _ => chunked_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK, Some((rows, stats))),
     }
-    chunked_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK, Some((rows, stats)))
-}
-
-fn half_on_gpu(q: &Tensor) -> bool {
-    !q.device().is_cpu() && matches!(q.dtype(), DType::F16 | DType::BF16)
 }
 
 fn chunked_attention(
@@ -258,7 +271,7 @@ mod tests {
         // 5000 keys → blocks of 52 query rows: 130 queries make two full blocks and a short one.
         let (q, k, v) = random_qkv(3, 130, 5000)?;
         let expected = chunked_attention(&q, &k, &v, 0.4, MAX_SCORES_PER_CHUNK, None)?;
-        let got = scaled_dot_product_attention(&q, &k, &v, 0.4)?;
+        let got = scaled_dot_product_attention(AttentionBackend::CpuBlocks, &q, &k, &v, 0.4)?;
         let diff = (got - &expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "max difference {diff}");
         Ok(())
@@ -274,16 +287,18 @@ mod tests {
             let diff = (got - &expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "max difference {diff}");
         }
-        assert!(!half_on_gpu(&q.to_dtype(DType::F16)?), "the CPU always takes the f32 path");
+        let cpu_f16 = crate::backend::Backends::choose(&Device::Cpu, DType::F16).unwrap();
+        assert_eq!(cpu_f16.attention, AttentionBackend::Chunked, "the CPU always takes the f32 path");
         Ok(())
     }
 
     #[test]
     fn measuring_changes_nothing_and_does_not_depend_on_chunking() -> Result<()> {
         let (q, k, v) = random_qkv(4, 50, 40)?;
-        let plain = scaled_dot_product_attention(&q, &k, &v, 0.3)?;
+        let cpu = AttentionBackend::CpuBlocks;
+        let plain = scaled_dot_product_attention(cpu, &q, &k, &v, 0.3)?;
         let mut stats = RowStats::default();
-        let measured = scaled_dot_product_attention_measured(&q, &k, &v, 0.3, 2..4, &mut stats)?;
+        let measured = scaled_dot_product_attention_measured(cpu, &q, &k, &v, 0.3, 2..4, &mut stats)?;
         let (plain, measured) = (plain.flatten_all()?.to_vec1::<f32>()?, measured.flatten_all()?.to_vec1::<f32>()?);
         assert!(plain.iter().zip(&measured).all(|(a, b)| a.to_bits() == b.to_bits()), "measuring changed the output");
         // Rows 2..4 of the folded batch, 50 queries each; chunks of 7 rows give the same sums.

@@ -5,6 +5,7 @@
 //! are loaded once; `generate` can then run any number of images, sizes and attention modes.
 
 use crate::attention::AttentionScale;
+use crate::backend::Backends;
 use crate::entropy::EntropyProbe;
 use crate::models::clip::{ClipTextConfig, ClipTextTransformer};
 use crate::models::unet::{UNet2DConditionModel, UNetConfig, UNetConfigFile};
@@ -113,16 +114,21 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
+        // What computes each op kind, chosen once for every network of the model.
+        let backends = Backends::choose(device, dtype).map_err(|e| anyhow!(e))?;
+        if crate::profile::enabled() {
+            eprintln!("sdscale: profile backends {backends}");
+        }
         let tokenizer = ClipTokenizer::load(&files.tokenizer_dir)?;
         let scheduler_config = DdimConfig::load(&files.scheduler_config)?;
 
         let text_config: ClipTextConfig = read_json(&files.text_encoder_config)?;
         text_config.validate().map_err(|e| anyhow!("{}: {e}", files.text_encoder_config.display()))?;
         let text_encoder =
-            ClipTextTransformer::new(files.text_encoder_weights.var_builder(dtype, device)?, &text_config)
+            ClipTextTransformer::new(files.text_encoder_weights.var_builder(dtype, device)?, &text_config, &backends)
                 .with_context(|| {
-                    format!("loading the text encoder from {}", files.text_encoder_weights.path().display())
-                })?;
+                format!("loading the text encoder from {}", files.text_encoder_weights.path().display())
+            })?;
 
         let unet_file: UNetConfigFile = read_json(&files.unet_config)?;
         let unet_config =
@@ -134,8 +140,9 @@ impl Pipeline {
             unet_config.cross_attention_dim,
             text_config.hidden_size
         );
-        let unet = UNet2DConditionModel::new(files.unet_weights.var_builder(dtype, device)?, unet_config)
-            .with_context(|| format!("loading the UNet from {}", files.unet_weights.path().display()))?;
+        let unet =
+            UNet2DConditionModel::with_backends(files.unet_weights.var_builder(dtype, device)?, unet_config, &backends)
+                .with_context(|| format!("loading the UNet from {}", files.unet_weights.path().display()))?;
 
         let vae_config: VaeConfig = read_json(&files.vae_config)?;
         vae_config.validate().map_err(|e| anyhow!("{}: {e}", files.vae_config.display()))?;
@@ -146,7 +153,7 @@ impl Pipeline {
             vae_config.latent_channels,
             unet.config.in_channels
         );
-        let vae = VaeDecoder::new(files.vae_weights.var_builder(dtype, device)?, vae_config)
+        let vae = VaeDecoder::new(files.vae_weights.var_builder(dtype, device)?, vae_config, &backends)
             .with_context(|| format!("loading the VAE from {}", files.vae_weights.path().display()))?;
 
         Ok(Self {
@@ -365,7 +372,9 @@ impl Pipeline {
                 Some(vae) => vae,
                 None => {
                     let vb = self.vae_weights.var_builder(DType::F32, &self.device)?;
-                    let vae = VaeDecoder::new(vb, self.vae.config.clone())?;
+                    // Its own backends: the f32 ones of this device.
+                    let backends = Backends::choose(&self.device, DType::F32).map_err(|e| anyhow!(e))?;
+                    let vae = VaeDecoder::new(vb, self.vae.config.clone(), &backends)?;
                     self.vae_f32.get_or_init(|| vae)
                 }
             };

@@ -252,3 +252,36 @@ fn from_image_values_are_validated_like_flags() {
     let result = sdscale(dir.path(), &args);
     assert!(result.status.success(), "{}", stderr(&result));
 }
+
+/// The backends are chosen once, when the model loads, and `SDSCALE_PROFILE=1` prints the choice; every
+/// `SDSCALE_*` switch follows one rule, and a value it cannot read is refused naming the variable.
+#[test]
+fn backends_are_chosen_once_printed_with_the_profile_and_switches_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model().display().to_string();
+    let run = |env: (&str, &str), output: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sdscale"))
+            .args(gen_args(&model, &["--width", "64", "--height", "64", "-o", output]))
+            .current_dir(dir.path())
+            .env(env.0, env.1)
+            .output()
+            .unwrap()
+    };
+    let profiled = run(("SDSCALE_PROFILE", "1"), "p.png");
+    let log = stderr(&profiled);
+    assert!(profiled.status.success(), "{log}");
+    assert_eq!(log.matches("sdscale: profile backends ").count(), 1, "{log}");
+    assert!(
+        log.contains("attention=cpu-blocks") && log.contains("conv=cpu-im2col") && log.contains("norm=cpu-fused"),
+        "{log}"
+    );
+    let refused = run(("SDSCALE_CUDA_CONV", "maybe"), "r.png");
+    let log = stderr(&refused);
+    assert_eq!(refused.status.code(), Some(2), "{log}");
+    assert_eq!(log.lines().filter(|l| l.contains("error")).count(), 1, "{log}");
+    assert!(
+        log.contains("SDSCALE_CUDA_CONV") && log.contains("1 (on) or 0 (off)") && !log.contains("panicked"),
+        "{log}"
+    );
+    assert!(!dir.path().join("r.png").exists());
+}

@@ -7,6 +7,7 @@
 
 use super::layers::Linear;
 use crate::attention::default_scale;
+use crate::backend::Backends;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{layer_norm, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
@@ -111,13 +112,13 @@ struct ClipAttention {
 }
 
 impl ClipAttention {
-    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+    fn new(vb: VarBuilder, cfg: &ClipTextConfig, backends: &Backends) -> Result<Self> {
         let width = cfg.hidden_size;
         Ok(Self {
-            q_proj: Linear::new(width, width, vb.pp("q_proj"))?,
-            k_proj: Linear::new(width, width, vb.pp("k_proj"))?,
-            v_proj: Linear::new(width, width, vb.pp("v_proj"))?,
-            out_proj: Linear::new(width, width, vb.pp("out_proj"))?,
+            q_proj: Linear::new(width, width, vb.pp("q_proj"), backends)?,
+            k_proj: Linear::new(width, width, vb.pp("k_proj"), backends)?,
+            v_proj: Linear::new(width, width, vb.pp("v_proj"), backends)?,
+            out_proj: Linear::new(width, width, vb.pp("out_proj"), backends)?,
             num_heads: cfg.num_attention_heads,
             head_dim: width / cfg.num_attention_heads,
         })
@@ -145,10 +146,10 @@ struct ClipMlp {
 }
 
 impl ClipMlp {
-    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+    fn new(vb: VarBuilder, cfg: &ClipTextConfig, backends: &Backends) -> Result<Self> {
         Ok(Self {
-            fc1: Linear::new(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
-            fc2: Linear::new(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
+            fc1: Linear::new(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"), backends)?,
+            fc2: Linear::new(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"), backends)?,
             activation: Activation::from_config(&cfg.hidden_act)?,
         })
     }
@@ -166,12 +167,12 @@ struct ClipEncoderLayer {
 }
 
 impl ClipEncoderLayer {
-    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+    fn new(vb: VarBuilder, cfg: &ClipTextConfig, backends: &Backends) -> Result<Self> {
         Ok(Self {
             layer_norm1: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
-            self_attn: ClipAttention::new(vb.pp("self_attn"), cfg)?,
+            self_attn: ClipAttention::new(vb.pp("self_attn"), cfg, backends)?,
             layer_norm2: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-            mlp: ClipMlp::new(vb.pp("mlp"), cfg)?,
+            mlp: ClipMlp::new(vb.pp("mlp"), cfg, backends)?,
         })
     }
 
@@ -193,12 +194,13 @@ pub struct ClipTextTransformer {
 impl ClipTextTransformer {
     /// `vb` points at the model root: the weights live under `text_model.` in the files SD 2.1 ships
     /// (transformers ≥ 5 writes them without that prefix); both spellings are accepted.
-    pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+    /// `backends` are the model's, chosen once (crate::backend).
+    pub fn new(vb: VarBuilder, cfg: &ClipTextConfig, backends: &Backends) -> Result<Self> {
         let vb =
             if vb.contains_tensor("text_model.embeddings.token_embedding.weight") { vb.pp("text_model") } else { vb };
         let embeddings = ClipTextEmbeddings::new(vb.pp("embeddings"), cfg)?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| ClipEncoderLayer::new(vb.pp("encoder.layers").pp(i), cfg))
+            .map(|i| ClipEncoderLayer::new(vb.pp("encoder.layers").pp(i), cfg, backends))
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("final_layer_norm"))?;
         Ok(Self { embeddings, layers, final_layer_norm })

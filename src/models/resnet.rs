@@ -2,6 +2,7 @@
 //! a time embedding) and the VAE decoder (without), with diffusers' parameter names so weights map 1:1.
 
 use super::layers::{silu, Conv2d, GroupNorm, Linear};
+use crate::backend::Backends;
 use crate::profile::{op, OpKind};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
@@ -33,22 +34,22 @@ pub struct ResnetBlock2D {
 }
 
 impl ResnetBlock2D {
-    pub fn new(vb: VarBuilder, c_in: usize, c_out: usize, cfg: &ResnetConfig) -> Result<Self> {
+    pub fn new(vb: VarBuilder, c_in: usize, c_out: usize, cfg: &ResnetConfig, backends: &Backends) -> Result<Self> {
         let pad1 = Conv2dConfig { padding: 1, ..Default::default() };
         let conv = |c_in, c_out, kernel, config, name: &str| {
-            Conv2d::new(c_in, c_out, kernel, config, vb.pp(name)).map(|conv| match cfg.banded {
+            Conv2d::new(c_in, c_out, kernel, config, vb.pp(name), backends).map(|conv| match cfg.banded {
                 true => conv.banded(),
                 false => conv,
             })
         };
         Ok(Self {
-            norm1: GroupNorm::new(cfg.groups, c_in, cfg.eps, vb.pp("norm1"))?,
+            norm1: GroupNorm::new(cfg.groups, c_in, cfg.eps, vb.pp("norm1"), backends)?,
             conv1: conv(c_in, c_out, 3, pad1, "conv1")?,
             time_emb_proj: match cfg.temb_channels {
-                Some(temb) => Some(Linear::new(temb, c_out, vb.pp("time_emb_proj"))?),
+                Some(temb) => Some(Linear::new(temb, c_out, vb.pp("time_emb_proj"), backends)?),
                 None => None,
             },
-            norm2: GroupNorm::new(cfg.groups, c_out, cfg.eps, vb.pp("norm2"))?,
+            norm2: GroupNorm::new(cfg.groups, c_out, cfg.eps, vb.pp("norm2"), backends)?,
             conv2: conv(c_out, c_out, 3, pad1, "conv2")?,
             conv_shortcut: match c_in == c_out {
                 true => None,

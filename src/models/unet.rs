@@ -14,8 +14,10 @@
 
 use super::layers::{geglu, Conv2d, GroupNorm, LayerNorm, Linear};
 use super::resnet::{ResnetBlock2D, ResnetConfig};
+use crate::attention::AttentionBackend;
 use crate::attention::AttentionScale;
 use crate::attention::{merge_heads, multi_head_attention, scaled_dot_product_attention_measured, split_heads};
+use crate::backend::{Backends, LinearBackend};
 use crate::entropy::{EntropyProbe, RowStats};
 use crate::profile::{op, OpKind};
 use candle_core::{DType, Module, Result, Tensor};
@@ -367,6 +369,7 @@ struct Attention {
     to_v: Linear,
     to_out: Linear,
     heads: usize,
+    backend: AttentionBackend,
     /// The diffusers module path and UNet level, which the entropy probe reports.
     path: String,
     level: usize,
@@ -380,14 +383,16 @@ impl Attention {
         heads: usize,
         head_dim: usize,
         level: usize,
+        backends: &Backends,
     ) -> Result<Self> {
         let inner_dim = heads * head_dim;
         Ok(Self {
-            to_q: Linear::no_bias(query_dim, inner_dim, vb.pp("to_q"))?,
-            to_k: Linear::no_bias(context_dim, inner_dim, vb.pp("to_k"))?,
-            to_v: Linear::no_bias(context_dim, inner_dim, vb.pp("to_v"))?,
-            to_out: Linear::new(inner_dim, query_dim, vb.pp("to_out.0"))?,
+            to_q: Linear::no_bias(query_dim, inner_dim, vb.pp("to_q"), backends)?,
+            to_k: Linear::no_bias(context_dim, inner_dim, vb.pp("to_k"), backends)?,
+            to_v: Linear::no_bias(context_dim, inner_dim, vb.pp("to_v"), backends)?,
+            to_out: Linear::new(inner_dim, query_dim, vb.pp("to_out.0"), backends)?,
             heads,
+            backend: backends.attention,
             path: vb.prefix(),
             level,
         })
@@ -405,15 +410,17 @@ impl Attention {
         let v = self.to_v.forward(context)?;
         let out = match probe {
             // (b, n, heads·d)
-            None => op(OpKind::Attention, device, || multi_head_attention(&q, &k, &v, self.heads, scale))?,
+            None => {
+                op(OpKind::Attention, device, || multi_head_attention(self.backend, &q, &k, &v, self.heads, scale))?
+            }
             Some(probe) => {
                 // Batch entry e owns rows e·heads .. (e+1)·heads of the folded (b·heads) dimension.
                 let first = probe.batch_entry() * self.heads;
                 let mut stats = RowStats::default();
                 let (q, k, v) =
                     (split_heads(&q, self.heads)?, split_heads(&k, self.heads)?, split_heads(&v, self.heads)?);
-                let out =
-                    scaled_dot_product_attention_measured(&q, &k, &v, scale, first..first + self.heads, &mut stats)?;
+                let rows = first..first + self.heads;
+                let out = scaled_dot_product_attention_measured(self.backend, &q, &k, &v, scale, rows, &mut stats)?;
                 probe.record(&self.path, self.level, k.dim(1)?, stats);
                 merge_heads(&out, b, self.heads, xs.dim(1)?)?
             }
@@ -426,20 +433,22 @@ impl Attention {
 struct FeedForward {
     proj: Linear,
     out: Linear,
+    backend: LinearBackend,
 }
 
 impl FeedForward {
-    fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+    fn new(vb: VarBuilder, dim: usize, backends: &Backends) -> Result<Self> {
         let inner_dim = 4 * dim;
         Ok(Self {
-            proj: Linear::new(dim, 2 * inner_dim, vb.pp("net.0.proj"))?,
-            out: Linear::new(inner_dim, dim, vb.pp("net.2"))?,
+            proj: Linear::new(dim, 2 * inner_dim, vb.pp("net.0.proj"), backends)?,
+            out: Linear::new(inner_dim, dim, vb.pp("net.2"), backends)?,
+            backend: backends.linear,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         // GEGLU uses the exact (erf) GELU.
-        let gated = geglu(&self.proj.forward(xs)?)?;
+        let gated = geglu(self.backend, &self.proj.forward(xs)?)?;
         self.out.forward(&gated)
     }
 }
@@ -456,14 +465,22 @@ struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    fn new(vb: VarBuilder, dim: usize, heads: usize, head_dim: usize, level: usize, cfg: &UNetConfig) -> Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        (heads, head_dim): (usize, usize),
+        level: usize,
+        cfg: &UNetConfig,
+        backends: &Backends,
+    ) -> Result<Self> {
+        let context_dim = cfg.cross_attention_dim;
         Ok(Self {
             norm1: LayerNorm::new(dim, cfg.norm_eps, vb.pp("norm1"))?,
-            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim, level)?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim, level, backends)?,
             norm2: LayerNorm::new(dim, cfg.norm_eps, vb.pp("norm2"))?,
-            attn2: Attention::new(vb.pp("attn2"), dim, cfg.cross_attention_dim, heads, head_dim, level)?,
+            attn2: Attention::new(vb.pp("attn2"), dim, context_dim, heads, head_dim, level, backends)?,
             norm3: LayerNorm::new(dim, cfg.norm_eps, vb.pp("norm3"))?,
-            ff: FeedForward::new(vb.pp("ff"), dim)?,
+            ff: FeedForward::new(vb.pp("ff"), dim, backends)?,
         })
     }
 
@@ -492,11 +509,11 @@ enum Projection {
 }
 
 impl Projection {
-    fn new(vb: VarBuilder, channels: usize, use_linear: bool) -> Result<Self> {
+    fn new(vb: VarBuilder, channels: usize, use_linear: bool, backends: &Backends) -> Result<Self> {
         Ok(if use_linear {
-            Projection::Linear(Linear::new(channels, channels, vb)?)
+            Projection::Linear(Linear::new(channels, channels, vb, backends)?)
         } else {
-            Projection::Conv(Conv2d::new(channels, channels, 1, Conv2dConfig::default(), vb)?)
+            Projection::Conv(Conv2d::new(channels, channels, 1, Conv2dConfig::default(), vb, backends)?)
         })
     }
 }
@@ -520,20 +537,23 @@ impl Transformer2DModel {
         layers: usize,
         level: usize,
         cfg: &UNetConfig,
+        backends: &Backends,
     ) -> Result<Self> {
         let head_dim = channels / heads;
         // diffusers hard-codes eps = 1e-6 for this group norm.
-        let norm = GroupNorm::new(cfg.norm_num_groups, channels, 1e-6, vb.pp("norm"))?;
+        let norm = GroupNorm::new(cfg.norm_num_groups, channels, 1e-6, vb.pp("norm"), backends)?;
         let transformer_blocks = (0..layers)
             .map(|i| {
-                BasicTransformerBlock::new(vb.pp("transformer_blocks").pp(i), channels, heads, head_dim, level, cfg)
+                let vb = vb.pp("transformer_blocks").pp(i);
+                BasicTransformerBlock::new(vb, channels, (heads, head_dim), level, cfg, backends)
             })
             .collect::<Result<Vec<_>>>()?;
+        let linear = cfg.use_linear_projection;
         Ok(Self {
             norm,
-            proj_in: Projection::new(vb.pp("proj_in"), channels, cfg.use_linear_projection)?,
+            proj_in: Projection::new(vb.pp("proj_in"), channels, linear, backends)?,
             transformer_blocks,
-            proj_out: Projection::new(vb.pp("proj_out"), channels, cfg.use_linear_projection)?,
+            proj_out: Projection::new(vb.pp("proj_out"), channels, linear, backends)?,
             head_dim,
             level,
         })
@@ -585,6 +605,7 @@ fn resnet(
     temb: usize,
     cfg: &UNetConfig,
     output_scale_factor: f64,
+    backends: &Backends,
 ) -> Result<ResnetBlock2D> {
     let config = ResnetConfig {
         groups: cfg.norm_num_groups,
@@ -593,7 +614,7 @@ fn resnet(
         output_scale_factor: Some(output_scale_factor),
         banded: false,
     };
-    ResnetBlock2D::new(vb, in_channels, out_channels, &config)
+    ResnetBlock2D::new(vb, in_channels, out_channels, &config, backends)
 }
 
 /// `CrossAttnDownBlock2D` (with attentions) or `DownBlock2D` (without), plus an optional stride-2 conv.
@@ -708,7 +729,14 @@ pub struct UNet2DConditionModel {
 }
 
 impl UNet2DConditionModel {
+    /// The UNet with the backends for `vb`'s device and dtype ([`Backends::choose`]).
     pub fn new(vb: VarBuilder, cfg: UNetConfig) -> Result<Self> {
+        let backends = Backends::choose(vb.device(), vb.dtype()).map_err(candle_core::Error::Msg)?;
+        Self::with_backends(vb, cfg, &backends)
+    }
+
+    /// The UNet with `backends`, chosen once for the whole model (crate::backend).
+    pub fn with_backends(vb: VarBuilder, cfg: UNetConfig, backends: &Backends) -> Result<Self> {
         let channels = &cfg.block_out_channels;
         let blocks = channels.len();
         let time_embed_dim = channels[0] * 4;
@@ -716,7 +744,7 @@ impl UNet2DConditionModel {
 
         let time_proj = Timesteps::new(channels[0], cfg.flip_sin_to_cos, cfg.freq_shift);
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), channels[0], time_embed_dim)?;
-        let conv_in = Conv2d::new(cfg.in_channels, channels[0], 3, pad1, vb.pp("conv_in"))?;
+        let conv_in = Conv2d::new(cfg.in_channels, channels[0], 3, pad1, vb.pp("conv_in"), backends)?;
 
         let transformer = |vb: VarBuilder, c: usize, block: usize, level: usize| {
             Transformer2DModel::new(
@@ -726,6 +754,7 @@ impl UNet2DConditionModel {
                 cfg.transformer_layers_per_block[block],
                 level,
                 &cfg,
+                backends,
             )
         };
 
@@ -737,7 +766,7 @@ impl UNet2DConditionModel {
             let mut attentions = Vec::new();
             for j in 0..cfg.layers_per_block {
                 let c_in = if j == 0 { in_channels } else { out_channels };
-                resnets.push(resnet(vb.pp("resnets").pp(j), c_in, out_channels, time_embed_dim, &cfg, 1.0)?);
+                resnets.push(resnet(vb.pp("resnets").pp(j), c_in, out_channels, time_embed_dim, &cfg, 1.0, backends)?);
                 if cfg.down_block_has_attention[i] {
                     attentions.push(transformer(vb.pp("attentions").pp(j), out_channels, i, i)?);
                 }
@@ -747,7 +776,7 @@ impl UNet2DConditionModel {
                 None
             } else {
                 let config = Conv2dConfig { padding: cfg.downsample_padding, stride: 2, ..Default::default() };
-                Some(Conv2d::new(out_channels, out_channels, 3, config, vb.pp("downsamplers.0.conv"))?)
+                Some(Conv2d::new(out_channels, out_channels, 3, config, vb.pp("downsamplers.0.conv"), backends)?)
             };
             down_blocks.push(DownBlock { resnets, attentions, downsampler });
         }
@@ -758,8 +787,8 @@ impl UNet2DConditionModel {
             let scale = cfg.mid_block_scale_factor;
             MidBlock {
                 resnets: vec![
-                    resnet(vb.pp("resnets.0"), mid_channels, mid_channels, time_embed_dim, &cfg, scale)?,
-                    resnet(vb.pp("resnets.1"), mid_channels, mid_channels, time_embed_dim, &cfg, scale)?,
+                    resnet(vb.pp("resnets.0"), mid_channels, mid_channels, time_embed_dim, &cfg, scale, backends)?,
+                    resnet(vb.pp("resnets.1"), mid_channels, mid_channels, time_embed_dim, &cfg, scale, backends)?,
                 ],
                 attentions: vec![transformer(vb.pp("attentions.0"), mid_channels, blocks - 1, cfg.deepest_level())?],
             }
@@ -785,6 +814,7 @@ impl UNet2DConditionModel {
                     time_embed_dim,
                     &cfg,
                     1.0,
+                    backends,
                 )?);
                 if cfg.up_block_has_attention[i] {
                     // Up block i mirrors down block (blocks − 1 − i): same heads and depth.
@@ -795,13 +825,14 @@ impl UNet2DConditionModel {
             let upsampler = if is_final_block {
                 None
             } else {
-                Some(Conv2d::new(out_channels, out_channels, 3, pad1, vb.pp("upsamplers.0.conv"))?)
+                Some(Conv2d::new(out_channels, out_channels, 3, pad1, vb.pp("upsamplers.0.conv"), backends)?)
             };
             up_blocks.push(UpBlock { resnets, attentions, upsampler });
         }
 
-        let conv_norm_out = GroupNorm::new(cfg.norm_num_groups, channels[0], cfg.norm_eps, vb.pp("conv_norm_out"))?;
-        let conv_out = Conv2d::new(channels[0], cfg.out_channels, 3, pad1, vb.pp("conv_out"))?;
+        let conv_norm_out =
+            GroupNorm::new(cfg.norm_num_groups, channels[0], cfg.norm_eps, vb.pp("conv_norm_out"), backends)?;
+        let conv_out = Conv2d::new(channels[0], cfg.out_channels, 3, pad1, vb.pp("conv_out"), backends)?;
         Ok(Self {
             time_proj,
             time_embedding,

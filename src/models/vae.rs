@@ -12,7 +12,8 @@
 
 use super::layers::{Conv2d, GroupNorm, Linear};
 use super::resnet::{ResnetBlock2D, ResnetConfig};
-use crate::attention::{default_scale, scaled_dot_product_attention};
+use crate::attention::{default_scale, scaled_dot_product_attention, AttentionBackend};
+use crate::backend::Backends;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use serde::Deserialize;
@@ -115,15 +116,15 @@ impl VaeConfig {
 
 /// A VAE convolution: 3×3 with padding 1 or 1×1, computed in bands of rows where it would need a large
 /// im2col buffer (models/layers.rs).
-fn conv(vb: VarBuilder, c_in: usize, c_out: usize, kernel: usize) -> Result<Conv2d> {
+fn conv(vb: VarBuilder, c_in: usize, c_out: usize, kernel: usize, backends: &Backends) -> Result<Conv2d> {
     let config = Conv2dConfig { padding: kernel / 2, ..Default::default() };
-    Ok(Conv2d::new(c_in, c_out, kernel, config, vb)?.banded())
+    Ok(Conv2d::new(c_in, c_out, kernel, config, vb, backends)?.banded())
 }
 
 /// `ResnetBlock2D` without a time embedding (the VAE's); diffusers' VAE blocks use eps = 1e-6 throughout.
-fn resnet(vb: VarBuilder, c_in: usize, c_out: usize, groups: usize) -> Result<ResnetBlock2D> {
+fn resnet(vb: VarBuilder, c_in: usize, c_out: usize, groups: usize, backends: &Backends) -> Result<ResnetBlock2D> {
     let config = ResnetConfig { groups, eps: 1e-6, temb_channels: None, output_scale_factor: None, banded: true };
-    ResnetBlock2D::new(vb, c_in, c_out, &config)
+    ResnetBlock2D::new(vb, c_in, c_out, &config, backends)
 }
 
 /// The mid block's single-head self-attention over all pixels, with a residual.
@@ -133,10 +134,12 @@ struct AttentionBlock {
     to_k: Linear,
     to_v: Linear,
     to_out: Linear,
+    /// Always computed in f32 (see forward): the backend for f32 on this device.
+    attention: AttentionBackend,
 }
 
 impl AttentionBlock {
-    fn new(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
+    fn new(vb: VarBuilder, channels: usize, groups: usize, backends: &Backends) -> Result<Self> {
         // SD 2.1's files use the pre-0.14 names; diffusers ≥ 0.14 writes to_q/to_k/to_v/to_out.0.
         let names = match vb.contains_tensor("to_q.weight") {
             true => ["to_q", "to_k", "to_v", "to_out.0"],
@@ -149,14 +152,15 @@ impl AttentionBlock {
                 Ok(weight) => weight,
                 Err(_) => vb.get((channels, channels, 1, 1), "weight")?.reshape((channels, channels))?,
             };
-            Ok(Linear::from_weights(weight, Some(vb.get(channels, "bias")?)))
+            Ok(Linear::from_weights(weight, Some(vb.get(channels, "bias")?), backends))
         };
         Ok(Self {
-            group_norm: GroupNorm::new(groups, channels, 1e-6, vb.pp("group_norm"))?,
+            group_norm: GroupNorm::new(groups, channels, 1e-6, vb.pp("group_norm"), backends)?,
             to_q: linear(names[0])?,
             to_k: linear(names[1])?,
             to_v: linear(names[2])?,
             to_out: linear(names[3])?,
+            attention: backends.attention_f32,
         })
     }
 
@@ -169,8 +173,9 @@ impl AttentionBlock {
         // One head of width c: the VAE's scale is 1/√c and never changes with the image size. Always in
         // f32: a 512-wide head's logits are large, and f16 scores would round them coarsely.
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let (q32, k32, v32) = (f32(&q)?, f32(&k)?, f32(&v)?);
         let out =
-            scaled_dot_product_attention(&f32(&q)?, &f32(&k)?, &f32(&v)?, default_scale(c))?.to_dtype(q.dtype())?;
+            scaled_dot_product_attention(self.attention, &q32, &k32, &v32, default_scale(c))?.to_dtype(q.dtype())?;
         let out = self.to_out.forward(&out)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         out + xs
     }
@@ -212,12 +217,13 @@ pub struct VaeDecoder {
 
 impl VaeDecoder {
     /// `vb` points at the VAE root (its keys start with `decoder.` and `post_quant_conv.`).
-    pub fn new(vb: VarBuilder, cfg: VaeConfig) -> Result<Self> {
+    /// `backends` are the model's, chosen once (crate::backend).
+    pub fn new(vb: VarBuilder, cfg: VaeConfig, backends: &Backends) -> Result<Self> {
         let channels = &cfg.block_out_channels;
         let blocks = channels.len();
         let groups = cfg.norm_num_groups;
         let post_quant_conv = match cfg.use_post_quant_conv {
-            true => Some(conv(vb.pp("post_quant_conv"), cfg.latent_channels, cfg.latent_channels, 1)?),
+            true => Some(conv(vb.pp("post_quant_conv"), cfg.latent_channels, cfg.latent_channels, 1, backends)?),
             false => None,
         };
         let vb = vb.pp("decoder");
@@ -231,11 +237,11 @@ impl VaeDecoder {
                 let resnets = (0..cfg.layers_per_block + 1)
                     .map(|j| {
                         let c_in = if j == 0 { in_channels } else { reversed[i] };
-                        resnet(vb.pp("resnets").pp(j), c_in, reversed[i], groups)
+                        resnet(vb.pp("resnets").pp(j), c_in, reversed[i], groups, backends)
                     })
                     .collect::<Result<Vec<_>>>()?;
                 let upsampler = match i + 1 < blocks {
-                    true => Some(conv(vb.pp("upsamplers.0.conv"), reversed[i], reversed[i], 3)?),
+                    true => Some(conv(vb.pp("upsamplers.0.conv"), reversed[i], reversed[i], 3, backends)?),
                     false => None,
                 };
                 Ok(UpDecoderBlock2D { resnets, upsampler })
@@ -243,13 +249,13 @@ impl VaeDecoder {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             post_quant_conv,
-            conv_in: conv(vb.pp("conv_in"), cfg.latent_channels, top, 3)?,
-            mid_resnet_0: resnet(mid.pp("resnets.0"), top, top, groups)?,
-            mid_attention: AttentionBlock::new(mid.pp("attentions.0"), top, groups)?,
-            mid_resnet_1: resnet(mid.pp("resnets.1"), top, top, groups)?,
+            conv_in: conv(vb.pp("conv_in"), cfg.latent_channels, top, 3, backends)?,
+            mid_resnet_0: resnet(mid.pp("resnets.0"), top, top, groups, backends)?,
+            mid_attention: AttentionBlock::new(mid.pp("attentions.0"), top, groups, backends)?,
+            mid_resnet_1: resnet(mid.pp("resnets.1"), top, top, groups, backends)?,
             up_blocks,
-            conv_norm_out: GroupNorm::new(groups, channels[0], 1e-6, vb.pp("conv_norm_out"))?,
-            conv_out: conv(vb.pp("conv_out"), channels[0], cfg.out_channels, 3)?,
+            conv_norm_out: GroupNorm::new(groups, channels[0], 1e-6, vb.pp("conv_norm_out"), backends)?,
+            conv_out: conv(vb.pp("conv_out"), channels[0], cfg.out_channels, 3, backends)?,
             config: cfg,
         })
     }

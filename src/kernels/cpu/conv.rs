@@ -7,15 +7,11 @@
 //! any size and the gemm reads it from cache.
 
 use super::{gemm_parallelism, values};
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
 /// Floats of im2col matrix per band.
 const MAX_COLS: usize = 4 << 20;
-
-pub fn applies(xs: &Tensor, weight: &Tensor) -> bool {
-    xs.device().is_cpu() && xs.dtype() == DType::F32 && weight.dtype() == DType::F32
-}
 
 /// conv2d of `xs` (b, c_in, h, w) with `weight` (c_out, c_in, k, k), square padding and stride, no
 /// dilation or groups, plus an optional per-channel bias.

@@ -4,12 +4,8 @@
 //! 2026-11-26).
 
 use super::{gemm_parallelism, values};
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
-
-pub fn applies(xs: &Tensor) -> bool {
-    xs.device().is_cpu() && xs.dtype() == DType::F32
-}
 
 /// xs (…, k) · weightᵀ (weight (n, k)) + bias: one gemm over all leading rows, the bias pre-filled.
 pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
