@@ -880,7 +880,9 @@ fn auto_device(open: impl FnOnce() -> candle_core::Result<Device>, warn: &mut dy
     open().unwrap_or_else(|err| {
         let reason = format!("{err}");
         let reason = reason.lines().next().unwrap_or_default();
-        warn(format!("--device auto: cannot open CUDA device 0 ({reason}); running on the CPU (pass --device cpu to silence this)"));
+        warn(format!(
+            "--device auto: cannot open CUDA device 0 ({reason}); running on the CPU (--device cpu says so up front)"
+        ));
         Device::Cpu
     })
 }

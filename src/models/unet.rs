@@ -322,7 +322,10 @@ impl UNetConfig {
                 return Err(format!("unet config: block_out_channels[{i}] is 0; it must be at least 1"));
             }
             if heads == 0 || channels % heads != 0 {
-                return Err(format!("unet config: block {i} has {channels} channels, not divisible by {heads} heads (num_attention_heads / attention_head_dim)"));
+                return Err(format!(
+                    "unet config: block {i} has {channels} channels, not divisible by {heads} heads \
+                     (num_attention_heads, or attention_head_dim when that is absent)"
+                ));
             }
             if channels % file.norm_num_groups != 0 {
                 return Err(format!(

@@ -2,7 +2,8 @@
 //! directly. candle's own CUDA conv gathers its im2col with uncoalesced reads and 64-bit index
 //! arithmetic, multiplies in NHWC, then copies the result to NCHW. Measured on an H100 (2026-11-26,
 //! scripts/gpu/check.sh): a 512² UNet step's convolutions 15.7 → 8.3 ms, 1024² 57.2 → 25.6 ms, images
-//! within 0.15 levels of candle's. `SDSCALE_CUDA_CONV=0` switches back to candle's (for comparison; read once, crate::backend).
+//! within 0.15 levels of candle's. `SDSCALE_CUDA_CONV=0` switches back to candle's (for comparison; read
+//! once, crate::backend).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};

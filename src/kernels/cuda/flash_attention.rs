@@ -2,13 +2,13 @@
 //! SD 2.x UNet attention layer), any number of queries and keys, any softmax scale. It never writes the
 //! scores to device memory and reads the projections' (b, n, heads·64) layout directly.
 //!
-//! Opt-in (`SDSCALE_FLASH_ATTENTION=1`, read once: crate::backend): measured on an H100 (2026-11-26, scripts/gpu/check.sh) it is
-//! correct (images within 0.16 levels of the unfused path) but slower than cuBLAS GEMMs around candle's
-//! softmax: 17.1 ms of attention in a 512² step against 11.2 + 1.9 ms (the GEMMs and softmax, plus the
-//! head split/merge copies it saves), 238 against 192 + 7 ms at 1024². The likely cause is
-//! shared-memory bank conflicts in its softmax and rescale loops (the two lanes of a row walk 32
-//! consecutive floats, so a warp's 32 accesses land in one bank); that is the next thing to fix, with
-//! a GPU to measure it on, before it becomes the default.
+//! Opt-in (`SDSCALE_FLASH_ATTENTION=1`, read once: crate::backend): measured on an H100 (2026-11-26,
+//! scripts/gpu/check.sh) it is correct (images within 0.16 levels of the unfused path) but slower than
+//! cuBLAS GEMMs around candle's softmax: 17.1 ms of attention in a 512² step against 11.2 + 1.9 ms (the
+//! GEMMs and softmax, plus the head split/merge copies it saves), 238 against 192 + 7 ms at 1024². The
+//! likely cause is shared-memory bank conflicts in its softmax and rescale loops (the two lanes of a row
+//! walk 32 consecutive floats, so a warp's 32 accesses land in one bank); that is the next thing to fix,
+//! with a GPU to measure it on, before it becomes the default.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
