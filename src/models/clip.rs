@@ -34,7 +34,10 @@ fn default_layer_norm_eps() -> f64 {
 impl ClipTextConfig {
     /// Refuses, with one line naming the key, values the encoder would divide by zero or index past.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.hidden_size == 0 || self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.hidden_size == 0
+            || self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(format!(
                 "text encoder config: hidden_size = {} is not a positive multiple of num_attention_heads = {}",
                 self.hidden_size, self.num_attention_heads

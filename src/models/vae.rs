@@ -97,7 +97,7 @@ impl VaeConfig {
             }
         }
         for (i, &channels) in self.block_out_channels.iter().enumerate() {
-            if channels == 0 || channels % self.norm_num_groups != 0 {
+            if channels == 0 || !channels.is_multiple_of(self.norm_num_groups) {
                 return Err(format!(
                     "vae config: block_out_channels[{i}] = {channels} is not a positive multiple of norm_num_groups = {}",
                     self.norm_num_groups
