@@ -39,4 +39,4 @@ fn main() {
 }
 
 /// Each becomes $OUT_DIR/<name>.ptx, which the Rust side include_str!s.
-const KERNELS: [&str; 2] = ["src/attention/flash_attention.cu", "src/models/layers/im2col.cu"];
+const KERNELS: [&str; 2] = ["src/kernels/cuda/flash_attention.cu", "src/kernels/cuda/im2col.cu"];

@@ -1,7 +1,11 @@
-//! Per-stage CPU/GPU timings: tokenizer, text encoder, one guided UNet step per size and mode, VAE decode.
+//! Per-stage timings: tokenizer, text encoder, one guided UNet step per size and mode, VAE decode.
 //!
-//!     cargo bench --bench stages                                   # the fixture model
+//!     cargo bench --bench stages                                   # the fixture model, on the CPU
 //!     SDSCALE_BENCH_MODEL=~/.cache/sdscale/sd21-random SDSCALE_BENCH_SIZES=224,512 cargo bench --bench stages
+//!     SDSCALE_BENCH_DEVICE=cuda cargo bench --features cuda --bench stages   # on the GPU, in f16
+//!
+//! SDSCALE_BENCH_DEVICE is cpu (the default), cuda or cuda:N; SDSCALE_BENCH_DTYPE f32, f16 or bf16
+//! (default f32 on the CPU, f16 on CUDA, as `sdscale gen`).
 //!
 //! Prints one tab-separated line per measurement (`stage  size  mode  median_ms  runs`), the format
 //! `scripts/bench_cpu.sh` joins with diffusers' numbers from `scripts/bench_diffusers.py`.
@@ -49,8 +53,22 @@ fn main() -> Result<()> {
         env_or("SDSCALE_BENCH_SIZES", "192").split(',').map(|s| s.trim().parse()).collect::<Result<_, _>>()?;
     let runs: usize = env_or("SDSCALE_BENCH_RUNS", "3").parse()?;
     let stages = env_or("SDSCALE_BENCH_STAGES", "load,tokenizer,text,unet,vae");
-    let device = Device::Cpu;
-    let dtype = DType::F32;
+    let device = match env_or("SDSCALE_BENCH_DEVICE", "cpu").as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0)?,
+        other => match other.strip_prefix("cuda:").map(str::parse) {
+            Some(Ok(ordinal)) => Device::new_cuda(ordinal)?,
+            _ => anyhow::bail!("SDSCALE_BENCH_DEVICE={other}: use cpu, cuda or cuda:N"),
+        },
+    };
+    let dtype = match std::env::var("SDSCALE_BENCH_DTYPE").ok().as_deref() {
+        None if device.is_cuda() => DType::F16,
+        None | Some("f32") => DType::F32,
+        Some("f16") => DType::F16,
+        Some("bf16") => DType::BF16,
+        Some(other) => anyhow::bail!("SDSCALE_BENCH_DTYPE={other}: use f32, f16 or bf16"),
+    };
+    eprintln!("stages: {device:?}, {dtype:?}");
 
     let start = Instant::now();
     let files = ModelFiles::resolve(&ModelSource::Dir(model.clone()), dtype)?;

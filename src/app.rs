@@ -52,6 +52,38 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     }
 }
 
+/// Why a model did not load: its files (configs, missing or mis-shaped tensors, truncated data) are
+/// bad input, exit 2; the machine failing — reading a file, allocating device memory — is not, exit 1.
+fn load_failure(err: anyhow::Error) -> anyhow::Error {
+    if is_machine_failure(&err) {
+        err
+    } else {
+        bad_input(err)
+    }
+}
+
+/// An I/O error other than data that is too short or malformed, or a device (CUDA, Metal) error such
+/// as running out of GPU memory, anywhere in the chain (candle wraps its own errors several deep).
+fn is_machine_failure(err: &anyhow::Error) -> bool {
+    use std::io::ErrorKind;
+    let io_failure = |e: &std::io::Error| !matches!(e.kind(), ErrorKind::UnexpectedEof | ErrorKind::InvalidData);
+    fn candle_failure(e: &candle_core::Error, io_failure: &dyn Fn(&std::io::Error) -> bool) -> bool {
+        use candle_core::Error;
+        match e {
+            Error::Io(io) => io_failure(io),
+            Error::Cuda(_) | Error::Metal(_) => true,
+            Error::Context { inner, .. } | Error::WithPath { inner, .. } | Error::WithBacktrace { inner, .. } => {
+                candle_failure(inner, io_failure)
+            }
+            _ => false,
+        }
+    }
+    err.chain().any(|cause| {
+        cause.downcast_ref::<std::io::Error>().is_some_and(io_failure)
+            || cause.downcast_ref::<candle_core::Error>().is_some_and(|e| candle_failure(e, &io_failure))
+    })
+}
+
 pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
     err.chain()
         .any(|cause| cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe))
@@ -113,7 +145,7 @@ fn resolve_model(model: &ModelRequest) -> Result<(ModelFiles, TrainingSize)> {
 
 fn load_model(request: &ModelRequest, files: &ModelFiles, training: TrainingSize) -> Result<Model> {
     let started = Instant::now();
-    let pipeline = Pipeline::load(files, &request.device, request.dtype).map_err(bad_input)?;
+    let pipeline = Pipeline::load(files, &request.device, request.dtype).map_err(load_failure)?;
     eprintln!("sdscale: loaded {} in {:.2?}", request.source.display_name(), started.elapsed());
     let revision = match &request.source {
         ModelSource::Dir(_) | ModelSource::File { .. } => None,
@@ -684,4 +716,33 @@ fn completions(shell: Shell) -> Result<()> {
     clap_complete::generate(shell, &mut command, "sdscale", &mut stdout);
     stdout.flush()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_failures_of_the_machine_exit_1_and_bad_files_exit_2() {
+        let io = |kind| std::io::Error::new(kind, "x");
+        let machine = [
+            anyhow::Error::new(io(std::io::ErrorKind::Other)).context("reading unet/config.json"),
+            anyhow::Error::new(candle_core::Error::Io(io(std::io::ErrorKind::PermissionDenied)))
+                .context("loading the UNet"),
+            anyhow::Error::new(candle_core::Error::Cuda("CUDA_ERROR_OUT_OF_MEMORY".into()).context("alloc"))
+                .context("loading the UNet"),
+        ];
+        for err in machine {
+            assert_eq!(exit_code(&load_failure(err)), 1);
+        }
+        let bad = [
+            anyhow!("unet/config.json: unet config: norm_num_groups is 0"),
+            anyhow::Error::new(candle_core::Error::CannotFindTensor { path: "conv_in.weight".into() })
+                .context("loading the UNet"),
+            anyhow::Error::new(io(std::io::ErrorKind::UnexpectedEof)).context("shorter than a safetensors header"),
+        ];
+        for err in bad {
+            assert_eq!(exit_code(&load_failure(err)), 2);
+        }
+    }
 }

@@ -5,10 +5,10 @@
 //! the entropy of its attention rows drifts like log N (Jin et al., NeurIPS 2023, Eq. 5). Scaling the
 //! logits by √(log_T N / d) = (1/√d)·√(ln N / ln T) keeps that entropy at its training value.
 
-mod cpu;
+pub use crate::backend::AttentionBackend;
+use crate::kernels::cpu::attention as cpu;
 #[cfg(feature = "cuda")]
-mod flash;
-
+use crate::kernels::cuda::flash_attention as flash;
 use crate::size::LatentSize;
 use candle_core::{DType, Result, Tensor, D};
 use std::ops::Range;
@@ -128,37 +128,49 @@ const MAX_SCORES_PER_CHUNK_GPU: usize = 128 * 1024 * 1024;
 ///
 /// Queries are chunked so memory stays bounded at large sizes; every query row is computed
 /// independently, so chunking does not change the result. In f32 on the CPU, the blocks are small enough
-/// to stay in cache and each is finished (scores, softmax, ·v) before the next (attention/cpu.rs). For
+/// to stay in cache and each is finished (scores, softmax, ·v) before the next (kernels/cpu/attention.rs). For
 /// f32 inputs on a GPU, and f16 on the CPU, everything runs in f32 (as diffusers upcasts on the CPU). On a GPU, f16/bf16 inputs stay in their
 /// dtype, as diffusers' fp16 pipeline does: the GEMMs accumulate in f32 (cuBLAS), the softmax
 /// accumulates its sum in f32 (candle's fused kernel), and the scale is applied to q (n·d values)
-/// rather than to the scores (n·n). With `SDSCALE_FLASH_ATTENTION=1`, f16 heads of 64 on CUDA go instead
-/// through sdscale's fused kernel (attention/flash.rs: correct, not yet faster).
-pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    if cpu::applies(q) {
-        return cpu::attention(q, k, v, scale, None);
+/// rather than to the scores (n·n). (With `SDSCALE_FLASH_ATTENTION=1`, [`multi_head_attention`] sends f16
+/// heads of 64 on CUDA to sdscale's fused kernel instead: kernels/cuda/flash_attention.rs, correct, not yet
+/// faster.)
+///
+/// `backend` is the one chosen for the inputs' device and dtype when the model loaded (crate::backend).
+pub fn scaled_dot_product_attention(
+    backend: AttentionBackend,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    match backend {
+        AttentionBackend::CpuBlocks => cpu::attention(q, k, v, scale, None),
+        AttentionBackend::GpuHalf | AttentionBackend::FusedCuda => {
+            half_precision_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK_GPU)
+        }
+        AttentionBackend::Chunked => chunked_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK, None),
     }
-    #[cfg(feature = "cuda")]
-    if flash::applies(q, 1) {
-        return flash::attention(q, k, v, 1, scale);
-    }
-    if half_on_gpu(q) {
-        return half_precision_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK_GPU);
-    }
-    chunked_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK, None)
 }
 
 /// Multi-head attention over projections laid out (b, n, heads·d), as linear layers make them: each head
 /// attends on its own, and the result has the same layout. The heads are split into the batch dimension
 /// and merged back (the opt-in fused CUDA kernel reads and writes the layout directly).
-pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+pub fn multi_head_attention(
+    backend: AttentionBackend,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if flash::applies(q, heads) {
+    if backend == AttentionBackend::FusedCuda && flash::fits(q, heads) {
         return flash::attention(q, k, v, heads, scale);
     }
     let (b, n, _) = q.dims3()?;
-    let out =
-        scaled_dot_product_attention(&split_heads(q, heads)?, &split_heads(k, heads)?, &split_heads(v, heads)?, scale)?;
+    let (q, k, v) = (split_heads(q, heads)?, split_heads(k, heads)?, split_heads(v, heads)?);
+    let out = scaled_dot_product_attention(backend, &q, &k, &v, scale)?;
     merge_heads(&out, b, heads, n)
 }
 
@@ -174,11 +186,14 @@ pub fn merge_heads(t: &Tensor, b: usize, heads: usize, n: usize) -> Result<Tenso
     t.reshape((b, heads, n, d))?.transpose(1, 2)?.reshape((b, n, heads * d))
 }
 
-/// The same attention, bit for bit, that also accumulates the entropy probe's row statistics of the
-/// attention maps `rows` of the folded batch dimension (e.g. the heads of the text-conditioned branch)
-/// into `stats`, one query chunk at a time, so nothing larger than a chunk's scores is ever held.
-/// (Measured runs always take the f32 path, so what the probe reads is the f32 softmax.)
+/// The same attention that also accumulates the entropy probe's row statistics of the attention maps
+/// `rows` of the folded batch dimension (e.g. the heads of the text-conditioned branch) into `stats`,
+/// one query chunk at a time, so nothing larger than a chunk's scores is ever held. Measured runs always
+/// take an f32 path, so what the probe reads is the f32 softmax. The output is the unmeasured one bit for
+/// bit only in f32 on the CPU (both are kernels/cpu/attention.rs); on a GPU, and for half-precision inputs, the
+/// unmeasured call may take another path and differ by rounding.
 pub fn scaled_dot_product_attention_measured(
+    backend: AttentionBackend,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -186,14 +201,10 @@ pub fn scaled_dot_product_attention_measured(
     rows: Range<usize>,
     stats: &mut RowStats,
 ) -> Result<Tensor> {
-    if cpu::applies(q) {
-        return cpu::attention(q, k, v, scale, Some((rows, stats)));
+    match backend {
+        AttentionBackend::CpuBlocks => cpu::attention(q, k, v, scale, Some((rows, stats))),
+        _ => chunked_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK, Some((rows, stats))),
     }
-    chunked_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK, Some((rows, stats)))
-}
-
-fn half_on_gpu(q: &Tensor) -> bool {
-    !q.device().is_cpu() && matches!(q.dtype(), DType::F16 | DType::BF16)
 }
 
 fn chunked_attention(
@@ -313,7 +324,7 @@ mod tests {
         // 5000 keys → blocks of 52 query rows: 130 queries make two full blocks and a short one.
         let (q, k, v) = random_qkv(3, 130, 5000)?;
         let expected = chunked_attention(&q, &k, &v, 0.4, MAX_SCORES_PER_CHUNK, None)?;
-        let got = scaled_dot_product_attention(&q, &k, &v, 0.4)?;
+        let got = scaled_dot_product_attention(AttentionBackend::CpuBlocks, &q, &k, &v, 0.4)?;
         let diff = (got - &expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "max difference {diff}");
         Ok(())
@@ -329,16 +340,18 @@ mod tests {
             let diff = (got - &expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "max difference {diff}");
         }
-        assert!(!half_on_gpu(&q.to_dtype(DType::F16)?), "the CPU always takes the f32 path");
+        let cpu_f16 = crate::backend::Backends::choose(&Device::Cpu, DType::F16).unwrap();
+        assert_eq!(cpu_f16.attention, AttentionBackend::Chunked, "the CPU always takes the f32 path");
         Ok(())
     }
 
     #[test]
     fn measuring_changes_nothing_and_does_not_depend_on_chunking() -> Result<()> {
         let (q, k, v) = random_qkv(4, 50, 40)?;
-        let plain = scaled_dot_product_attention(&q, &k, &v, 0.3)?;
+        let cpu = AttentionBackend::CpuBlocks;
+        let plain = scaled_dot_product_attention(cpu, &q, &k, &v, 0.3)?;
         let mut stats = RowStats::default();
-        let measured = scaled_dot_product_attention_measured(&q, &k, &v, 0.3, 2..4, &mut stats)?;
+        let measured = scaled_dot_product_attention_measured(cpu, &q, &k, &v, 0.3, 2..4, &mut stats)?;
         let (plain, measured) = (plain.flatten_all()?.to_vec1::<f32>()?, measured.flatten_all()?.to_vec1::<f32>()?);
         assert!(plain.iter().zip(&measured).all(|(a, b)| a.to_bits() == b.to_bits()), "measuring changed the output");
         // Rows 2..4 of the folded batch, 50 queries each; chunks of 7 rows give the same sums.

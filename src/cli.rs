@@ -7,7 +7,7 @@
 
 use crate::metadata::{self, Found};
 use crate::mode::{Mode, ModeOptions, ViewRule};
-use crate::output::Template;
+use crate::output::{check_png_name, Template};
 use crate::weights::ModelSource;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device};
@@ -298,7 +298,7 @@ pub struct EntropyArgs {
     pub sizes: Vec<String>,
 
     /// DDIM denoising steps.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = DEFAULT_STEPS)]
     pub steps: usize,
 
     /// Where to measure, as fractions of the schedule, comma-separated: step round(at·(steps−1)).
@@ -306,7 +306,7 @@ pub struct EntropyArgs {
     pub at: Vec<f64>,
 
     /// Classifier-free guidance scale; 1 or less runs the conditional branch only.
-    #[arg(long, default_value_t = 7.5, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = DEFAULT_GUIDANCE, allow_negative_numbers = true)]
     pub guidance: f64,
 
     /// Seed for the initial noise, 0..=4294967295, as in `gen` [default: random, printed on stderr].
@@ -448,12 +448,12 @@ impl Settings {
         }
         if let Some(steps) = self.steps {
             if steps == 0 || steps > MAX_STEPS {
-                bail!("{} {steps} is out of range; use 1 to {MAX_STEPS} (50 is the usual)", flag("steps"));
+                bail!("{} {steps} is out of range; use 1 to {MAX_STEPS} ({DEFAULT_STEPS} is the usual)", flag("steps"));
             }
         }
         if let Some(guidance) = self.guidance {
             if !guidance.is_finite() {
-                bail!("{} {guidance} is not a finite number; use e.g. 7.5", flag("guidance"));
+                bail!("{} {guidance} is not a finite number; use e.g. {DEFAULT_GUIDANCE}", flag("guidance"));
             }
         }
         if let Some(seed) = self.seed {
@@ -516,6 +516,15 @@ impl TryFrom<GenArgs> for GenRequest {
             }
         };
         let defaults = flags.over(&base);
+        if let Some(path) = &args.from {
+            // The flags are valid, so anything wrong here came from the image's metadata.
+            defaults.validate(str::to_string).with_context(|| {
+                format!(
+                    "--from {}: a stored setting cannot be used (a flag such as --width or --steps overrides it)",
+                    path.display()
+                )
+            })?;
+        }
 
         // The run's base seed: drawn once when nothing sets one, so every image is reproducible.
         let mut random_seed = None;
@@ -681,7 +690,7 @@ impl TryFrom<CompareArgs> for CompareRequest {
             }
         }
         if let Some(output) = &args.output {
-            check_png_name(output)?;
+            check_png_name(Some("-o"), output)?;
         }
         let train_size = args.model.train_size.as_deref().map(parse_size).transpose()?;
         Ok(Self {
@@ -738,9 +747,8 @@ impl TryFrom<EntropyArgs> for EntropyRequest {
                 sizes.push(size);
             }
         }
-        if args.steps == 0 || args.steps > MAX_STEPS {
-            bail!("--steps {} is out of range; use 1 to {MAX_STEPS} (50 is the usual)", args.steps);
-        }
+        let flags = Settings { steps: Some(args.steps), guidance: Some(args.guidance), ..Settings::default() };
+        flags.validate(|key| format!("--{key}"))?;
         let mut at = Vec::new();
         let mut steps_seen = Vec::new();
         for &fraction in &args.at {
@@ -754,9 +762,6 @@ impl TryFrom<EntropyArgs> for EntropyRequest {
                 at.push(fraction);
             }
         }
-        if !args.guidance.is_finite() {
-            bail!("--guidance {} is not a finite number; use e.g. 7.5", args.guidance);
-        }
         let (seed, seed_is_random) = match args.seed {
             Some(seed) => (check_seed("--seed", seed)?, false),
             None => (random_seed_u32(), true),
@@ -765,9 +770,7 @@ impl TryFrom<EntropyArgs> for EntropyRequest {
         // One image per size and mode: nothing to batch.
         let model = model_request(&args.model, 1, None, args.model.revision.clone(), train_size)?;
         if let Some(plot) = &args.plot {
-            if plot.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()) != Some("png".into()) {
-                bail!("--plot {}: the plot must be a .png file", plot.display());
-            }
+            check_png_name(Some("--plot"), plot)?;
         }
         Ok(Self {
             prompt: args.prompt,
@@ -784,13 +787,6 @@ impl TryFrom<EntropyArgs> for EntropyRequest {
             model,
         })
     }
-}
-
-fn check_png_name(path: &Path) -> Result<()> {
-    if path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()) != Some("png".into()) {
-        bail!("-o {}: the output must be a .png file", path.display());
-    }
-    Ok(())
 }
 
 fn model_request(
@@ -879,7 +875,9 @@ fn parse_device(spec: &str) -> Result<Device> {
     };
     match spec {
         "cpu" => Ok(Device::Cpu),
-        "auto" if candle_core::utils::cuda_is_available() => Ok(open_cuda(0).unwrap_or(Device::Cpu)),
+        "auto" if candle_core::utils::cuda_is_available() => {
+            Ok(auto_device(|| open_cuda(0), &mut |warning| eprintln!("sdscale: warning: {warning}")))
+        }
         "auto" => Ok(Device::Cpu),
         "cuda" => cuda(0),
         _ => match spec.strip_prefix("cuda:").map(str::parse::<usize>) {
@@ -887,6 +885,19 @@ fn parse_device(spec: &str) -> Result<Device> {
             _ => bail!("--device {spec:?}: use cpu, cuda, cuda:N or auto"),
         },
     }
+}
+
+/// `--device auto` on a CUDA build: the GPU when it opens, else the CPU, saying why (once: the device
+/// is parsed once per run) rather than silently running many times slower.
+fn auto_device(open: impl FnOnce() -> candle_core::Result<Device>, warn: &mut dyn FnMut(String)) -> Device {
+    open().unwrap_or_else(|err| {
+        let reason = format!("{err}");
+        let reason = reason.lines().next().unwrap_or_default();
+        warn(format!(
+            "--device auto: cannot open CUDA device 0 ({reason}); running on the CPU (--device cpu says so up front)"
+        ));
+        Device::Cpu
+    })
 }
 
 /// A seed from the OS's randomness (std's hasher keys are seeded from it).
@@ -975,6 +986,30 @@ mod tests {
         assert_eq!(request(&["--train-size", "768x512"]).unwrap().model.train_size, Some((768, 512)));
         assert!(request(&["--train-size", "768"]).is_err());
         assert_eq!((first(&[]).steps, first(&[]).guidance), (50, 7.5));
+    }
+
+    /// One check (`Settings::validate`) and one set of defaults for every subcommand.
+    #[test]
+    fn steps_and_guidance_are_checked_alike_everywhere() {
+        for (flag, value) in [("--steps", "0"), ("--steps", "1001"), ("--guidance", "NaN")] {
+            let gen = format!("{:#}", request(&[flag, value]).unwrap_err());
+            let entropy = format!("{:#}", entropy_request(&["--sizes", "224", flag, value]).unwrap_err());
+            assert_eq!(gen, entropy);
+        }
+        let entropy = entropy_request(&["--sizes", "224"]).unwrap();
+        assert_eq!((entropy.steps, entropy.guidance), (DEFAULT_STEPS, DEFAULT_GUIDANCE));
+        assert_eq!((first(&[]).steps, first(&[]).guidance), (DEFAULT_STEPS, DEFAULT_GUIDANCE));
+    }
+
+    #[test]
+    fn auto_device_says_once_why_it_falls_back_to_the_cpu() {
+        let mut warnings = Vec::new();
+        let device = auto_device(|| Err(candle_core::Error::Msg("no CUDA driver".into())), &mut |w| warnings.push(w));
+        assert!(device.is_cpu());
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("no CUDA driver") && warnings[0].contains("CPU"), "{}", warnings[0]);
+        let device = auto_device(|| Ok(Device::Cpu), &mut |w| warnings.push(w));
+        assert!(device.is_cpu() && warnings.len() == 1, "no warning when the device opens");
     }
 
     #[test]

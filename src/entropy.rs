@@ -7,9 +7,9 @@
 //! branch of classifier-free guidance.
 //!
 //! It is off unless a caller hands one to [`crate::pipeline::Pipeline::denoise`]; then each self-attention
-//! call takes the same path as always and only adds reductions over the logits and probabilities its
-//! query chunks already hold ([`crate::attention::scaled_dot_product_attention_measured`]), so the
-//! images do not change and nothing larger than a chunk is materialised.
+//! call computes in f32 and only adds reductions over the logits and probabilities its query chunks
+//! already hold ([`crate::attention::scaled_dot_product_attention_measured`]), so nothing larger than a
+//! chunk is materialised and, in f32 on the CPU, the images do not change at all (elsewhere by rounding).
 
 mod plot;
 

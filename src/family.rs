@@ -3,6 +3,7 @@
 //! the [`TextEncoder`] and [`LatentDecoder`] interfaces, so another family (LDM-256's BERT and
 //! `vqvae/`, say) is one more variant here and two more implementations, nothing else.
 
+use crate::backend::Backends;
 use crate::models::clip::{ClipTextConfig, ClipTextTransformer};
 use crate::models::vae::{VaeConfig, VaeDecoder};
 use crate::tokenizer::ClipTokenizer;
@@ -83,12 +84,20 @@ pub struct ClipTextEncoder {
 }
 
 impl ClipTextEncoder {
-    pub fn load(tokenizer_dir: &Path, config: &Path, weights: &Weights, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn load(
+        tokenizer_dir: &Path,
+        config: &Path,
+        weights: &Weights,
+        device: &Device,
+        dtype: DType,
+        backends: &Backends,
+    ) -> Result<Self> {
         let text_config: ClipTextConfig = read_json(config)?;
+        text_config.validate().map_err(|e| anyhow!("{}: {e}", config.display()))?;
         let tokenizer = ClipTokenizer::load(tokenizer_dir)?
             .with_max_length(text_config.max_position_embeddings)
             .with_context(|| format!("{}: max_position_embeddings", config.display()))?;
-        let model = ClipTextTransformer::new(weights.var_builder(dtype, device)?, &text_config)
+        let model = ClipTextTransformer::new(weights.var_builder(dtype, device)?, &text_config, backends)
             .with_context(|| format!("loading the text encoder from {}", weights.path().display()))?;
         Ok(Self { tokenizer, model, hidden_size: text_config.hidden_size, device: device.clone(), dtype })
     }
@@ -128,10 +137,10 @@ pub struct SdVae {
 }
 
 impl SdVae {
-    pub fn load(config: &Path, weights: &Weights, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn load(config: &Path, weights: &Weights, device: &Device, dtype: DType, backends: &Backends) -> Result<Self> {
         let vae_config: VaeConfig = read_json(config)?;
         vae_config.validate().map_err(|e| anyhow!("{}: {e}", config.display()))?;
-        let vae = VaeDecoder::new(weights.var_builder(dtype, device)?, vae_config)
+        let vae = VaeDecoder::new(weights.var_builder(dtype, device)?, vae_config, backends)
             .with_context(|| format!("loading the VAE from {}", weights.path().display()))?;
         Ok(Self { vae, vae_f32: std::sync::OnceLock::new(), weights: weights.clone(), device: device.clone(), dtype })
     }
@@ -162,7 +171,9 @@ impl LatentDecoder for SdVae {
                 Some(vae) => vae,
                 None => {
                     let vb = self.weights.var_builder(DType::F32, &self.device)?;
-                    let vae = VaeDecoder::new(vb, self.vae.config.clone())?;
+                    // Its own backends: the f32 ones of this device.
+                    let backends = Backends::choose(&self.device, DType::F32).map_err(|e| anyhow!(e))?;
+                    let vae = VaeDecoder::new(vb, self.vae.config.clone(), &backends)?;
                     self.vae_f32.get_or_init(|| vae)
                 }
             };

@@ -10,11 +10,13 @@
 
 pub mod app;
 pub mod attention;
+pub mod backend;
 pub mod cli;
 pub mod entropy;
 pub mod family;
 pub mod grid;
 pub mod html;
+mod kernels;
 pub mod metadata;
 pub mod mode;
 pub mod models;
@@ -37,7 +39,7 @@ pub mod weights;
 /// and the trim threshold keeps those buffers on the heap. Call once at start-up, before threads exist.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("SDSCALE_NO_MALLOPT").is_none() {
+    if !backend::switch_or_default(|switches| switches.no_mallopt) {
         // SAFETY: mallopt only adjusts allocator parameters; called before any other thread starts.
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 32 * 1024 * 1024);

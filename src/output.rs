@@ -151,6 +151,18 @@ pub fn slug(prompt: &str, max_len: usize) -> String {
     slug
 }
 
+/// Refuses a file name that does not end in `.png` (any case): the one rule for `-o`, `-o` templates and
+/// `--plot`. `flag` names the option the name came from (a template's caller adds it itself).
+pub fn check_png_name(flag: Option<&str>, path: &Path) -> Result<()> {
+    if path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("png")) {
+        return Ok(());
+    }
+    match flag {
+        Some(flag) => bail!("{flag} {}: the output must be a .png file", path.display()),
+        None => bail!("the output must be a .png file"),
+    }
+}
+
 /// The longest `{prompt}` slug: file names stay well under the usual 255-byte limit.
 pub const SLUG_LEN: usize = 60;
 
@@ -190,9 +202,7 @@ pub struct Fields<'a> {
 
 impl Template {
     pub fn parse(text: &str) -> Result<Self> {
-        if !text.to_ascii_lowercase().ends_with(".png") {
-            bail!("the output must be a .png file");
-        }
+        check_png_name(None, Path::new(text))?;
         let mut parts = Vec::new();
         let mut literal = String::new();
         let mut chars = text.chars().peekable();
@@ -236,11 +246,6 @@ impl Template {
         }
         parts.push(Part::Literal(literal));
         Ok(Self { parts })
-    }
-
-    /// Whether any placeholder is used (a plain file name can only hold one image).
-    pub fn has_placeholders(&self) -> bool {
-        self.parts.iter().any(|p| matches!(p, Part::Field { .. }))
     }
 
     pub fn render(&self, fields: &Fields) -> PathBuf {
@@ -299,10 +304,8 @@ mod tests {
     fn templates_fill_placeholders_with_widths() {
         let template = Template::parse("out/{index:04}-{seed}-{mode}-{width}x{height}-{prompt}.png").unwrap();
         assert_eq!(template.render(&fields()), Path::new("out/0007-42-entropy-224x160-a-corgi-on-a-beach.png"));
-        assert!(template.has_placeholders());
         let plain = Template::parse("{{x}}.png").unwrap();
         assert_eq!(plain.render(&fields()), Path::new("{x}.png"));
-        assert!(!plain.has_placeholders());
     }
 
     #[test]
@@ -316,6 +319,17 @@ mod tests {
         ] {
             let err = Template::parse(bad).unwrap_err().to_string();
             assert!(err.contains(needle), "{bad}: {err}");
+        }
+    }
+
+    /// `-o`, `-o` templates and `--plot` share one rule: a final `.png` extension, in any case.
+    #[test]
+    fn one_png_rule_for_every_output_name() {
+        for good in ["a.png", "A.PNG", "out/x.Png", "{index:04}.png"] {
+            assert!(check_png_name(Some("-o"), Path::new(good)).is_ok() && Template::parse(good).is_ok(), "{good}");
+        }
+        for bad in [".png", "a.png.jpg", "a", "png", "out/.png"] {
+            assert!(check_png_name(Some("-o"), Path::new(bad)).is_err() && Template::parse(bad).is_err(), "{bad}");
         }
     }
 

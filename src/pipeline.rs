@@ -7,6 +7,7 @@
 //! are loaded once; any number of images, sizes and modes can then be rendered.
 
 use crate::attention::{AttentionObserver, AttentionScale};
+use crate::backend::Backends;
 use crate::entropy::EntropyProbe;
 use crate::family::{self, ClipTextEncoder, Family, LatentDecoder, SdVae, TextEncoder};
 use crate::mode::{Denoiser, RenderPlan, Views};
@@ -113,6 +114,11 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn load(files: &ModelFiles, device: &Device, dtype: DType) -> Result<Self> {
+        // What computes each op kind, chosen once for every network of the model.
+        let backends = Backends::choose(device, dtype).map_err(|e| anyhow!(e))?;
+        if crate::profile::enabled() {
+            eprintln!("sdscale: profile backends {backends}");
+        }
         let scheduler_config = DdimConfig::load(&files.scheduler_config)?;
         let training = training_size_of(files)?;
         let (text_encoder, decoder): (Box<dyn TextEncoder>, Box<dyn LatentDecoder>) = match files.family {
@@ -123,8 +129,9 @@ impl Pipeline {
                     &files.text_encoder_weights,
                     device,
                     dtype,
+                    &backends,
                 )?),
-                Box::new(SdVae::load(&files.vae_config, &files.vae_weights, device, dtype)?),
+                Box::new(SdVae::load(&files.vae_config, &files.vae_weights, device, dtype, &backends)?),
             ),
         };
 
@@ -145,8 +152,9 @@ impl Pipeline {
             decoder.latent_channels(),
             unet_config.in_channels
         );
-        let unet = UNet2DConditionModel::new(files.unet_weights.var_builder(dtype, device)?, unet_config)
-            .with_context(|| format!("loading the UNet from {}", files.unet_weights.path().display()))?;
+        let unet =
+            UNet2DConditionModel::with_backends(files.unet_weights.var_builder(dtype, device)?, unet_config, &backends)
+                .with_context(|| format!("loading the UNet from {}", files.unet_weights.path().display()))?;
 
         Ok(Self { text_encoder, unet, decoder, scheduler_config, training, device: device.clone(), dtype })
     }
@@ -164,7 +172,8 @@ impl Pipeline {
 
     /// Stages 1–3 for one image, in a session of its own: the final latents, not yet decoded. With a
     /// probe, every UNet self-attention layer reports the text-conditioned branch's attention statistics
-    /// at the probe's steps (`sdscale entropy`); the latents are the same either way.
+    /// at the probe's steps (`sdscale entropy`); the latents are the same either way in f32 on the CPU
+    /// (within rounding elsewhere: see [`crate::attention::scaled_dot_product_attention_measured`]).
     pub fn denoise(
         &self,
         request: &GenerateRequest,

@@ -1,4 +1,5 @@
-//! Opt-in timings (`SDSCALE_PROFILE=1`), off by default and then free: one cached env lookup.
+//! Opt-in timings (`SDSCALE_PROFILE=1`), off by default and then free: one cached switch
+//! (crate::backend). The model load prints the backends it chose (`sdscale: profile backends …`).
 //!
 //! Two views of one UNet step, printed to stderr as `sdscale: profile …`:
 //! - [`Clock`] laps per block: each lap synchronises the device first, so on CUDA the time is the GPU's,
@@ -9,12 +10,10 @@
 
 use candle_core::{Device, Result};
 use std::cell::RefCell;
-use std::sync::OnceLock;
 use std::time::Instant;
 
 pub fn enabled() -> bool {
-    static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var_os("SDSCALE_PROFILE").is_some_and(|v| !v.is_empty() && v != "0"))
+    crate::backend::switch_or_default(|switches| switches.profile)
 }
 
 /// What a span of work is, for the per-kind totals.

@@ -21,11 +21,10 @@ pub struct UNetStepper {
     graph: graph::State,
 }
 
-/// Whether CUDA graphs are wanted on `device` (the user can say no with `SDSCALE_CUDA_GRAPH=0`).
+/// Whether CUDA graphs are wanted on `device` (the user can say no with `SDSCALE_CUDA_GRAPH=0`): the
+/// choice [`crate::backend::Backends::cuda_graph`] records.
 pub fn graphs_enabled(device: &Device) -> bool {
-    device.is_cuda()
-        && !crate::profile::enabled()
-        && std::env::var("SDSCALE_CUDA_GRAPH").map_or(true, |v| v != "0" && !v.is_empty())
+    crate::backend::switches().is_ok_and(|switches| crate::backend::cuda_graph(device, switches))
 }
 
 impl UNetStepper {

@@ -197,3 +197,91 @@ fn random_seed_is_printed_for_reproduction() {
     assert!(result.status.success(), "{}", stderr(&result));
     assert!(stderr(&result).contains("pass --seed"), "{}", stderr(&result));
 }
+
+/// A config value the networks divide by, index with or size a layer from is refused up front with one
+/// line naming the file and the key (`norm_num_groups: 0` used to panic with a division by zero).
+#[test]
+fn impossible_config_values_are_refused_naming_file_and_key() {
+    for (file, key, value) in [
+        ("unet/config.json", "norm_num_groups", serde_json::json!(0)),
+        ("unet/config.json", "attention_head_dim", serde_json::json!(0)),
+        ("unet/config.json", "sample_size", serde_json::json!(0)),
+        ("unet/config.json", "norm_eps", serde_json::json!(-1.0)),
+        ("vae/config.json", "norm_num_groups", serde_json::json!(0)),
+        ("vae/config.json", "norm_num_groups", serde_json::json!(3)),
+        ("vae/config.json", "scaling_factor", serde_json::json!(0.0)),
+        ("text_encoder/config.json", "num_attention_heads", serde_json::json!(0)),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = copy_model(dir.path());
+        let path = model.join(file);
+        let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        config[key] = value;
+        std::fs::write(&path, config.to_string()).unwrap();
+        assert_refused(dir.path(), &gen_args("model", &["-o", "out.png"]), key);
+        let log = stderr(&sdscale(dir.path(), &gen_args("model", &["-o", "out.png"])));
+        assert!(log.contains(file), "the error names the file {file}: {log}");
+    }
+}
+
+/// `--from` values go through the same checks as flags, before the model loads: an impossible size, 0
+/// steps, a side that would exhaust memory or a NaN guidance in a PNG's metadata exit 2 at once.
+#[test]
+fn from_image_values_are_validated_like_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model().display().to_string();
+    let source = dir.path().join("from");
+    std::fs::create_dir(&source).unwrap();
+    let image = image::RgbImage::new(8, 8);
+    for (settings, needle) in [
+        ("Steps: 1, Sampler: DDIM, CFG scale: 7.5, Seed: 1, Size: 100x100", "multiple of 8"),
+        ("Steps: 0, Sampler: DDIM, CFG scale: 7.5, Seed: 1, Size: 64x64", "steps 0"),
+        ("Steps: 1, Sampler: DDIM, CFG scale: 7.5, Seed: 1, Size: 65536x65536", "larger than 4096"),
+        ("Steps: 1, Sampler: DDIM, CFG scale: NaN, Seed: 1, Size: 64x64", "guidance NaN"),
+    ] {
+        let path = source.join("in.png");
+        let text = format!("a corgi\n{settings}");
+        sdscale::output::write_png(&path, &image, &[("parameters", text)], true).unwrap();
+        let args = ["gen", "--model", &model, "--from", "from/in.png", "-o", "out.png"];
+        assert_refused(dir.path(), &args, needle);
+        let log = stderr(&sdscale(dir.path(), &args));
+        assert!(log.contains("--from") && !log.contains("loaded"), "refused before loading, naming --from: {log}");
+    }
+    // A flag overrides the bad stored value.
+    let args = ["gen", "--model", &model, "--from", "from/in.png", "--guidance", "2", "--steps", "1", "-o", "ok.png"];
+    let result = sdscale(dir.path(), &args);
+    assert!(result.status.success(), "{}", stderr(&result));
+}
+
+/// The backends are chosen once, when the model loads, and `SDSCALE_PROFILE=1` prints the choice; every
+/// `SDSCALE_*` switch follows one rule, and a value it cannot read is refused naming the variable.
+#[test]
+fn backends_are_chosen_once_printed_with_the_profile_and_switches_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model().display().to_string();
+    let run = |env: (&str, &str), output: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sdscale"))
+            .args(gen_args(&model, &["--width", "64", "--height", "64", "-o", output]))
+            .current_dir(dir.path())
+            .env(env.0, env.1)
+            .output()
+            .unwrap()
+    };
+    let profiled = run(("SDSCALE_PROFILE", "1"), "p.png");
+    let log = stderr(&profiled);
+    assert!(profiled.status.success(), "{log}");
+    assert_eq!(log.matches("sdscale: profile backends ").count(), 1, "{log}");
+    assert!(
+        log.contains("attention=cpu-blocks") && log.contains("conv=cpu-im2col") && log.contains("norm=cpu-fused"),
+        "{log}"
+    );
+    let refused = run(("SDSCALE_CUDA_CONV", "maybe"), "r.png");
+    let log = stderr(&refused);
+    assert_eq!(refused.status.code(), Some(2), "{log}");
+    assert_eq!(log.lines().filter(|l| l.contains("error")).count(), 1, "{log}");
+    assert!(
+        log.contains("SDSCALE_CUDA_CONV") && log.contains("1 (on) or 0 (off)") && !log.contains("panicked"),
+        "{log}"
+    );
+    assert!(!dir.path().join("r.png").exists());
+}

@@ -39,6 +39,10 @@ fn fixture_files() -> ModelFiles {
     ModelFiles::resolve(&ModelSource::Dir(tiny_model()), DType::F32).unwrap()
 }
 
+fn cpu_f32_backends() -> sdscale::backend::Backends {
+    sdscale::backend::Backends::choose(&Device::Cpu, DType::F32).unwrap()
+}
+
 /// The fixture's CLIP tokenizer and text encoder on their own (f32, CPU), for the network tests.
 pub fn clip() -> &'static ClipTextEncoder {
     static CLIP: OnceLock<ClipTextEncoder> = OnceLock::new();
@@ -50,6 +54,7 @@ pub fn clip() -> &'static ClipTextEncoder {
             &files.text_encoder_weights,
             &Device::Cpu,
             DType::F32,
+            &cpu_f32_backends(),
         )
         .unwrap()
     })
@@ -60,7 +65,7 @@ pub fn vae() -> &'static SdVae {
     static VAE: OnceLock<SdVae> = OnceLock::new();
     VAE.get_or_init(|| {
         let files = fixture_files();
-        SdVae::load(&files.vae_config, &files.vae_weights, &Device::Cpu, DType::F32).unwrap()
+        SdVae::load(&files.vae_config, &files.vae_weights, &Device::Cpu, DType::F32, &cpu_f32_backends()).unwrap()
     })
 }
 

@@ -6,6 +6,8 @@
 //! exact erf "gelu") and keeps its config fields private, so it cannot describe a fixture model.
 
 use super::layers::Linear;
+use crate::attention::default_scale;
+use crate::backend::Backends;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{layer_norm, Embedding, LayerNorm, VarBuilder};
 use serde::Deserialize;
@@ -27,6 +29,34 @@ pub struct ClipTextConfig {
 
 fn default_layer_norm_eps() -> f64 {
     1e-5
+}
+
+impl ClipTextConfig {
+    /// Refuses, with one line naming the key, values the encoder would divide by zero or index past.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.hidden_size == 0
+            || self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
+            return Err(format!(
+                "text encoder config: hidden_size = {} is not a positive multiple of num_attention_heads = {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.max_position_embeddings < crate::tokenizer::MAX_LENGTH {
+            return Err(format!(
+                "text encoder config: max_position_embeddings = {} is shorter than CLIP's {} tokens",
+                self.max_position_embeddings,
+                crate::tokenizer::MAX_LENGTH
+            ));
+        }
+        for (key, value) in [("vocab_size", self.vocab_size), ("intermediate_size", self.intermediate_size)] {
+            if value == 0 {
+                return Err(format!("text encoder config: {key} is 0; it must be at least 1"));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -85,13 +115,13 @@ struct ClipAttention {
 }
 
 impl ClipAttention {
-    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+    fn new(vb: VarBuilder, cfg: &ClipTextConfig, backends: &Backends) -> Result<Self> {
         let width = cfg.hidden_size;
         Ok(Self {
-            q_proj: Linear::new(width, width, vb.pp("q_proj"))?,
-            k_proj: Linear::new(width, width, vb.pp("k_proj"))?,
-            v_proj: Linear::new(width, width, vb.pp("v_proj"))?,
-            out_proj: Linear::new(width, width, vb.pp("out_proj"))?,
+            q_proj: Linear::new(width, width, vb.pp("q_proj"), backends)?,
+            k_proj: Linear::new(width, width, vb.pp("k_proj"), backends)?,
+            v_proj: Linear::new(width, width, vb.pp("v_proj"), backends)?,
+            out_proj: Linear::new(width, width, vb.pp("out_proj"), backends)?,
             num_heads: cfg.num_attention_heads,
             head_dim: width / cfg.num_attention_heads,
         })
@@ -104,8 +134,8 @@ impl ClipAttention {
         let k = heads(self.k_proj.forward(xs)?)?;
         let v = heads(self.v_proj.forward(xs)?)?;
         let in_dtype = q.dtype();
-        let scores =
-            (q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)? * (self.head_dim as f64).powf(-0.5))?;
+        // The softmax scale comes from attention.rs, the one place that chooses it: CLIP keeps 1/√d.
+        let scores = (q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)? * default_scale(self.head_dim))?;
         let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(causal_mask)?)?.to_dtype(in_dtype)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?; // (b, n, c)
         self.out_proj.forward(&out)
@@ -119,10 +149,10 @@ struct ClipMlp {
 }
 
 impl ClipMlp {
-    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+    fn new(vb: VarBuilder, cfg: &ClipTextConfig, backends: &Backends) -> Result<Self> {
         Ok(Self {
-            fc1: Linear::new(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
-            fc2: Linear::new(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
+            fc1: Linear::new(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"), backends)?,
+            fc2: Linear::new(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"), backends)?,
             activation: Activation::from_config(&cfg.hidden_act)?,
         })
     }
@@ -140,12 +170,12 @@ struct ClipEncoderLayer {
 }
 
 impl ClipEncoderLayer {
-    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+    fn new(vb: VarBuilder, cfg: &ClipTextConfig, backends: &Backends) -> Result<Self> {
         Ok(Self {
             layer_norm1: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
-            self_attn: ClipAttention::new(vb.pp("self_attn"), cfg)?,
+            self_attn: ClipAttention::new(vb.pp("self_attn"), cfg, backends)?,
             layer_norm2: layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-            mlp: ClipMlp::new(vb.pp("mlp"), cfg)?,
+            mlp: ClipMlp::new(vb.pp("mlp"), cfg, backends)?,
         })
     }
 
@@ -167,12 +197,13 @@ pub struct ClipTextTransformer {
 impl ClipTextTransformer {
     /// `vb` points at the model root: the weights live under `text_model.` in the files SD 2.1 ships
     /// (transformers ≥ 5 writes them without that prefix); both spellings are accepted.
-    pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
+    /// `backends` are the model's, chosen once (crate::backend).
+    pub fn new(vb: VarBuilder, cfg: &ClipTextConfig, backends: &Backends) -> Result<Self> {
         let vb =
             if vb.contains_tensor("text_model.embeddings.token_embedding.weight") { vb.pp("text_model") } else { vb };
         let embeddings = ClipTextEmbeddings::new(vb.pp("embeddings"), cfg)?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| ClipEncoderLayer::new(vb.pp("encoder.layers").pp(i), cfg))
+            .map(|i| ClipEncoderLayer::new(vb.pp("encoder.layers").pp(i), cfg, backends))
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("final_layer_norm"))?;
         Ok(Self { embeddings, layers, final_layer_norm })

@@ -1,33 +1,34 @@
 //! The building blocks the networks share: candle-nn's layers with faster paths where candle's are slow
 //! (convolution, linear and GroupNorm on the CPU; convolution and GroupNorm on CUDA), each forward
-//! labelled with its op kind for `SDSCALE_PROFILE=1`.
+//! labelled with its op kind for `SDSCALE_PROFILE=1`. Each layer is built with the model's
+//! [`Backends`] (chosen once, crate::backend) and runs the kernel it names (crate::kernels).
 
-mod cpu_conv;
-mod cpu_ops;
+use crate::backend::{Backends, ConvBackend, LinearBackend, NormBackend};
+use crate::kernels::cpu::{conv as cpu_conv, ops as cpu_ops};
 #[cfg(feature = "cuda")]
-mod cuda_conv;
-
-pub(crate) use cpu_ops::values as f32_values;
-
+use crate::kernels::cuda::conv as cuda_conv;
 use crate::profile::{op, OpKind};
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-/// conv2d with square padding and stride (no dilation, no groups) plus an optional per-channel bias:
-/// sdscale's banded im2col + gemm in f32 on the CPU (layers/cpu_conv.rs), its im2col kernel + cuBLAS on CUDA
-/// (layers/cuda_conv.rs), candle's convolution otherwise.
-pub fn conv2d(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
-    if cpu_conv::applies(xs, weight) {
-        return cpu_conv::conv2d(xs, weight, bias, padding, stride);
-    }
-    #[cfg(feature = "cuda")]
-    {
-        let (_, c_in, h, w) = xs.dims4()?;
-        let k = weight.dim(3)?;
-        let out_pixels = ((h + 2 * padding - k) / stride + 1) * ((w + 2 * padding - k) / stride + 1);
-        if cuda_conv::applies(xs, c_in, k, out_pixels) {
-            return cuda_conv::conv2d(xs, weight, bias, padding, stride);
+/// conv2d with square padding and stride (no dilation, no groups) plus an optional per-channel bias, by
+/// `backend`: sdscale's banded im2col + gemm in f32 on the CPU (kernels/cpu/conv.rs), its im2col kernel +
+/// cuBLAS on CUDA (kernels/cuda/conv.rs, for inputs within its 32-bit indices), candle's otherwise.
+pub fn conv2d(
+    backend: ConvBackend,
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    match backend {
+        ConvBackend::CpuIm2col => return cpu_conv::conv2d(xs, weight, bias, padding, stride),
+        #[cfg(feature = "cuda")]
+        ConvBackend::CudaIm2col if cuda_conv::fits(xs, weight, padding, stride)? => {
+            return cuda_conv::conv2d(xs, weight, bias, padding, stride)
         }
+        ConvBackend::CudaIm2col | ConvBackend::Candle => {}
     }
     let ys = xs.conv2d(weight, padding, stride, 1, 1)?;
     match bias {
@@ -36,55 +37,112 @@ pub fn conv2d(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, padding: usiz
     }
 }
 
-/// candle-nn's `Conv2d` (its weights and config) computed by [`conv2d`], profiled as [`OpKind::Conv`].
-pub struct Conv2d(candle_nn::Conv2d);
+/// diffusers' `nn.Conv2d` as SD uses it (square kernel, padding and stride, a bias, no dilation or
+/// groups), with its parameter names (`weight` (c_out, c_in, k, k), `bias`), computed by [`conv2d`] and
+/// profiled as [`OpKind::Conv`]. The UNet's and the VAE's convolutions are both this type.
+///
+/// [`Conv2d::banded`] bounds the temporary memory of the VAE's, which run at the full image size: on
+/// accelerators, inputs whose im2col buffer would exceed [`MAX_IM2COL_ELEMENTS`] are convolved a band of
+/// output rows at a time from an explicitly zero-padded copy (every output pixel from the same inputs
+/// and weights). On the CPU it is a plain call: sdscale's CPU convolution (kernels/cpu/conv.rs) already
+/// works in bands of at most 16 MiB.
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    padding: usize,
+    stride: usize,
+    banded: bool,
+    backend: ConvBackend,
+}
+
+/// ~512 MiB of f32 (256 MiB of f16) im2col columns per band of a [`Conv2d::banded`] convolution.
+const MAX_IM2COL_ELEMENTS: usize = 128 * 1024 * 1024;
 
 impl Conv2d {
+    /// Loads `weight` and `bias` from `vb`; `config` gives padding and stride (dilation and groups must be 1).
     pub fn new(
         c_in: usize,
         c_out: usize,
         kernel: usize,
         config: candle_nn::Conv2dConfig,
         vb: VarBuilder,
+        backends: &Backends,
     ) -> Result<Self> {
-        candle_nn::conv2d(c_in, c_out, kernel, config, vb).map(Self)
+        if config.dilation != 1 || config.groups != 1 {
+            candle_core::bail!("conv2d {}: dilation and groups other than 1 are not supported", vb.prefix());
+        }
+        Ok(Self {
+            weight: vb.get((c_out, c_in, kernel, kernel), "weight")?,
+            bias: Some(vb.get(c_out, "bias")?),
+            padding: config.padding,
+            stride: config.stride,
+            banded: false,
+            backend: backends.conv,
+        })
+    }
+
+    /// The same convolution, computed in bands of output rows where its im2col buffer would be large.
+    pub fn banded(self) -> Self {
+        Self { banded: true, ..self }
+    }
+
+    fn conv(&self, xs: &Tensor, padding: usize) -> Result<Tensor> {
+        conv2d(self.backend, xs, &self.weight, self.bias.as_ref(), padding, self.stride)
+    }
+
+    fn forward_in_bands(&self, xs: &Tensor, rows_per_band: usize) -> Result<Tensor> {
+        let h = xs.dim(2)?;
+        let p = self.padding;
+        let padded = xs.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?; // (b, c, h + 2p, w + 2p)
+        let mut bands = Vec::with_capacity(h.div_ceil(rows_per_band));
+        let mut row = 0;
+        while row < h {
+            let rows = rows_per_band.min(h - row);
+            // Output rows [row, row + rows) need padded input rows [row, row + rows + 2p).
+            bands.push(self.conv(&padded.narrow(2, row, rows + 2 * p)?, 0)?);
+            row += rows;
+        }
+        Tensor::cat(&bands, 2)
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let config = self.0.config();
         op(OpKind::Conv, xs.device(), || {
-            if config.dilation == 1 && config.groups == 1 {
-                conv2d(xs, self.0.weight(), self.0.bias(), config.padding, config.stride)
-            } else {
-                self.0.forward(xs)
+            if !self.banded || xs.device().is_cpu() || self.padding == 0 || self.stride != 1 {
+                return self.conv(xs, self.padding);
             }
+            let (b, c_in, h, w) = xs.dims4()?;
+            let (_, _, k, _) = self.weight.dims4()?;
+            if b * c_in * k * k * h * w <= MAX_IM2COL_ELEMENTS {
+                return self.conv(xs, self.padding);
+            }
+            self.forward_in_bands(xs, (MAX_IM2COL_ELEMENTS / (b * c_in * k * k * w)).max(1))
         })
     }
 }
 
 /// candle-nn's `Linear` (one gemm with the bias pre-filled in f32 on the CPU), profiled as
 /// [`OpKind::Matmul`].
-pub struct Linear(candle_nn::Linear);
+pub struct Linear(candle_nn::Linear, LinearBackend);
 
 impl Linear {
-    pub fn new(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Self> {
-        candle_nn::linear(c_in, c_out, vb).map(Self)
+    pub fn new(c_in: usize, c_out: usize, vb: VarBuilder, backends: &Backends) -> Result<Self> {
+        candle_nn::linear(c_in, c_out, vb).map(|linear| Self(linear, backends.linear))
     }
-    pub fn no_bias(c_in: usize, c_out: usize, vb: VarBuilder) -> Result<Self> {
-        candle_nn::linear_no_bias(c_in, c_out, vb).map(Self)
+    pub fn no_bias(c_in: usize, c_out: usize, vb: VarBuilder, backends: &Backends) -> Result<Self> {
+        candle_nn::linear_no_bias(c_in, c_out, vb).map(|linear| Self(linear, backends.linear))
     }
-    pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self(candle_nn::Linear::new(weight, bias))
+    pub fn from_weights(weight: Tensor, bias: Option<Tensor>, backends: &Backends) -> Self {
+        Self(candle_nn::Linear::new(weight, bias), backends.linear)
     }
 }
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        op(OpKind::Matmul, xs.device(), || match cpu_ops::applies(xs) {
-            true => cpu_ops::linear(xs, self.0.weight(), self.0.bias()),
-            false => self.0.forward(xs),
+        op(OpKind::Matmul, xs.device(), || match self.1 {
+            LinearBackend::CpuGemm => cpu_ops::linear(xs, self.0.weight(), self.0.bias()),
+            LinearBackend::Candle => self.0.forward(xs),
         })
     }
 }
@@ -116,14 +174,15 @@ pub struct GroupNorm {
     bias: Tensor,
     groups: usize,
     eps: f64,
+    backend: NormBackend,
 }
 
 impl GroupNorm {
-    pub fn new(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+    pub fn new(groups: usize, channels: usize, eps: f64, vb: VarBuilder, backends: &Backends) -> Result<Self> {
         let weight = vb.get(channels, "weight")?;
         let bias = vb.get(channels, "bias")?;
         let inner = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
-        Ok(Self { inner, weight, bias, groups, eps })
+        Ok(Self { inner, weight, bias, groups, eps, backend: backends.norm })
     }
 
     fn forward_fused(&self, xs: &Tensor) -> Result<Tensor> {
@@ -146,7 +205,7 @@ impl GroupNorm {
 impl GroupNorm {
     /// SiLU(GroupNorm(xs)), as every ResNet block and the output heads use it.
     pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
-        if cpu_ops::applies(xs) {
+        if self.backend == NormBackend::CpuFused {
             return op(OpKind::Norm, xs.device(), || {
                 cpu_ops::group_norm(xs, self.groups, &self.weight, &self.bias, self.eps, true)
             });
@@ -157,21 +216,20 @@ impl GroupNorm {
 
 impl Module for GroupNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        op(OpKind::Norm, xs.device(), || match xs.device() {
-            Device::Cpu if cpu_ops::applies(xs) => {
-                cpu_ops::group_norm(xs, self.groups, &self.weight, &self.bias, self.eps, false)
-            }
-            Device::Cuda(_) if xs.dtype() != DType::F64 => self.forward_fused(xs),
-            _ => self.inner.forward(xs),
+        op(OpKind::Norm, xs.device(), || match self.backend {
+            NormBackend::CpuFused => cpu_ops::group_norm(xs, self.groups, &self.weight, &self.bias, self.eps, false),
+            NormBackend::CudaRows => self.forward_fused(xs),
+            NormBackend::Candle => self.inner.forward(xs),
         })
     }
 }
 
 /// GEGLU's gate: hidden · GELU(gate) for `projected` = [hidden | gate] along the last dimension (exact
-/// erf GELU), profiled as [`OpKind::Elementwise`]; one fused pass in f32 on the CPU.
-pub fn geglu(projected: &Tensor) -> Result<Tensor> {
+/// erf GELU), profiled as [`OpKind::Elementwise`]; one fused pass in f32 on the CPU
+/// ([`LinearBackend::CpuGemm`], the backend of the linear layer it follows).
+pub fn geglu(backend: LinearBackend, projected: &Tensor) -> Result<Tensor> {
     op(OpKind::Elementwise, projected.device(), || {
-        if cpu_ops::applies(projected) {
+        if backend == LinearBackend::CpuGemm {
             return cpu_ops::geglu(projected);
         }
         let halves = projected.chunk(2, candle_core::D::Minus1)?;
@@ -182,4 +240,31 @@ pub fn geglu(projected: &Tensor) -> Result<Tensor> {
 /// SiLU, profiled as [`OpKind::Elementwise`].
 pub fn silu(xs: &Tensor) -> Result<Tensor> {
     op(OpKind::Elementwise, xs.device(), || candle_nn::ops::silu(xs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Banding must not change a single output value's inputs: compare against one plain conv.
+    #[test]
+    fn banded_convolution_equals_the_plain_one() -> Result<()> {
+        let device = Device::Cpu;
+        let conv = Conv2d {
+            weight: Tensor::randn(0f32, 1.0, (5, 3, 3, 3), &device)?,
+            bias: Some(Tensor::randn(0f32, 1.0, 5, &device)?),
+            padding: 1,
+            stride: 1,
+            banded: true,
+            backend: ConvBackend::CpuIm2col,
+        };
+        let xs = Tensor::randn(0f32, 1.0, (2, 3, 11, 7), &device)?;
+        let plain = conv.conv(&xs, 1)?;
+        // Bands of 4, 4 and 3 rows.
+        let banded = conv.forward_in_bands(&xs, 4)?;
+        let diff = (plain - banded)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
 }

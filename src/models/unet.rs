@@ -5,17 +5,20 @@
 //! `transformers/transformer_2d.py`, `attention.py` (BasicTransformerBlock, FeedForward/GEGLU) and
 //! `attention_processor.py` (Attention + AttnProcessor2_0). We own this network because its attention
 //! scale is the point of the project and candle-transformers keeps that scale private; the ResNet
-//! blocks and timestep embeddings are candle-transformers' own, which match diffusers.
+//! blocks are the VAE's too (models/resnet.rs), the timestep embeddings candle-transformers' own, which
+//! match diffusers.
 //!
 //! Levels: down block i runs at level i (level 0 = full latent resolution), the mid block at the
 //! deepest level, up block j at level (blocks − 1 − j). The attention-scale policy needs the level to
 //! know how many tokens that layer saw in training.
 
-use super::layers::{geglu, silu, Conv2d, GroupNorm, LayerNorm, Linear};
+use super::layers::{geglu, Conv2d, GroupNorm, LayerNorm, Linear};
+use super::resnet::{ResnetBlock2D, ResnetConfig};
 use crate::attention::{
-    merge_heads, multi_head_attention, scaled_dot_product_attention_measured, split_heads, AttentionObserver,
-    AttentionScale, RowStats,
+    merge_heads, multi_head_attention, scaled_dot_product_attention_measured, split_heads, AttentionBackend,
+    AttentionObserver, AttentionScale, RowStats,
 };
+use crate::backend::{Backends, LinearBackend};
 use crate::profile::{op, OpKind};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
@@ -165,6 +168,9 @@ fn eight_per_block() -> PerBlock {
     PerBlock::One(8)
 }
 
+/// The largest `sample_size` accepted, in latent pixels: 4096 px at SD's 8× VAE, the largest side sdscale renders.
+const MAX_SAMPLE_SIZE: usize = 512;
+
 /// The resolved UNet configuration: every per-block value expanded, every unsupported option refused.
 #[derive(Debug, Clone)]
 pub struct UNetConfig {
@@ -287,13 +293,43 @@ impl UNetConfig {
             PerBlock::Each(sizes) if sizes.len() == 2 => (sizes[0], sizes[1]),
             PerBlock::Each(sizes) => return Err(unsupported("sample_size", sizes)),
         };
+        // Every value the network divides by, indexes with or sizes a layer from: one line naming the key.
+        let at_least_one = |key: &str, value: usize| match value {
+            0 => Err(format!("unet config: {key} is 0; it must be at least 1")),
+            _ => Ok(()),
+        };
+        at_least_one("in_channels", file.in_channels)?;
+        at_least_one("out_channels", file.out_channels)?;
+        at_least_one("norm_num_groups", file.norm_num_groups)?;
+        at_least_one("cross_attention_dim", file.cross_attention_dim)?;
+        at_least_one("layers_per_block", file.layers_per_block)?;
+        if sample_size.0 == 0 || sample_size.1 == 0 || sample_size.0.max(sample_size.1) > MAX_SAMPLE_SIZE {
+            return Err(format!(
+                "unet config: sample_size {:?} is out of range; use 1 to {MAX_SAMPLE_SIZE} latent pixels",
+                file.sample_size
+            ));
+        }
+        for (key, value) in [("norm_eps", file.norm_eps), ("mid_block_scale_factor", file.mid_block_scale_factor)] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(format!("unet config: {key} = {value} must be a positive number"));
+            }
+        }
+        if !file.freq_shift.is_finite() {
+            return Err(format!("unet config: freq_shift = {} must be a finite number", file.freq_shift));
+        }
         for (i, (&channels, &heads)) in file.block_out_channels.iter().zip(&num_attention_heads).enumerate() {
+            if channels == 0 {
+                return Err(format!("unet config: block_out_channels[{i}] is 0; it must be at least 1"));
+            }
             if heads == 0 || channels % heads != 0 {
-                return Err(format!("unet config: block {i} has {channels} channels, not divisible by {heads} heads"));
+                return Err(format!(
+                    "unet config: block {i} has {channels} channels, not divisible by {heads} heads \
+                     (num_attention_heads, or attention_head_dim when that is absent)"
+                ));
             }
             if channels % file.norm_num_groups != 0 {
                 return Err(format!(
-                    "unet config: block {i} has {channels} channels, not divisible by {} groups",
+                    "unet config: block {i} has {channels} channels, not divisible by norm_num_groups = {}",
                     file.norm_num_groups
                 ));
             }
@@ -336,6 +372,7 @@ struct Attention {
     to_v: Linear,
     to_out: Linear,
     heads: usize,
+    backend: AttentionBackend,
     /// The diffusers module path and UNet level, which the entropy probe reports.
     path: String,
     level: usize,
@@ -349,21 +386,25 @@ impl Attention {
         heads: usize,
         head_dim: usize,
         level: usize,
+        backends: &Backends,
     ) -> Result<Self> {
         let inner_dim = heads * head_dim;
         Ok(Self {
-            to_q: Linear::no_bias(query_dim, inner_dim, vb.pp("to_q"))?,
-            to_k: Linear::no_bias(context_dim, inner_dim, vb.pp("to_k"))?,
-            to_v: Linear::no_bias(context_dim, inner_dim, vb.pp("to_v"))?,
-            to_out: Linear::new(inner_dim, query_dim, vb.pp("to_out.0"))?,
+            to_q: Linear::no_bias(query_dim, inner_dim, vb.pp("to_q"), backends)?,
+            to_k: Linear::no_bias(context_dim, inner_dim, vb.pp("to_k"), backends)?,
+            to_v: Linear::no_bias(context_dim, inner_dim, vb.pp("to_v"), backends)?,
+            to_out: Linear::new(inner_dim, query_dim, vb.pp("to_out.0"), backends)?,
             heads,
+            backend: backends.attention,
             path: vb.prefix(),
             level,
         })
     }
 
     /// `xs` (b, n, c) attends to `context` (b, m, c'); `scale` multiplies the q·k logits. With a probe,
-    /// the attention maps of its batch entry are measured on the way (same output, bit for bit).
+    /// the attention maps of its batch entry are measured on the way: the same output bit for bit in f32
+    /// on the CPU; elsewhere the measured path computes in f32, so half-precision outputs differ by
+    /// rounding.
     fn forward(
         &self,
         xs: &Tensor,
@@ -378,15 +419,17 @@ impl Attention {
         let v = self.to_v.forward(context)?;
         let out = match probe {
             // (b, n, heads·d)
-            None => op(OpKind::Attention, device, || multi_head_attention(&q, &k, &v, self.heads, scale))?,
+            None => {
+                op(OpKind::Attention, device, || multi_head_attention(self.backend, &q, &k, &v, self.heads, scale))?
+            }
             Some(probe) => {
                 // Batch entry e owns rows e·heads .. (e+1)·heads of the folded (b·heads) dimension.
                 let first = probe.batch_entry() * self.heads;
                 let mut stats = RowStats::default();
                 let (q, k, v) =
                     (split_heads(&q, self.heads)?, split_heads(&k, self.heads)?, split_heads(&v, self.heads)?);
-                let out =
-                    scaled_dot_product_attention_measured(&q, &k, &v, scale, first..first + self.heads, &mut stats)?;
+                let rows = first..first + self.heads;
+                let out = scaled_dot_product_attention_measured(self.backend, &q, &k, &v, scale, rows, &mut stats)?;
                 probe.record(&self.path, self.level, k.dim(1)?, stats);
                 merge_heads(&out, b, self.heads, xs.dim(1)?)?
             }
@@ -399,20 +442,22 @@ impl Attention {
 struct FeedForward {
     proj: Linear,
     out: Linear,
+    backend: LinearBackend,
 }
 
 impl FeedForward {
-    fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+    fn new(vb: VarBuilder, dim: usize, backends: &Backends) -> Result<Self> {
         let inner_dim = 4 * dim;
         Ok(Self {
-            proj: Linear::new(dim, 2 * inner_dim, vb.pp("net.0.proj"))?,
-            out: Linear::new(inner_dim, dim, vb.pp("net.2"))?,
+            proj: Linear::new(dim, 2 * inner_dim, vb.pp("net.0.proj"), backends)?,
+            out: Linear::new(inner_dim, dim, vb.pp("net.2"), backends)?,
+            backend: backends.linear,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         // GEGLU uses the exact (erf) GELU.
-        let gated = geglu(&self.proj.forward(xs)?)?;
+        let gated = geglu(self.backend, &self.proj.forward(xs)?)?;
         self.out.forward(&gated)
     }
 }
@@ -429,14 +474,22 @@ struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    fn new(vb: VarBuilder, dim: usize, heads: usize, head_dim: usize, level: usize, cfg: &UNetConfig) -> Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        (heads, head_dim): (usize, usize),
+        level: usize,
+        cfg: &UNetConfig,
+        backends: &Backends,
+    ) -> Result<Self> {
+        let context_dim = cfg.cross_attention_dim;
         Ok(Self {
             norm1: LayerNorm::new(dim, cfg.norm_eps, vb.pp("norm1"))?,
-            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim, level)?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim, level, backends)?,
             norm2: LayerNorm::new(dim, cfg.norm_eps, vb.pp("norm2"))?,
-            attn2: Attention::new(vb.pp("attn2"), dim, cfg.cross_attention_dim, heads, head_dim, level)?,
+            attn2: Attention::new(vb.pp("attn2"), dim, context_dim, heads, head_dim, level, backends)?,
             norm3: LayerNorm::new(dim, cfg.norm_eps, vb.pp("norm3"))?,
-            ff: FeedForward::new(vb.pp("ff"), dim)?,
+            ff: FeedForward::new(vb.pp("ff"), dim, backends)?,
         })
     }
 
@@ -465,11 +518,11 @@ enum Projection {
 }
 
 impl Projection {
-    fn new(vb: VarBuilder, channels: usize, use_linear: bool) -> Result<Self> {
+    fn new(vb: VarBuilder, channels: usize, use_linear: bool, backends: &Backends) -> Result<Self> {
         Ok(if use_linear {
-            Projection::Linear(Linear::new(channels, channels, vb)?)
+            Projection::Linear(Linear::new(channels, channels, vb, backends)?)
         } else {
-            Projection::Conv(Conv2d::new(channels, channels, 1, Conv2dConfig::default(), vb)?)
+            Projection::Conv(Conv2d::new(channels, channels, 1, Conv2dConfig::default(), vb, backends)?)
         })
     }
 }
@@ -493,20 +546,23 @@ impl Transformer2DModel {
         layers: usize,
         level: usize,
         cfg: &UNetConfig,
+        backends: &Backends,
     ) -> Result<Self> {
         let head_dim = channels / heads;
         // diffusers hard-codes eps = 1e-6 for this group norm.
-        let norm = GroupNorm::new(cfg.norm_num_groups, channels, 1e-6, vb.pp("norm"))?;
+        let norm = GroupNorm::new(cfg.norm_num_groups, channels, 1e-6, vb.pp("norm"), backends)?;
         let transformer_blocks = (0..layers)
             .map(|i| {
-                BasicTransformerBlock::new(vb.pp("transformer_blocks").pp(i), channels, heads, head_dim, level, cfg)
+                let vb = vb.pp("transformer_blocks").pp(i);
+                BasicTransformerBlock::new(vb, channels, (heads, head_dim), level, cfg, backends)
             })
             .collect::<Result<Vec<_>>>()?;
+        let linear = cfg.use_linear_projection;
         Ok(Self {
             norm,
-            proj_in: Projection::new(vb.pp("proj_in"), channels, cfg.use_linear_projection)?,
+            proj_in: Projection::new(vb.pp("proj_in"), channels, linear, backends)?,
             transformer_blocks,
-            proj_out: Projection::new(vb.pp("proj_out"), channels, cfg.use_linear_projection)?,
+            proj_out: Projection::new(vb.pp("proj_out"), channels, linear, backends)?,
             head_dim,
             level,
         })
@@ -550,35 +606,7 @@ impl Transformer2DModel {
 // ---------------------------------------------------------------------------------------------
 // Blocks
 
-/// diffusers' `ResnetBlock2D` (default time-embedding norm): GroupNorm, SiLU, 3×3 conv, plus the projected
-/// time embedding, GroupNorm, SiLU, 3×3 conv, plus a (1×1 conv) shortcut, divided by the output scale.
-/// The same as candle-transformers' block, owned so each op is labelled for the profile.
-struct ResnetBlock2D {
-    norm1: GroupNorm,
-    conv1: Conv2d,
-    time_emb_proj: Linear,
-    norm2: GroupNorm,
-    conv2: Conv2d,
-    conv_shortcut: Option<Conv2d>,
-    output_scale_factor: f64,
-}
-
-impl ResnetBlock2D {
-    fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let device = xs.device();
-        let shortcut = match &self.conv_shortcut {
-            Some(conv) => conv.forward(xs)?,
-            None => xs.clone(),
-        };
-        let hidden = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
-        // (b, c) → (b, c, 1, 1), added to every pixel.
-        let time = self.time_emb_proj.forward(&silu(temb)?)?.unsqueeze(2)?.unsqueeze(3)?;
-        let hidden = op(OpKind::Elementwise, device, || time.broadcast_add(&hidden))?;
-        let hidden = self.conv2.forward(&self.norm2.forward_silu(&hidden)?)?;
-        op(OpKind::Elementwise, device, || (shortcut + hidden)? / self.output_scale_factor)
-    }
-}
-
+/// A ResNet block with the time embedding (models/resnet.rs), as the UNet's down, mid and up blocks use it.
 fn resnet(
     vb: VarBuilder,
     in_channels: usize,
@@ -586,21 +614,16 @@ fn resnet(
     temb: usize,
     cfg: &UNetConfig,
     output_scale_factor: f64,
+    backends: &Backends,
 ) -> Result<ResnetBlock2D> {
-    let pad1 = Conv2dConfig { padding: 1, ..Default::default() };
-    let groups = cfg.norm_num_groups;
-    Ok(ResnetBlock2D {
-        norm1: GroupNorm::new(groups, in_channels, cfg.norm_eps, vb.pp("norm1"))?,
-        conv1: Conv2d::new(in_channels, out_channels, 3, pad1, vb.pp("conv1"))?,
-        time_emb_proj: Linear::new(temb, out_channels, vb.pp("time_emb_proj"))?,
-        norm2: GroupNorm::new(groups, out_channels, cfg.norm_eps, vb.pp("norm2"))?,
-        conv2: Conv2d::new(out_channels, out_channels, 3, pad1, vb.pp("conv2"))?,
-        conv_shortcut: match in_channels == out_channels {
-            true => None,
-            false => Some(Conv2d::new(in_channels, out_channels, 1, Conv2dConfig::default(), vb.pp("conv_shortcut"))?),
-        },
-        output_scale_factor,
-    })
+    let config = ResnetConfig {
+        groups: cfg.norm_num_groups,
+        eps: cfg.norm_eps,
+        temb_channels: Some(temb),
+        output_scale_factor: Some(output_scale_factor),
+        banded: false,
+    };
+    ResnetBlock2D::new(vb, in_channels, out_channels, &config, backends)
 }
 
 /// `CrossAttnDownBlock2D` (with attentions) or `DownBlock2D` (without), plus an optional stride-2 conv.
@@ -623,7 +646,7 @@ impl DownBlock {
         let mut xs = xs.clone();
         let mut res_samples = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
-            xs = resnet.forward(&xs, temb)?;
+            xs = resnet.forward(&xs, Some(temb))?;
             if let Some(attention) = self.attentions.get(i) {
                 xs = attention.forward(&xs, text, scale, probe)?;
             }
@@ -658,7 +681,7 @@ impl UpBlock {
         for (i, resnet) in self.resnets.iter().enumerate() {
             let skip = skips.pop().expect("the down path produced one skip per up resnet");
             let joined = op(OpKind::Elementwise, xs.device(), || Tensor::cat(&[&xs, &skip], 1))?;
-            xs = resnet.forward(&joined, temb)?;
+            xs = resnet.forward(&joined, Some(temb))?;
             if let Some(attention) = self.attentions.get(i) {
                 xs = attention.forward(&xs, text, scale, probe)?;
             }
@@ -690,10 +713,10 @@ impl MidBlock {
         scale: AttentionScale,
         probe: Option<&dyn AttentionObserver>,
     ) -> Result<Tensor> {
-        let mut xs = self.resnets[0].forward(xs, temb)?;
+        let mut xs = self.resnets[0].forward(xs, Some(temb))?;
         for (attention, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
             xs = attention.forward(&xs, text, scale, probe)?;
-            xs = resnet.forward(&xs, temb)?;
+            xs = resnet.forward(&xs, Some(temb))?;
         }
         Ok(xs)
     }
@@ -715,7 +738,14 @@ pub struct UNet2DConditionModel {
 }
 
 impl UNet2DConditionModel {
+    /// The UNet with the backends for `vb`'s device and dtype ([`Backends::choose`]).
     pub fn new(vb: VarBuilder, cfg: UNetConfig) -> Result<Self> {
+        let backends = Backends::choose(vb.device(), vb.dtype()).map_err(candle_core::Error::Msg)?;
+        Self::with_backends(vb, cfg, &backends)
+    }
+
+    /// The UNet with `backends`, chosen once for the whole model (crate::backend).
+    pub fn with_backends(vb: VarBuilder, cfg: UNetConfig, backends: &Backends) -> Result<Self> {
         let channels = &cfg.block_out_channels;
         let blocks = channels.len();
         let time_embed_dim = channels[0] * 4;
@@ -723,7 +753,7 @@ impl UNet2DConditionModel {
 
         let time_proj = Timesteps::new(channels[0], cfg.flip_sin_to_cos, cfg.freq_shift);
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), channels[0], time_embed_dim)?;
-        let conv_in = Conv2d::new(cfg.in_channels, channels[0], 3, pad1, vb.pp("conv_in"))?;
+        let conv_in = Conv2d::new(cfg.in_channels, channels[0], 3, pad1, vb.pp("conv_in"), backends)?;
 
         let transformer = |vb: VarBuilder, c: usize, block: usize, level: usize| {
             Transformer2DModel::new(
@@ -733,6 +763,7 @@ impl UNet2DConditionModel {
                 cfg.transformer_layers_per_block[block],
                 level,
                 &cfg,
+                backends,
             )
         };
 
@@ -744,7 +775,7 @@ impl UNet2DConditionModel {
             let mut attentions = Vec::new();
             for j in 0..cfg.layers_per_block {
                 let c_in = if j == 0 { in_channels } else { out_channels };
-                resnets.push(resnet(vb.pp("resnets").pp(j), c_in, out_channels, time_embed_dim, &cfg, 1.0)?);
+                resnets.push(resnet(vb.pp("resnets").pp(j), c_in, out_channels, time_embed_dim, &cfg, 1.0, backends)?);
                 if cfg.down_block_has_attention[i] {
                     attentions.push(transformer(vb.pp("attentions").pp(j), out_channels, i, i)?);
                 }
@@ -754,7 +785,7 @@ impl UNet2DConditionModel {
                 None
             } else {
                 let config = Conv2dConfig { padding: cfg.downsample_padding, stride: 2, ..Default::default() };
-                Some(Conv2d::new(out_channels, out_channels, 3, config, vb.pp("downsamplers.0.conv"))?)
+                Some(Conv2d::new(out_channels, out_channels, 3, config, vb.pp("downsamplers.0.conv"), backends)?)
             };
             down_blocks.push(DownBlock { resnets, attentions, downsampler });
         }
@@ -765,8 +796,8 @@ impl UNet2DConditionModel {
             let scale = cfg.mid_block_scale_factor;
             MidBlock {
                 resnets: vec![
-                    resnet(vb.pp("resnets.0"), mid_channels, mid_channels, time_embed_dim, &cfg, scale)?,
-                    resnet(vb.pp("resnets.1"), mid_channels, mid_channels, time_embed_dim, &cfg, scale)?,
+                    resnet(vb.pp("resnets.0"), mid_channels, mid_channels, time_embed_dim, &cfg, scale, backends)?,
+                    resnet(vb.pp("resnets.1"), mid_channels, mid_channels, time_embed_dim, &cfg, scale, backends)?,
                 ],
                 attentions: vec![transformer(vb.pp("attentions.0"), mid_channels, blocks - 1, cfg.deepest_level())?],
             }
@@ -792,6 +823,7 @@ impl UNet2DConditionModel {
                     time_embed_dim,
                     &cfg,
                     1.0,
+                    backends,
                 )?);
                 if cfg.up_block_has_attention[i] {
                     // Up block i mirrors down block (blocks − 1 − i): same heads and depth.
@@ -802,13 +834,14 @@ impl UNet2DConditionModel {
             let upsampler = if is_final_block {
                 None
             } else {
-                Some(Conv2d::new(out_channels, out_channels, 3, pad1, vb.pp("upsamplers.0.conv"))?)
+                Some(Conv2d::new(out_channels, out_channels, 3, pad1, vb.pp("upsamplers.0.conv"), backends)?)
             };
             up_blocks.push(UpBlock { resnets, attentions, upsampler });
         }
 
-        let conv_norm_out = GroupNorm::new(cfg.norm_num_groups, channels[0], cfg.norm_eps, vb.pp("conv_norm_out"))?;
-        let conv_out = Conv2d::new(channels[0], cfg.out_channels, 3, pad1, vb.pp("conv_out"))?;
+        let conv_norm_out =
+            GroupNorm::new(cfg.norm_num_groups, channels[0], cfg.norm_eps, vb.pp("conv_norm_out"), backends)?;
+        let conv_out = Conv2d::new(channels[0], cfg.out_channels, 3, pad1, vb.pp("conv_out"), backends)?;
         Ok(Self {
             time_proj,
             time_embedding,
@@ -831,20 +864,8 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         scale: AttentionScale,
     ) -> Result<Tensor> {
-        self.forward_probed(sample, timestep, encoder_hidden_states, scale, None)
-    }
-
-    /// [`Self::forward`], with every self-attention layer reporting to `probe` when there is one.
-    pub fn forward_probed(
-        &self,
-        sample: &Tensor,
-        timestep: f64,
-        encoder_hidden_states: &Tensor,
-        scale: AttentionScale,
-        probe: Option<&dyn AttentionObserver>,
-    ) -> Result<Tensor> {
         let time = self.time_features(timestep, sample.dim(0)?, sample.dtype(), sample.device())?;
-        self.forward_with_time(sample, &time, encoder_hidden_states, scale, probe)
+        self.forward_with_time(sample, &time, encoder_hidden_states, scale, None)
     }
 
     /// The sinusoidal embedding of t for a batch (b, block_out_channels[0]), computed in f32 as diffusers

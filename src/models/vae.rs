@@ -10,10 +10,12 @@
 //! inputs run in bands of rows, and the attention is the same query-chunked one the UNet uses.
 //! Both are exact: every output pixel is computed from the same inputs with the same weights.
 
-use super::layers::{conv2d, GroupNorm, Linear};
-use crate::attention::{default_scale, scaled_dot_product_attention};
-use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::VarBuilder;
+use super::layers::{Conv2d, GroupNorm, Linear};
+use super::resnet::{ResnetBlock2D, ResnetConfig};
+use crate::attention::{default_scale, scaled_dot_product_attention, AttentionBackend};
+use crate::backend::Backends;
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use serde::Deserialize;
 
 /// `vae/config.json`, the fields the decoder reads.
@@ -60,7 +62,11 @@ fn scaling_factor() -> f64 {
     0.18215
 }
 
+/// The most decoder blocks accepted: each but the last doubles the image size (SD has 4, an 8× factor).
+const MAX_BLOCKS: usize = 6;
+
 impl VaeConfig {
+    /// Refuses, with one line naming the key, what the decoder does not implement or cannot compute.
     pub fn validate(&self) -> std::result::Result<(), String> {
         if let Some(t) = self.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
             return Err(format!("vae config: up block type {t:?} is not supported (UpDecoderBlock2D only)"));
@@ -74,99 +80,51 @@ impl VaeConfig {
         if self.block_out_channels.is_empty() {
             return Err("vae config: block_out_channels is empty".into());
         }
+        // Every value the decoder divides by, indexes with or sizes a layer from: one line naming the key.
+        if self.block_out_channels.len() > MAX_BLOCKS {
+            return Err(format!(
+                "vae config: block_out_channels has {} blocks; at most {MAX_BLOCKS} are supported (SD has 4)",
+                self.block_out_channels.len()
+            ));
+        }
+        for (key, value) in [
+            ("norm_num_groups", self.norm_num_groups),
+            ("latent_channels", self.latent_channels),
+            ("out_channels", self.out_channels),
+        ] {
+            if value == 0 {
+                return Err(format!("vae config: {key} is 0; it must be at least 1"));
+            }
+        }
+        for (i, &channels) in self.block_out_channels.iter().enumerate() {
+            if channels == 0 || !channels.is_multiple_of(self.norm_num_groups) {
+                return Err(format!(
+                    "vae config: block_out_channels[{i}] = {channels} is not a positive multiple of norm_num_groups = {}",
+                    self.norm_num_groups
+                ));
+            }
+        }
+        if !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0) {
+            return Err(format!(
+                "vae config: scaling_factor = {} must be a positive number (SD 2.1: 0.18215)",
+                self.scaling_factor
+            ));
+        }
         Ok(())
     }
 }
 
-/// A convolution (3×3 with padding 1, or 1×1) that bounds its temporary memory: on accelerators,
-/// inputs whose im2col buffer would exceed [`MAX_IM2COL_ELEMENTS`] are convolved a band of output rows
-/// at a time from an explicitly zero-padded copy. candle's CPU convolution already tiles internally, so
-/// there it is a plain call.
-struct Conv2d {
-    weight: Tensor, // (c_out, c_in, k, k)
-    bias: Tensor,   // (c_out,)
-    padding: usize,
+/// A VAE convolution: 3×3 with padding 1 or 1×1, computed in bands of rows where it would need a large
+/// im2col buffer (models/layers.rs).
+fn conv(vb: VarBuilder, c_in: usize, c_out: usize, kernel: usize, backends: &Backends) -> Result<Conv2d> {
+    let config = Conv2dConfig { padding: kernel / 2, ..Default::default() };
+    Ok(Conv2d::new(c_in, c_out, kernel, config, vb, backends)?.banded())
 }
 
-/// ~512 MiB of f32 (256 MiB of f16) im2col columns per band.
-const MAX_IM2COL_ELEMENTS: usize = 128 * 1024 * 1024;
-
-impl Conv2d {
-    fn new(vb: VarBuilder, c_in: usize, c_out: usize, kernel: usize) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get((c_out, c_in, kernel, kernel), "weight")?,
-            bias: vb.get(c_out, "bias")?,
-            padding: kernel / 2,
-        })
-    }
-
-    fn conv(&self, xs: &Tensor, padding: usize) -> Result<Tensor> {
-        conv2d(xs, &self.weight, Some(&self.bias), padding, 1)
-    }
-}
-
-impl Module for Conv2d {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, c_in, h, w) = xs.dims4()?;
-        let (_, _, k, _) = self.weight.dims4()?;
-        let columns = b * c_in * k * k * h * w;
-        if matches!(xs.device(), Device::Cpu) || self.padding == 0 || columns <= MAX_IM2COL_ELEMENTS {
-            return self.conv(xs, self.padding);
-        }
-        self.forward_in_bands(xs, (MAX_IM2COL_ELEMENTS / (b * c_in * k * k * w)).max(1))
-    }
-}
-
-impl Conv2d {
-    fn forward_in_bands(&self, xs: &Tensor, rows_per_band: usize) -> Result<Tensor> {
-        let h = xs.dim(2)?;
-        let p = self.padding;
-        let padded = xs.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?; // (b, c, h + 2p, w + 2p)
-        let mut bands = Vec::with_capacity(h.div_ceil(rows_per_band));
-        let mut row = 0;
-        while row < h {
-            let rows = rows_per_band.min(h - row);
-            // Output rows [row, row + rows) need padded input rows [row, row + rows + 2p).
-            bands.push(self.conv(&padded.narrow(2, row, rows + 2 * p)?, 0)?);
-            row += rows;
-        }
-        Tensor::cat(&bands, 2)
-    }
-}
-
-/// `ResnetBlock2D` without a time embedding (the VAE's): norm, SiLU, conv, twice, plus a shortcut.
-struct ResnetBlock2D {
-    norm1: GroupNorm,
-    conv1: Conv2d,
-    norm2: GroupNorm,
-    conv2: Conv2d,
-    conv_shortcut: Option<Conv2d>,
-}
-
-impl ResnetBlock2D {
-    fn new(vb: VarBuilder, c_in: usize, c_out: usize, groups: usize) -> Result<Self> {
-        // diffusers' VAE blocks use eps = 1e-6 throughout.
-        Ok(Self {
-            norm1: GroupNorm::new(groups, c_in, 1e-6, vb.pp("norm1"))?,
-            conv1: Conv2d::new(vb.pp("conv1"), c_in, c_out, 3)?,
-            norm2: GroupNorm::new(groups, c_out, 1e-6, vb.pp("norm2"))?,
-            conv2: Conv2d::new(vb.pp("conv2"), c_out, c_out, 3)?,
-            conv_shortcut: match c_in == c_out {
-                true => None,
-                false => Some(Conv2d::new(vb.pp("conv_shortcut"), c_in, c_out, 1)?),
-            },
-        })
-    }
-
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let shortcut = match &self.conv_shortcut {
-            Some(conv) => conv.forward(xs)?,
-            None => xs.clone(),
-        };
-        let hidden = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
-        let hidden = self.conv2.forward(&self.norm2.forward_silu(&hidden)?)?;
-        shortcut + hidden
-    }
+/// `ResnetBlock2D` without a time embedding (the VAE's); diffusers' VAE blocks use eps = 1e-6 throughout.
+fn resnet(vb: VarBuilder, c_in: usize, c_out: usize, groups: usize, backends: &Backends) -> Result<ResnetBlock2D> {
+    let config = ResnetConfig { groups, eps: 1e-6, temb_channels: None, output_scale_factor: None, banded: true };
+    ResnetBlock2D::new(vb, c_in, c_out, &config, backends)
 }
 
 /// The mid block's single-head self-attention over all pixels, with a residual.
@@ -176,10 +134,12 @@ struct AttentionBlock {
     to_k: Linear,
     to_v: Linear,
     to_out: Linear,
+    /// Always computed in f32 (see forward): the backend for f32 on this device.
+    attention: AttentionBackend,
 }
 
 impl AttentionBlock {
-    fn new(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
+    fn new(vb: VarBuilder, channels: usize, groups: usize, backends: &Backends) -> Result<Self> {
         // SD 2.1's files use the pre-0.14 names; diffusers ≥ 0.14 writes to_q/to_k/to_v/to_out.0.
         let names = match vb.contains_tensor("to_q.weight") {
             true => ["to_q", "to_k", "to_v", "to_out.0"],
@@ -192,14 +152,15 @@ impl AttentionBlock {
                 Ok(weight) => weight,
                 Err(_) => vb.get((channels, channels, 1, 1), "weight")?.reshape((channels, channels))?,
             };
-            Ok(Linear::from_weights(weight, Some(vb.get(channels, "bias")?)))
+            Ok(Linear::from_weights(weight, Some(vb.get(channels, "bias")?), backends))
         };
         Ok(Self {
-            group_norm: GroupNorm::new(groups, channels, 1e-6, vb.pp("group_norm"))?,
+            group_norm: GroupNorm::new(groups, channels, 1e-6, vb.pp("group_norm"), backends)?,
             to_q: linear(names[0])?,
             to_k: linear(names[1])?,
             to_v: linear(names[2])?,
             to_out: linear(names[3])?,
+            attention: backends.attention_f32,
         })
     }
 
@@ -212,8 +173,9 @@ impl AttentionBlock {
         // One head of width c: the VAE's scale is 1/√c and never changes with the image size. Always in
         // f32: a 512-wide head's logits are large, and f16 scores would round them coarsely.
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let (q32, k32, v32) = (f32(&q)?, f32(&k)?, f32(&v)?);
         let out =
-            scaled_dot_product_attention(&f32(&q)?, &f32(&k)?, &f32(&v)?, default_scale(c))?.to_dtype(q.dtype())?;
+            scaled_dot_product_attention(self.attention, &q32, &k32, &v32, default_scale(c))?.to_dtype(q.dtype())?;
         let out = self.to_out.forward(&out)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         out + xs
     }
@@ -229,7 +191,7 @@ impl UpDecoderBlock2D {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let mut xs = xs.clone();
         for resnet in &self.resnets {
-            xs = resnet.forward(&xs)?;
+            xs = resnet.forward(&xs, None)?;
         }
         match &self.upsampler {
             Some(conv) => {
@@ -255,12 +217,13 @@ pub struct VaeDecoder {
 
 impl VaeDecoder {
     /// `vb` points at the VAE root (its keys start with `decoder.` and `post_quant_conv.`).
-    pub fn new(vb: VarBuilder, cfg: VaeConfig) -> Result<Self> {
+    /// `backends` are the model's, chosen once (crate::backend).
+    pub fn new(vb: VarBuilder, cfg: VaeConfig, backends: &Backends) -> Result<Self> {
         let channels = &cfg.block_out_channels;
         let blocks = channels.len();
         let groups = cfg.norm_num_groups;
         let post_quant_conv = match cfg.use_post_quant_conv {
-            true => Some(Conv2d::new(vb.pp("post_quant_conv"), cfg.latent_channels, cfg.latent_channels, 1)?),
+            true => Some(conv(vb.pp("post_quant_conv"), cfg.latent_channels, cfg.latent_channels, 1, backends)?),
             false => None,
         };
         let vb = vb.pp("decoder");
@@ -274,11 +237,11 @@ impl VaeDecoder {
                 let resnets = (0..cfg.layers_per_block + 1)
                     .map(|j| {
                         let c_in = if j == 0 { in_channels } else { reversed[i] };
-                        ResnetBlock2D::new(vb.pp("resnets").pp(j), c_in, reversed[i], groups)
+                        resnet(vb.pp("resnets").pp(j), c_in, reversed[i], groups, backends)
                     })
                     .collect::<Result<Vec<_>>>()?;
                 let upsampler = match i + 1 < blocks {
-                    true => Some(Conv2d::new(vb.pp("upsamplers.0.conv"), reversed[i], reversed[i], 3)?),
+                    true => Some(conv(vb.pp("upsamplers.0.conv"), reversed[i], reversed[i], 3, backends)?),
                     false => None,
                 };
                 Ok(UpDecoderBlock2D { resnets, upsampler })
@@ -286,13 +249,13 @@ impl VaeDecoder {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             post_quant_conv,
-            conv_in: Conv2d::new(vb.pp("conv_in"), cfg.latent_channels, top, 3)?,
-            mid_resnet_0: ResnetBlock2D::new(mid.pp("resnets.0"), top, top, groups)?,
-            mid_attention: AttentionBlock::new(mid.pp("attentions.0"), top, groups)?,
-            mid_resnet_1: ResnetBlock2D::new(mid.pp("resnets.1"), top, top, groups)?,
+            conv_in: conv(vb.pp("conv_in"), cfg.latent_channels, top, 3, backends)?,
+            mid_resnet_0: resnet(mid.pp("resnets.0"), top, top, groups, backends)?,
+            mid_attention: AttentionBlock::new(mid.pp("attentions.0"), top, groups, backends)?,
+            mid_resnet_1: resnet(mid.pp("resnets.1"), top, top, groups, backends)?,
             up_blocks,
-            conv_norm_out: GroupNorm::new(groups, channels[0], 1e-6, vb.pp("conv_norm_out"))?,
-            conv_out: Conv2d::new(vb.pp("conv_out"), channels[0], cfg.out_channels, 3)?,
+            conv_norm_out: GroupNorm::new(groups, channels[0], 1e-6, vb.pp("conv_norm_out"), backends)?,
+            conv_out: conv(vb.pp("conv_out"), channels[0], cfg.out_channels, 3, backends)?,
             config: cfg,
         })
     }
@@ -305,36 +268,13 @@ impl VaeDecoder {
             None => latents.clone(),
         };
         xs = self.conv_in.forward(&xs)?;
-        xs = self.mid_resnet_0.forward(&xs)?;
+        xs = self.mid_resnet_0.forward(&xs, None)?;
         xs = self.mid_attention.forward(&xs)?;
-        xs = self.mid_resnet_1.forward(&xs)?;
+        xs = self.mid_resnet_1.forward(&xs, None)?;
         for block in &self.up_blocks {
             xs = block.forward(&xs)?;
         }
         let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Banding must not change a single output value's inputs: compare against one plain conv.
-    #[test]
-    fn banded_convolution_equals_the_plain_one() -> Result<()> {
-        let device = Device::Cpu;
-        let conv = Conv2d {
-            weight: Tensor::randn(0f32, 1.0, (5, 3, 3, 3), &device)?,
-            bias: Tensor::randn(0f32, 1.0, 5, &device)?,
-            padding: 1,
-        };
-        let xs = Tensor::randn(0f32, 1.0, (2, 3, 11, 7), &device)?;
-        let plain = conv.conv(&xs, 1)?;
-        // Bands of 4, 4 and 3 rows.
-        let banded = conv.forward_in_bands(&xs, 4)?;
-        let diff = (plain - banded)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-5, "{diff}");
-        Ok(())
     }
 }

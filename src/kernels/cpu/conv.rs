@@ -6,16 +6,12 @@
 //! of the cycles (2026-11-26). Bands keep the im2col matrix at most 16 MiB, so memory stays bounded at
 //! any size and the gemm reads it from cache.
 
-use super::cpu_ops::values;
-use candle_core::{DType, Device, Result, Tensor};
+use super::{gemm_parallelism, values};
+use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
 /// Floats of im2col matrix per band.
 const MAX_COLS: usize = 4 << 20;
-
-pub fn applies(xs: &Tensor, weight: &Tensor) -> bool {
-    xs.device().is_cpu() && xs.dtype() == DType::F32 && weight.dtype() == DType::F32
-}
 
 /// conv2d of `xs` (b, c_in, h, w) with `weight` (c_out, c_in, k, k), square padding and stride, no
 /// dilation or groups, plus an optional per-channel bias.
@@ -44,7 +40,7 @@ pub fn conv2d(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>, padding: usiz
 
     let rows_per_band = (MAX_COLS / (depth * w_out).max(1)).clamp(1, h_out);
     let mut cols = vec![0f32; depth * rows_per_band * w_out];
-    let parallelism = super::cpu_ops::gemm_parallelism();
+    let parallelism = gemm_parallelism();
     for image in 0..b {
         let x_image = &x[image * c_in * h * w..(image + 1) * c_in * h * w];
         let out_image = &mut out[image * c_out * plane_out..(image + 1) * c_out * plane_out];

@@ -2,7 +2,8 @@
 //! directly. candle's own CUDA conv gathers its im2col with uncoalesced reads and 64-bit index
 //! arithmetic, multiplies in NHWC, then copies the result to NCHW. Measured on an H100 (2026-11-26,
 //! scripts/gpu/check.sh): a 512² UNet step's convolutions 15.7 → 8.3 ms, 1024² 57.2 → 25.6 ms, images
-//! within 0.15 levels of candle's. `SDSCALE_CUDA_CONV=0` switches back to candle's (for comparison).
+//! within 0.15 levels of candle's. `SDSCALE_CUDA_CONV=0` switches back to candle's (for comparison; read
+//! once, crate::backend).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
@@ -11,14 +12,16 @@ use candle_core::{CpuStorage, CudaStorage, DType, Layout, Result, Shape, Tensor}
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/im2col.ptx"));
 
-/// Whether sdscale's conv handles this input: f16 or f32 on CUDA, small enough for 32-bit indices, and
-/// not switched off.
-pub fn applies(xs: &Tensor, c_in: usize, kernel: usize, out_pixels: usize) -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let enabled =
-        *ENABLED.get_or_init(|| std::env::var("SDSCALE_CUDA_CONV").map_or(true, |v| v != "0" && !v.is_empty()));
-    let cols = xs.dim(0).unwrap_or(0) * c_in * kernel * kernel * out_pixels;
-    enabled && xs.device().is_cuda() && matches!(xs.dtype(), DType::F16 | DType::F32) && cols < i32::MAX as usize
+/// Whether this input's im2col matrix is small enough for the kernel's 32-bit indices (the backend,
+/// chosen once, already says f16 or f32 on CUDA; larger inputs go to candle's convolution).
+pub fn fits(xs: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<bool> {
+    let (b, c_in, h, w) = xs.dims4()?;
+    let k = weight.dim(3)?;
+    if h + 2 * padding < k || w + 2 * padding < k {
+        return Ok(false);
+    }
+    let out_pixels = ((h + 2 * padding - k) / stride + 1) * ((w + 2 * padding - k) / stride + 1);
+    Ok(b * c_in * k * k * out_pixels < i32::MAX as usize)
 }
 
 /// conv2d of `xs` (b, c_in, h, w) with `weight` (c_out, c_in, k, k), square padding and stride, no

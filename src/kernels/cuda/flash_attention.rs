@@ -2,18 +2,18 @@
 //! SD 2.x UNet attention layer), any number of queries and keys, any softmax scale. It never writes the
 //! scores to device memory and reads the projections' (b, n, heads·64) layout directly.
 //!
-//! Opt-in (`SDSCALE_FLASH_ATTENTION=1`): measured on an H100 (2026-11-26, scripts/gpu/check.sh) it is
-//! correct (images within 0.16 levels of the unfused path) but slower than cuBLAS GEMMs around candle's
-//! softmax: 17.1 ms of attention in a 512² step against 11.2 + 1.9 ms (the GEMMs and softmax, plus the
-//! head split/merge copies it saves), 238 against 192 + 7 ms at 1024². The likely cause is
-//! shared-memory bank conflicts in its softmax and rescale loops (the two lanes of a row walk 32
-//! consecutive floats, so a warp's 32 accesses land in one bank); that is the next thing to fix, with
-//! a GPU to measure it on, before it becomes the default.
+//! Opt-in (`SDSCALE_FLASH_ATTENTION=1`, read once: crate::backend): measured on an H100 (2026-11-26,
+//! scripts/gpu/check.sh) it is correct (images within 0.16 levels of the unfused path) but slower than
+//! cuBLAS GEMMs around candle's softmax: 17.1 ms of attention in a 512² step against 11.2 + 1.9 ms (the
+//! GEMMs and softmax, plus the head split/merge copies it saves), 238 against 192 + 7 ms at 1024². The
+//! likely cause is shared-memory bank conflicts in its softmax and rescale loops (the two lanes of a row
+//! walk 32 consecutive floats, so a warp's 32 accesses land in one bank); that is the next thing to fix,
+//! with a GPU to measure it on, before it becomes the default.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{CpuStorage, CudaStorage, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, Layout, Result, Shape, Tensor};
 use half::f16;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
@@ -21,12 +21,10 @@ const HEAD_DIM: usize = 64;
 const BLOCK_ROWS: usize = 64;
 const THREADS: u32 = 128;
 
-/// Whether the kernel is asked for (`SDSCALE_FLASH_ATTENTION=1`) and can compute this attention: f16 on
-/// CUDA, `heads` heads of 64 in (b, n, heads·64).
-pub fn applies(q: &Tensor, heads: usize) -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let enabled = *ENABLED.get_or_init(|| std::env::var("SDSCALE_FLASH_ATTENTION").is_ok_and(|v| v == "1"));
-    enabled && q.device().is_cuda() && q.dtype() == DType::F16 && q.dim(2).is_ok_and(|c| c == heads * HEAD_DIM)
+/// Whether the kernel can compute this layer's attention: `heads` heads of 64 in (b, n, heads·64). (f16
+/// on CUDA is what the backend, chosen once, already says.)
+pub fn fits(q: &Tensor, heads: usize) -> bool {
+    q.dim(2).is_ok_and(|c| c == heads * HEAD_DIM)
 }
 
 /// softmax(scale · q·kᵀ)·v per head, for q (b, n_q, heads·64), k and v (b, n_k, heads·64), all f16 on

@@ -3,28 +3,9 @@
 //! strided path and spin in its thread pool's barrier (~17% of a CPU UNet step in a perf profile,
 //! 2026-11-26).
 
-use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
+use super::{gemm_parallelism, values};
+use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
-
-pub fn applies(xs: &Tensor) -> bool {
-    xs.device().is_cpu() && xs.dtype() == DType::F32
-}
-
-/// The values of a contiguous f32 CPU tensor, borrowed from its storage guard.
-pub(crate) fn values<'a>(storage: &'a Storage, t: &Tensor) -> Result<&'a [f32]> {
-    let start = t.layout().start_offset();
-    match storage {
-        Storage::Cpu(CpuStorage::F32(data)) if t.is_contiguous() => Ok(&data[start..start + t.elem_count()]),
-        _ => candle_core::bail!("expected a contiguous f32 CPU tensor"),
-    }
-}
-
-pub(super) fn gemm_parallelism() -> gemm::Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    }
-}
 
 /// xs (…, k) · weightᵀ (weight (n, k)) + bias: one gemm over all leading rows, the bias pre-filled.
 pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {

@@ -5,15 +5,11 @@
 //! CPU UNet step (9.4 of 17.8 s, 2026-11-26). The entropy probe's row statistics are taken from the
 //! same block buffers, so measuring never changes the output.
 
-use super::RowStats;
-use crate::models::layers::f32_values as values;
-use candle_core::{DType, Device, Result, Tensor};
+use super::values;
+use crate::attention::RowStats;
+use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
-
-pub fn applies(q: &Tensor) -> bool {
-    q.device().is_cpu() && q.dtype() == DType::F32
-}
 
 /// Query rows per block: about 1 MiB of scores, within 16 … 256 rows.
 fn block_rows(n_keys: usize) -> usize {
