@@ -15,7 +15,7 @@ use crate::models::unet::{UNet2DConditionModel, UNetConfig, UNetConfigFile};
 use crate::rng::{randn, TorchGenerator};
 use crate::scheduler::{DdimConfig, DdimScheduler};
 use crate::size::{PixelSize, TrainingSize};
-use crate::unet_step::{graphs_enabled, UNetStepper};
+use crate::unet_step::UNetStepper;
 use crate::weights::{read_json, ModelFiles};
 use anyhow::{anyhow, ensure, Context, Result};
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -108,6 +108,8 @@ pub struct Pipeline {
     decoder: Box<dyn LatentDecoder>,
     scheduler_config: DdimConfig,
     training: TrainingSize,
+    /// The kernels chosen at load; the session reads whether to capture CUDA graphs from it.
+    backends: Backends,
     device: Device,
     dtype: DType,
 }
@@ -156,7 +158,7 @@ impl Pipeline {
             UNet2DConditionModel::with_backends(files.unet_weights.var_builder(dtype, device)?, unet_config, &backends)
                 .with_context(|| format!("loading the UNet from {}", files.unet_weights.path().display()))?;
 
-        Ok(Self { text_encoder, unet, decoder, scheduler_config, training, device: device.clone(), dtype })
+        Ok(Self { text_encoder, unet, decoder, scheduler_config, training, backends, device: device.clone(), dtype })
     }
 
     /// The size the model was trained at (from its configs).
@@ -167,7 +169,7 @@ impl Pipeline {
     /// A rendering session: per-run state (on CUDA, the captured graph of the UNet step) lives as long
     /// as the session, so every batch of a run reuses it.
     pub fn session(&self) -> Session<'_> {
-        Session { pipeline: self, stepper: UNetStepper::new(&self.device, graphs_enabled(&self.device)), view_batch: 1 }
+        Session { pipeline: self, stepper: UNetStepper::new(&self.device, self.backends.cuda_graph), view_batch: 1 }
     }
 
     /// Stages 1–3 for one image, in a session of its own: the final latents, not yet decoded. With a
@@ -182,7 +184,7 @@ impl Pipeline {
     ) -> Result<Tensor> {
         let never = AtomicBool::new(false);
         // Measured runs read values back to the host every layer: always eager.
-        let mut stepper = UNetStepper::new(&self.device, probe.is_none() && graphs_enabled(&self.device));
+        let mut stepper = UNetStepper::new(&self.device, probe.is_none() && self.backends.cuda_graph);
         self.denoise_batch(&mut stepper, 1, std::slice::from_ref(request), on_event, &never, probe)
     }
 

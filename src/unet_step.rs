@@ -21,14 +21,9 @@ pub struct UNetStepper {
     graph: graph::State,
 }
 
-/// Whether CUDA graphs are wanted on `device` (the user can say no with `SDSCALE_CUDA_GRAPH=0`): the
-/// choice [`crate::backend::Backends::cuda_graph`] records.
-pub fn graphs_enabled(device: &Device) -> bool {
-    crate::backend::switches().is_ok_and(|switches| crate::backend::cuda_graph(device, switches))
-}
-
 impl UNetStepper {
-    /// `use_graph` only has an effect on CUDA builds and devices; see [`graphs_enabled`].
+    /// `use_graph` (the load-time choice [`crate::backend::Backends::cuda_graph`]; `SDSCALE_CUDA_GRAPH=0`
+    /// says no) only has an effect on CUDA builds and devices.
     pub fn new(device: &Device, use_graph: bool) -> Self {
         #[cfg(not(feature = "cuda"))]
         let _ = (device, use_graph);
