@@ -2,7 +2,7 @@
 # Behaviour-preserving refactors: renders the same images with the binary of a base commit and with the
 # working tree's, on the committed fixture model, and requires every PNG's pixels to be identical
 # (CPU, f32). Covers gen's reference cases (both modes, odd sizes, long prompts, guidance 1), resize,
-# batches and compare.
+# batches, MultiDiffusion (batched windows, the original rule) and compare. The base must know every mode used.
 #
 #   scripts/check_bit_identical.sh [BASE_COMMIT]      (default: HEAD~1)
 #
@@ -39,6 +39,10 @@ subprocess.run([bin, "gen", *common, "--prompt", "a red boat", "--width", "192",
 subprocess.run([bin, "gen", *common, "--prompt", "a red boat", "--num-images", "3", "--batch-size", "2",
                 "--width", "96", "--height", "160", "--mode", "entropy", "-o", f"{out}/batch-{{index}}.png"],
                check=True, capture_output=True)
+for name, extra in [("md-576x512", ["--width", "512", "--height", "576", "--view-batch", "2"]),
+                    ("md-original-224", ["--width", "224", "--height", "224", "--md-views", "original"])]:
+    subprocess.run([bin, "gen", *common, "--prompt", "a red boat", "--mode", "multidiffusion", *extra,
+                    "-o", f"{out}/{name}.png"], check=True, capture_output=True)
 subprocess.run([bin, "compare", "--model", model, "--steps", "3", "--seeds", "5,6", "--prompt", "a red boat",
                 "--width", "160", "--height", "160",
                 "-o", f"{out}/compare.png"], check=True, capture_output=True)

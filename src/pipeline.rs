@@ -10,7 +10,7 @@ use crate::attention::{AttentionObserver, AttentionScale};
 use crate::backend::Backends;
 use crate::entropy::EntropyProbe;
 use crate::family::{self, ClipTextEncoder, Family, LatentDecoder, SdVae, TextEncoder};
-use crate::mode::{Denoiser, RenderPlan, Views};
+use crate::mode::{Denoiser, RenderPlan, Views, Window};
 use crate::models::unet::{UNet2DConditionModel, UNetConfig, UNetConfigFile};
 use crate::rng::{randn, TorchGenerator};
 use crate::scheduler::{DdimConfig, DdimScheduler};
@@ -228,6 +228,7 @@ impl Pipeline {
         let started = std::time::Instant::now();
         let scheduler = DdimScheduler::new(&self.scheduler_config, first.steps)?;
         let total = scheduler.timesteps.len();
+        let mut view_layout: Option<ViewLayout> = None;
         for (index, &timestep) in scheduler.timesteps.iter().enumerate() {
             if cancel.load(Ordering::Relaxed) {
                 return Err(Interrupted.into());
@@ -243,8 +244,13 @@ impl Pipeline {
                     scheduler.step(&noise, timestep, &latents)?
                 }
                 Denoiser::Views(views) => {
-                    let step = ViewStep { views, timestep, prompt_embeds: &prompt_embeds, request: first, view_batch };
-                    self.multidiffusion_step(stepper, &scheduler, &latents, step, on_event)?
+                    // The windows, their coverage and the repeated embeddings are the same every step.
+                    if view_layout.is_none() {
+                        view_layout =
+                            Some(ViewLayout::new(views, &latents, &prompt_embeds, first.guided(), view_batch)?);
+                    }
+                    let layout = view_layout.as_ref().expect("set just above");
+                    self.multidiffusion_step(stepper, &scheduler, &latents, layout, timestep, first, on_event)?
                 }
             };
             on_event(Event::Step { index, total, timestep });
@@ -328,43 +334,31 @@ impl Pipeline {
     /// its order, `view_batch` windows per UNet call) crop the latents, run the guided UNet and the
     /// scheduler step on the crop, add the result into a running sum and a count; then latents =
     /// sum / count, in f32. Latents no window covers (a ragged edge) stay 0, as in diffusers.
+    #[allow(clippy::too_many_arguments)]
     fn multidiffusion_step(
         &self,
         stepper: &mut UNetStepper,
         scheduler: &DdimScheduler,
         latents: &Tensor,
-        step: ViewStep,
+        layout: &ViewLayout,
+        timestep: usize,
+        request: &GenerateRequest,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Tensor> {
-        let (batch, _, height, width) = latents.dims4()?;
-        let windows = step.views.windows(height, width);
+        let batch = latents.dim(0)?;
         let mut value = latents.zeros_like()?.to_dtype(DType::F32)?;
-        let mut count = value.clone();
-        let guided = step.request.guided();
-        // Windows of the same shape share UNet calls; the original rule's ragged windows go alone.
-        let mut start = 0;
-        while start < windows.len() {
-            let shape = |w: &crate::mode::Window| (w.rows.1 - w.rows.0, w.cols.1 - w.cols.0);
-            let mut end = start + 1;
-            while end < windows.len() && end - start < step.view_batch && shape(&windows[end]) == shape(&windows[start])
-            {
-                end += 1;
-            }
-            let group = &windows[start..end];
+        for (group, embeds) in layout.groups.iter().zip(&layout.embeds) {
             let crops = group.iter().map(|w| crop(latents, w)).collect::<Result<Vec<_>>>()?;
             let crops = Tensor::cat(&crops, 0)?; // (views·B, c, window, window), view-major
-            let embeds = repeat_embeddings(step.prompt_embeds, batch, group.len(), guided)?;
-            let noise = self.guided_noise(stepper, &crops, step.timestep, &embeds, step.request, None, on_event)?;
-            let denoised = scheduler.step(&noise, step.timestep, &crops)?.to_dtype(DType::F32)?;
+            let noise = self.guided_noise(stepper, &crops, timestep, embeds, request, None, on_event)?;
+            let denoised = scheduler.step(&noise, timestep, &crops)?.to_dtype(DType::F32)?;
             for (k, window) in group.iter().enumerate() {
                 let view = denoised.narrow(0, k * batch, batch)?;
-                add_window(&mut value, &mut count, &view, window)?;
+                add_window(&mut value, window, |_| Ok(view.clone()))?;
             }
-            start = end;
         }
-        let covered = count.gt(0f64)?;
-        let averaged = (&value / count.maximum(1f64)?)?;
-        Ok(covered.where_cond(&averaged, &value)?.to_dtype(latents.dtype())?)
+        let averaged = (&value / &layout.count_at_least_one)?;
+        Ok(layout.covered.where_cond(&averaged, &value)?.to_dtype(latents.dtype())?)
     }
 
     /// `torch.randn((1, c, h, w), generator=torch.Generator("cpu").manual_seed(seed))`, then moved to the
@@ -415,18 +409,45 @@ impl Pipeline {
     }
 }
 
-/// What one MultiDiffusion step needs besides the latents.
-struct ViewStep<'a> {
-    views: Views,
-    timestep: usize,
-    prompt_embeds: &'a Tensor,
-    request: &'a GenerateRequest,
-    view_batch: usize,
+/// What every MultiDiffusion step of a batch shares, built once: the windows in diffusers' order, cut
+/// into groups that go through the UNet together (same shape, at most `view_batch`), the prompt
+/// embeddings repeated for each group, and how many windows cover each latent.
+struct ViewLayout {
+    groups: Vec<Vec<Window>>,
+    embeds: Vec<Tensor>,
+    /// Latents some window covers; the rest stay at their running sum, 0, as in diffusers.
+    covered: Tensor,
+    /// The coverage count, with 1 where nothing covers (those entries are not used).
+    count_at_least_one: Tensor,
+}
+
+impl ViewLayout {
+    fn new(views: Views, latents: &Tensor, prompt_embeds: &Tensor, guided: bool, view_batch: usize) -> Result<Self> {
+        let (batch, _, height, width) = latents.dims4()?;
+        let shape = |w: &Window| (w.rows.1 - w.rows.0, w.cols.1 - w.cols.0);
+        let mut groups: Vec<Vec<Window>> = Vec::new();
+        for window in views.windows(height, width) {
+            match groups.last_mut() {
+                // The original rule's ragged windows differ in shape, so they go alone.
+                Some(group) if group.len() < view_batch && shape(&group[0]) == shape(&window) => group.push(window),
+                _ => groups.push(vec![window]),
+            }
+        }
+        let embeds = groups
+            .iter()
+            .map(|group| repeat_embeddings(prompt_embeds, batch, group.len(), guided))
+            .collect::<Result<_>>()?;
+        let mut count = latents.zeros_like()?.to_dtype(DType::F32)?;
+        for window in groups.iter().flatten() {
+            add_window(&mut count, window, |part| Ok(part.ones_like()?))?;
+        }
+        Ok(Self { groups, embeds, covered: count.gt(0f64)?, count_at_least_one: count.maximum(1f64)? })
+    }
 }
 
 /// The latents under a window: (B, c, rows, cols); a circular window that runs past the right edge
 /// continues from the left one.
-fn crop(latents: &Tensor, window: &crate::mode::Window) -> Result<Tensor> {
+fn crop(latents: &Tensor, window: &Window) -> Result<Tensor> {
     let width = latents.dim(3)?;
     let (row0, row1) = window.rows;
     let (col0, col1) = window.cols;
@@ -437,19 +458,18 @@ fn crop(latents: &Tensor, window: &crate::mode::Window) -> Result<Tensor> {
     Ok(Tensor::cat(&[rows.narrow(3, col0, width - col0)?, rows.narrow(3, 0, col1 - width)?], 3)?)
 }
 
-/// Adds a denoised window into the running sum and count, wrapping circular windows.
-fn add_window(value: &mut Tensor, count: &mut Tensor, view: &Tensor, window: &crate::mode::Window) -> Result<()> {
-    let width = value.dim(3)?;
+/// Adds `addend(region)` into `sum` under a window, wrapping circular windows: the denoised window into
+/// the running sum, or ones into the coverage count. `addend` gets the region it is added to (its shape).
+fn add_window(sum: &mut Tensor, window: &Window, addend: impl Fn(&Tensor) -> Result<Tensor>) -> Result<()> {
+    let width = sum.dim(3)?;
     let (row0, row1) = window.rows;
     let (col0, col1) = window.cols;
+    let full = addend(&sum.i((.., .., row0..row1, ..))?.narrow(3, 0, (col1 - col0).min(width))?)?;
     let mut add = |cols: std::ops::Range<usize>, from: usize| -> Result<()> {
-        let part = view.narrow(3, from, cols.len())?;
-        let ranges = [0..value.dim(0)?, 0..value.dim(1)?, row0..row1, cols.clone()];
-        let index = (.., .., row0..row1, cols);
-        let sum = (value.i(index.clone())? + &part)?;
-        *value = value.slice_assign(&ranges, &sum)?;
-        let counted = (count.i(index)? + 1.0)?;
-        *count = count.slice_assign(&ranges, &counted)?;
+        let part = full.narrow(3, from, cols.len())?;
+        let ranges = [0..sum.dim(0)?, 0..sum.dim(1)?, row0..row1, cols.clone()];
+        let added = (sum.i((.., .., row0..row1, cols))? + &part)?;
+        *sum = sum.slice_assign(&ranges, &added)?;
         Ok(())
     };
     if col1 <= width {
