@@ -6,10 +6,12 @@ use crate::cli::{
     Cli, Command, CompareArgs, CompareRequest, EntropyArgs, EntropyRequest, GenArgs, GenRequest, ImageSpec, InfoArgs,
     Shell,
 };
+use crate::device_memory::DeviceMemoryMeter;
 use crate::entropy::{self, EntropyProbe, Run};
 use crate::grid::{self, Layout};
+use crate::manifest::{ImageRecord, Manifest};
 use crate::metadata::{self, GridCell, GridMetadata, ImageMetadata, TOOL, VERSION};
-use crate::mode::Mode;
+use crate::mode::{Denoiser, Mode};
 use crate::output::{self, Fields};
 use crate::pipeline::{self, Event, GenerateRequest, Interrupted, Pipeline};
 use crate::plan::{self, PlannedImage};
@@ -203,17 +205,24 @@ fn image_metadata(planned: &PlannedImage, model: &Model) -> ImageMetadata {
         device: model.device.clone(),
         train_size: (model.training.pixels.width, model.training.pixels.height),
         render_size: planned.render.resize_to.map(|_| (planned.render.render.width, planned.render.render.height)),
+        md_views: match planned.render.denoiser {
+            Denoiser::Views(views) => Some(views.rule),
+            Denoiser::Whole => None,
+        },
+        circular: matches!(planned.render.denoiser, Denoiser::Views(views) if views.circular),
+        seconds: None,
+        peak_device_mib: None,
     }
 }
 
-/// Refuses, before any work: two images with one name, and files that exist (unless `overwrite`;
-/// with `skip_existing` they are dropped from the plan). Creates missing folders.
-fn check_outputs(plan: Vec<PlannedImage>, overwrite: bool, skip_existing: bool) -> Result<Vec<PlannedImage>> {
-    for planned in &plan {
+/// Refuses, before any work, what no image of the plan can be: a size its mode cannot render, two
+/// images with one name.
+fn check_plan(plan: &[PlannedImage]) -> Result<()> {
+    for planned in plan {
         planned.render.check().map_err(bad_input)?;
     }
     let mut seen: HashMap<PathBuf, usize> = HashMap::new();
-    for planned in &plan {
+    for planned in plan {
         if let Some(other) = seen.insert(output::same_file_key(&planned.path), planned.index) {
             return Err(bad_input(anyhow!(
                 "images {other} and {} would both be written to {}; put {{index}} or {{seed}} in -o",
@@ -222,6 +231,12 @@ fn check_outputs(plan: Vec<PlannedImage>, overwrite: bool, skip_existing: bool) 
             )));
         }
     }
+    Ok(())
+}
+
+/// Refuses files that exist (unless `overwrite`; with `skip_existing` they are dropped from the
+/// plan).
+fn keep_writable(plan: Vec<PlannedImage>, overwrite: bool, skip_existing: bool) -> Result<Vec<PlannedImage>> {
     let mut kept = Vec::with_capacity(plan.len());
     let mut skipped = 0;
     for planned in plan {
@@ -267,14 +282,24 @@ impl Outcome {
     }
 }
 
+/// What one image cost to make.
+#[derive(Debug, Clone, Copy)]
+struct ImageCost {
+    /// Its batch's wall-clock seconds (text encoding to decoded pixels) over the batch's images.
+    seconds: f64,
+    /// Peak device memory while its batch ran (CUDA only).
+    peak_device_mib: Option<f64>,
+}
+
 /// Renders the plan in batches of images that can share UNet calls, handing each finished image
-/// (at its final size) to `finish` with its per-image seconds. Stops between steps on Ctrl-C.
+/// (at its final size) to `finish` with what it cost. Stops between steps on Ctrl-C.
 fn render(
     model: &Model,
     plan: &[PlannedImage],
     batch_size: usize,
     view_batch: usize,
-    mut finish: impl FnMut(&PlannedImage, RgbImage, f64) -> Result<()>,
+    meter: &DeviceMemoryMeter,
+    mut finish: impl FnMut(&PlannedImage, RgbImage, ImageCost) -> Result<()>,
 ) -> Outcome {
     let batches = plan::batches(plan, batch_size);
     let progress = Progress::new(plan.len());
@@ -288,6 +313,7 @@ fn render(
         }
         let requests: Vec<GenerateRequest> = batch.iter().map(|p| p.generate_request()).collect();
         progress.start_batch(batch, requests[0].steps);
+        meter.reset();
         let started = Instant::now();
         let result = session.generate_batch(&requests, &mut |event| progress.event(event), &STOP);
         let images = match result {
@@ -303,9 +329,10 @@ fn render(
             }
         };
         let seconds = started.elapsed().as_secs_f64() / batch.len() as f64;
+        let cost = ImageCost { seconds: (seconds * 1000.0).round() / 1000.0, peak_device_mib: meter.peak_mib() };
         for (planned, image) in batch.iter().zip(images) {
             // Suspending the bars keeps stdout's lines whole when both streams share a terminal.
-            match progress.suspend(|| finish(planned, image, seconds)) {
+            match progress.suspend(|| finish(planned, image, cost)) {
                 Ok(()) => outcome.written += 1,
                 Err(err) if is_broken_pipe(&err) => {
                     // Whoever read stdout is gone: stop quietly, everything written so far is whole.
@@ -406,11 +433,7 @@ impl Progress {
 // ---- gen ----------------------------------------------------------------------------------------
 
 fn gen(args: GenArgs) -> Result<()> {
-    let multidiffusion = args.multidiffusion.clone();
     let request = GenRequest::try_from(args).map_err(bad_input)?;
-    let modes: Vec<Mode> = request.images.iter().map(|spec| spec.mode).collect();
-    let options = multidiffusion.options(&modes).map_err(bad_input)?;
-    let view_batch = multidiffusion.view_batch;
     if let Some(seed) = request.random_seed {
         eprintln!("sdscale: seed {seed} (pass --seed {seed} to reproduce)");
     }
@@ -419,7 +442,7 @@ fn gen(args: GenArgs) -> Result<()> {
         request.images.iter().cloned(),
         training.pixels,
         scale_training(&request.model, training),
-        options,
+        request.mode_options,
         |index, spec, size| {
             request.output.render(&Fields {
                 index,
@@ -428,40 +451,75 @@ fn gen(args: GenArgs) -> Result<()> {
                 width: size.width,
                 height: size.height,
                 prompt: &spec.prompt,
+                prompt_index: spec.prompt_index,
+                image: spec.image_index,
             })
         },
     );
+    // The whole run is checked in every shard, so all shards refuse the same mistakes.
+    check_plan(&plan)?;
+    let plan = match &request.shard {
+        None => plan,
+        Some((shard, how)) => {
+            let costs: Vec<f64> = plan.iter().map(PlannedImage::cost).collect();
+            let total = plan.len();
+            let mine: Vec<PlannedImage> =
+                plan.into_iter().zip(shard.select(&costs)).filter(|(_, mine)| *mine).map(|(p, _)| p).collect();
+            eprintln!(
+                "sdscale: shard {} of {} ({how}): {} of the run's {total} images",
+                shard.index,
+                shard.count,
+                mine.len()
+            );
+            mine
+        }
+    };
     let total = plan.len();
-    let plan = check_outputs(plan, request.overwrite, request.skip_existing)?;
+    let plan = keep_writable(plan, request.overwrite, request.skip_existing)?;
     if plan.is_empty() {
         eprintln!("sdscale: nothing to do: all {total} images exist");
         return Ok(());
     }
+    let mut manifest = request.manifest.as_deref().map(Manifest::open).transpose().map_err(bad_input)?;
 
+    let meter = DeviceMemoryMeter::start(&request.model.device);
     let model = load_model(&request.model, &files, training)?;
     install_stop_handler();
-    let outcome = render(&model, &plan, request.model.batch_size, view_batch, |planned, image, seconds| {
-        let metadata = image_metadata(planned, &model);
-        output::write_png(&planned.path, &image, &metadata.text_chunks(), request.overwrite)?;
-        if request.json {
-            let line = serde_json::json!({
-                "path": planned.path,
-                "prompt": metadata.prompt,
-                "negative_prompt": metadata.negative_prompt,
-                "seed": metadata.seed,
-                "width": metadata.width,
-                "height": metadata.height,
-                "steps": metadata.steps,
-                "guidance": metadata.guidance,
-                "mode": metadata.mode,
-                "model": metadata.model,
-                "seconds": (seconds * 1000.0).round() / 1000.0,
-            });
-            print_line(&line.to_string())
-        } else {
-            output::print_path(&planned.path)
-        }
-    });
+    let outcome =
+        render(&model, &plan, request.model.batch_size, request.view_batch, &meter, |planned, image, cost| {
+            let record = ImageRecord {
+                path: planned.path.clone(),
+                prompt: planned.spec.prompt.clone(),
+                negative_prompt: planned.spec.negative_prompt.clone(),
+                seed: planned.spec.seed,
+                width: planned.size.width,
+                height: planned.size.height,
+                steps: planned.spec.steps,
+                guidance: planned.spec.guidance,
+                mode: planned.spec.mode,
+                model: model.name.clone(),
+                seconds: cost.seconds,
+                peak_device_mib: cost.peak_device_mib,
+                prompt_index: planned.spec.prompt_index,
+                image_index: planned.spec.image_index,
+            };
+            let mut metadata = image_metadata(planned, &model);
+            match &mut manifest {
+                // Recorded first: a kill before the PNG is published leaves a record without a file,
+                // which readers skip and --skip-existing remakes, never a file without a record.
+                Some(manifest) => manifest.append(&record)?,
+                None => {
+                    metadata.seconds = Some(cost.seconds);
+                    metadata.peak_device_mib = cost.peak_device_mib;
+                }
+            }
+            output::write_png(&planned.path, &image, &metadata.text_chunks(), request.overwrite)?;
+            if request.json {
+                print_line(&serde_json::to_string(&record).expect("plain data"))
+            } else {
+                output::print_path(&planned.path)
+            }
+        });
     outcome.into_result(plan.len())
 }
 
@@ -495,11 +553,13 @@ fn compare(args: CompareArgs) -> Result<()> {
 
     // Row by row (seed), column by column (mode): {index} order is the grid's reading order.
     let (prompt, negative_prompt) = (&request.prompt, &request.negative_prompt);
-    let specs = request.seeds.iter().flat_map(|&seed| {
+    let specs = request.seeds.iter().enumerate().flat_map(|(row, &seed)| {
         request.modes.iter().map(move |&mode| ImageSpec {
             prompt: prompt.clone(),
             negative_prompt: negative_prompt.clone(),
             seed,
+            prompt_index: 0,
+            image_index: row,
             width: Some(width),
             height: Some(height),
             steps: request.steps,
@@ -510,16 +570,18 @@ fn compare(args: CompareArgs) -> Result<()> {
     let plan = plan::plan(specs, training.pixels, scale_training(&request.model, training), options, |_, spec, _| {
         folder.join(format!("{stem}.{}.seed{}.png", spec.mode.as_str(), spec.seed))
     });
-    let plan = check_outputs(plan, request.overwrite, false)?;
+    check_plan(&plan)?;
+    let plan = keep_writable(plan, request.overwrite, false)?;
     output::check_output(&grid_path, request.overwrite).map_err(bad_input)?;
     if request.html {
         output::check_output(&html_path, request.overwrite).map_err(bad_input)?;
     }
 
+    let meter = DeviceMemoryMeter::start(&request.model.device);
     let model = load_model(&request.model, &files, training)?;
     install_stop_handler();
     let mut images: HashMap<usize, RgbImage> = HashMap::new();
-    let outcome = render(&model, &plan, request.model.batch_size, view_batch, |planned, image, _| {
+    let outcome = render(&model, &plan, request.model.batch_size, view_batch, &meter, |planned, image, _| {
         output::write_png(&planned.path, &image, &image_metadata(planned, &model).text_chunks(), request.overwrite)?;
         output::print_path(&planned.path)?;
         images.insert(planned.index, image);

@@ -8,6 +8,7 @@
 use crate::metadata::{self, Found};
 use crate::mode::{Mode, ModeOptions, ViewRule};
 use crate::output::{check_png_name, Template};
+use crate::shard::Shard;
 use crate::weights::ModelSource;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device};
@@ -112,8 +113,9 @@ pub struct BatchArgs {
 pub struct MultiDiffusionArgs {
     /// MultiDiffusion's windows: `diffusers` (its panorama pipeline; one window per side of at most
     /// 512 px) or `original` (omerbt/MultiDiffusion's rule, which the paper's 224² MD row used).
-    #[arg(long, value_enum, default_value = "diffusers", value_name = "RULE")]
-    pub md_views: ViewRule,
+    /// [default: diffusers, or what a `gen --from` image stored]
+    #[arg(long, value_enum, value_name = "RULE")]
+    pub md_views: Option<ViewRule>,
 
     /// MultiDiffusion panorama that wraps around horizontally (height at most 512 px: one row of windows).
     #[arg(long)]
@@ -128,10 +130,10 @@ impl MultiDiffusionArgs {
     /// The options, checked against the modes they would apply to.
     pub fn options(&self, modes: &[Mode]) -> Result<ModeOptions> {
         let applies = modes.contains(&Mode::Multidiffusion);
-        if !applies && (self.circular || self.md_views != ViewRule::Diffusers || self.view_batch != 1) {
+        if !applies && (self.circular || self.md_views.is_some() || self.view_batch != 1) {
             let flag = match (self.circular, self.md_views) {
                 (true, _) => "--circular",
-                (false, ViewRule::Original) => "--md-views",
+                (false, Some(_)) => "--md-views",
                 _ => "--view-batch",
             };
             bail!("{flag} applies to --mode multidiffusion only; add that mode or drop the flag");
@@ -139,7 +141,7 @@ impl MultiDiffusionArgs {
         if self.view_batch == 0 || self.view_batch > 64 {
             bail!("--view-batch {} is out of range; use 1 to 64", self.view_batch);
         }
-        Ok(ModeOptions { views: self.md_views, circular: self.circular })
+        Ok(ModeOptions { views: self.md_views.unwrap_or_default(), circular: self.circular })
     }
 }
 
@@ -171,6 +173,11 @@ pub struct GenArgs {
     #[arg(long)]
     pub height: Option<usize>,
 
+    /// Every prompt at each of these sizes: a comma-separated list of N (N×N) or WxH, e.g.
+    /// 224,512,768 (a prompt-file line that sets its own size keeps it).
+    #[arg(long, value_delimiter = ',', value_name = "LIST", conflicts_with_all = ["width", "height"])]
+    pub sizes: Vec<String>,
+
     /// DDIM denoising steps [default: 50].
     #[arg(long)]
     pub steps: Option<usize>,
@@ -180,7 +187,7 @@ pub struct GenArgs {
     pub guidance: Option<f64>,
 
     /// Seed for the initial noise, 0..=4294967295, same meaning as torch.Generator("cpu").manual_seed;
-    /// a prompt's image i uses seed + i [default: random, printed on stderr].
+    /// a prompt's image i uses seed + i, at every size and mode [default: random, printed on stderr].
     #[arg(long)]
     pub seed: Option<u64>,
 
@@ -196,9 +203,16 @@ pub struct GenArgs {
     #[arg(long, conflicts_with = "mode")]
     pub entropy_scale: bool,
 
+    /// Every image in each of these modes, e.g. default,entropy (a prompt-file line that sets its own
+    /// mode keeps it).
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "LIST", conflicts_with_all = ["mode", "entropy_scale"])]
+    pub modes: Vec<Mode>,
+
     /// Output PNG path or template: {index} (the image's number in the run, from 0), {seed}, {mode},
-    /// {width}, {height}, {prompt} (a file-name-safe slug); numbers take widths as in {index:04}.
-    /// Missing folders are created [default: {prompt}-{seed}-{mode}.png].
+    /// {width}, {height}, {prompt} (a file-name-safe slug), {prompt_index} (its prompt's line among
+    /// the prompts, from 0), {image} (its number among the prompt's --num-images, from 0); numbers
+    /// take widths as in {index:04}. Missing folders are created [default:
+    /// {prompt}-{seed}-{mode}.png, with -{width}x{height} before -{mode} when --sizes lists several].
     #[arg(long, short = 'o', value_name = "FILE|TEMPLATE")]
     pub output: Option<String>,
 
@@ -213,6 +227,23 @@ pub struct GenArgs {
     /// Print one JSON object per written image on stdout instead of its path.
     #[arg(long)]
     pub json: bool,
+
+    /// Append one JSON line per image (prompt, seed, size, mode, model, path, seconds, peak device
+    /// MiB) to FILE, the record `sdscale eval` reads. With a manifest the timings live there and not
+    /// in the PNGs, so each PNG depends on its settings alone. Sharded runs need one file per shard:
+    /// put {shard} in the name.
+    #[arg(long, value_name = "FILE", help_heading = "Experiments and clusters")]
+    pub manifest: Option<PathBuf>,
+
+    /// Make only the K-th (from 0) of N disjoint parts of the run; all N together make exactly the
+    /// unsharded run's files. Without it a Slurm array task or a Kubernetes Indexed Job picks its
+    /// part from its environment.
+    #[arg(long, value_name = "K/N", help_heading = "Experiments and clusters")]
+    pub shard: Option<String>,
+
+    /// N for a Kubernetes Indexed Job ($JOB_COMPLETION_INDEX gives K) [default: $SDSCALE_SHARDS].
+    #[arg(long, value_name = "N", conflicts_with = "shard", help_heading = "Experiments and clusters")]
+    pub shards: Option<usize>,
 
     #[command(flatten)]
     pub model: ModelArgs,
@@ -357,6 +388,10 @@ pub struct ImageSpec {
     pub prompt: String,
     pub negative_prompt: String,
     pub seed: u32,
+    /// The image's identity in the run's grid: its prompt (line of the prompt file, from 0) and its
+    /// number among that prompt's `--num-images` (from 0; the seed is the base seed plus this).
+    pub prompt_index: usize,
+    pub image_index: usize,
     pub width: Option<usize>,
     pub height: Option<usize>,
     pub steps: usize,
@@ -374,6 +409,13 @@ pub struct GenRequest {
     pub overwrite: bool,
     pub skip_existing: bool,
     pub json: bool,
+    pub mode_options: ModeOptions,
+    /// MultiDiffusion windows per UNet call.
+    pub view_batch: usize,
+    /// Where each image's record is appended (`{shard}` already filled in).
+    pub manifest: Option<PathBuf>,
+    /// This process's part of the run, and what chose it (for stderr).
+    pub shard: Option<(Shard, String)>,
     pub model: ModelRequest,
 }
 
@@ -421,6 +463,12 @@ struct Settings {
     _model: Option<serde_json::Value>,
     #[serde(default, rename = "seconds")]
     _seconds: Option<serde_json::Value>,
+    #[serde(default, rename = "peak_device_mib")]
+    _peak_device_mib: Option<serde_json::Value>,
+    #[serde(default, rename = "prompt_index")]
+    _prompt_index: Option<serde_json::Value>,
+    #[serde(default, rename = "image_index")]
+    _image_index: Option<serde_json::Value>,
 }
 
 impl Settings {
@@ -503,16 +551,24 @@ impl TryFrom<GenArgs> for GenRequest {
         let mut model_name = args.model.model.clone();
         let mut revision = args.model.revision.clone();
         let mut train_size = args.model.train_size.as_deref().map(parse_size).transpose()?;
+        let mut multidiffusion = args.multidiffusion.clone();
         let base = match &args.from {
             None => Settings::default(),
             Some(path) => {
-                let (settings, model, from_revision, from_train) = settings_from_image(path)?;
+                let from = settings_from_image(path)?;
                 if model_name.is_none() {
-                    model_name = model;
-                    revision = revision.or(from_revision);
+                    model_name = from.model;
+                    revision = revision.or(from.revision);
                 }
-                train_size = train_size.or(from_train);
-                settings
+                train_size = train_size.or(from.train_size);
+                // MultiDiffusion's options as stored, unless a flag sets them.
+                let mut md = args.multidiffusion.clone();
+                if let Some((views, circular)) = from.multidiffusion {
+                    md.md_views = md.md_views.or(Some(views));
+                    md.circular |= circular;
+                }
+                multidiffusion = md;
+                from.settings
             }
         };
         let defaults = flags.over(&base);
@@ -536,30 +592,54 @@ impl TryFrom<GenArgs> for GenRequest {
             None => vec![(String::new(), Settings::default())],
             Some(spec) => read_prompt_file(spec)?,
         };
+        // The grid: each prompt × image × size × mode, in that order (`{index}` counts in it). A line
+        // that sets its own size or mode keeps it; --sizes and --modes replace what --from stored.
+        let sizes = parse_size_list("--sizes", &args.sizes)?;
+        for (i, mode) in args.modes.iter().enumerate() {
+            if args.modes[..i].contains(mode) {
+                bail!("--modes: {} is listed twice", mode.as_str());
+            }
+        }
         let mut images = Vec::new();
-        for (location, line) in lines {
+        for (prompt_index, (location, line)) in lines.into_iter().enumerate() {
+            let line_sizes = if line.width.is_some() || line.height.is_some() || sizes.is_empty() {
+                let settings = line.clone().over(&defaults);
+                vec![(settings.width, settings.height)]
+            } else {
+                sizes.iter().map(|&(w, h)| (Some(w), Some(h))).collect()
+            };
+            let line_modes: Vec<Mode> = match (&line.mode, args.modes.is_empty()) {
+                (None, false) => args.modes.clone(),
+                _ => vec![line.clone().over(&defaults).mode.as_deref().and_then(Mode::parse).unwrap_or(Mode::Default)],
+            };
             let settings = line.over(&defaults);
             let context = |e: anyhow::Error| if location.is_empty() { e } else { e.context(location.clone()) };
             let prompt = settings.prompt.clone().ok_or_else(|| anyhow!("no prompt")).map_err(context)?;
             let base_seed = seed_or_random(settings.seed);
-            for i in 0..args.num_images {
-                let seed = base_seed + i as u64;
+            for image_index in 0..args.num_images {
+                let seed = base_seed + image_index as u64;
                 let seed = check_seed("seed", seed)
-                    .with_context(|| format!("seed {base_seed} + image {i} (--num-images) passes 4294967295"))
+                    .with_context(|| format!("seed {base_seed} + image {image_index} (--num-images) passes 4294967295"))
                     .map_err(context)?;
-                images.push(ImageSpec {
-                    prompt: prompt.clone(),
-                    negative_prompt: settings.negative_prompt.clone().unwrap_or_default(),
-                    seed,
-                    width: settings.width,
-                    height: settings.height,
-                    steps: settings.steps.unwrap_or(DEFAULT_STEPS),
-                    guidance: settings.guidance.unwrap_or(DEFAULT_GUIDANCE),
-                    mode: settings.mode.as_deref().and_then(Mode::parse).unwrap_or(Mode::Default),
-                });
-            }
-            if images.len() > MAX_IMAGES {
-                bail!("the run would make more than {MAX_IMAGES} images");
+                for &(width, height) in &line_sizes {
+                    for &mode in &line_modes {
+                        images.push(ImageSpec {
+                            prompt: prompt.clone(),
+                            negative_prompt: settings.negative_prompt.clone().unwrap_or_default(),
+                            seed,
+                            prompt_index,
+                            image_index,
+                            width,
+                            height,
+                            steps: settings.steps.unwrap_or(DEFAULT_STEPS),
+                            guidance: settings.guidance.unwrap_or(DEFAULT_GUIDANCE),
+                            mode,
+                        });
+                    }
+                }
+                if images.len() > MAX_IMAGES {
+                    bail!("the run would make more than {MAX_IMAGES} images (prompts × --num-images × sizes × modes)");
+                }
             }
         }
         if images.is_empty() {
@@ -568,29 +648,58 @@ impl TryFrom<GenArgs> for GenRequest {
 
         let output = match &args.output {
             Some(text) => Template::parse(text).with_context(|| format!("-o {text}"))?,
+            None if sizes.len() > 1 => Template::parse("{prompt}-{seed}-{width}x{height}-{mode}.png").expect("valid"),
             None => Template::parse("{prompt}-{seed}-{mode}.png").expect("valid"),
         };
+        let shard = Shard::choose(args.shard.as_deref(), args.shards, |name| std::env::var(name).ok())?;
+        let manifest = match (args.manifest, &shard) {
+            (Some(path), Some((shard, _))) => {
+                let text = path.to_string_lossy();
+                if !text.contains("{shard}") {
+                    bail!(
+                        "--manifest {text}: each shard needs its own manifest; put {{shard}} in the name, \
+                         e.g. out/manifest-{{shard}}.jsonl"
+                    );
+                }
+                Some(PathBuf::from(text.replace("{shard}", &shard.index.to_string())))
+            }
+            (manifest, _) => manifest,
+        };
+        let modes: Vec<Mode> = images.iter().map(|spec| spec.mode).collect();
+        let mode_options = multidiffusion.options(&modes)?;
         let model = model_request(&args.model, args.batch.batch_size, model_name, revision, train_size)?;
         Ok(Self {
             images,
+            mode_options,
+            view_batch: multidiffusion.view_batch,
             random_seed,
             output,
             overwrite: args.overwrite,
             skip_existing: args.skip_existing,
             json: args.json,
+            manifest,
+            shard,
             model,
         })
     }
 }
 
 /// Settings, model, revision and training size stored in a PNG's metadata.
-type FromImage = (Settings, Option<String>, Option<String>, Option<(usize, usize)>);
+struct FromImage {
+    settings: Settings,
+    model: Option<String>,
+    revision: Option<String>,
+    train_size: Option<(usize, usize)>,
+    /// MultiDiffusion's window rule and wrap-around, for an image made in that mode.
+    multidiffusion: Option<(ViewRule, bool)>,
+}
 
 fn settings_from_image(path: &Path) -> Result<FromImage> {
     let found = metadata::read_image_metadata(path).context("--from")?;
     Ok(match found {
-        Found::Sdscale(meta) => (
-            Settings {
+        Found::Sdscale(meta) => FromImage {
+            multidiffusion: meta.md_views.map(|views| (views, meta.circular)),
+            settings: Settings {
                 prompt: Some(meta.prompt),
                 negative_prompt: Some(meta.negative_prompt),
                 seed: Some(meta.seed.into()),
@@ -601,12 +710,12 @@ fn settings_from_image(path: &Path) -> Result<FromImage> {
                 mode: Some(meta.mode.as_str().into()),
                 ..Settings::default()
             },
-            Some(meta.model),
-            meta.revision,
-            Some(meta.train_size),
-        ),
-        Found::Parameters(params) => (
-            Settings {
+            model: Some(meta.model),
+            revision: meta.revision,
+            train_size: Some(meta.train_size),
+        },
+        Found::Parameters(params) => FromImage {
+            settings: Settings {
                 prompt: Some(params.prompt),
                 negative_prompt: Some(params.negative_prompt),
                 seed: params.seed,
@@ -617,10 +726,11 @@ fn settings_from_image(path: &Path) -> Result<FromImage> {
                 mode: params.mode.map(|m| m.as_str().into()),
                 ..Settings::default()
             },
-            params.model,
-            None,
-            None,
-        ),
+            model: params.model,
+            revision: None,
+            train_size: None,
+            multidiffusion: None,
+        },
     })
 }
 
@@ -734,19 +844,7 @@ impl TryFrom<EntropyArgs> for EntropyRequest {
     type Error = anyhow::Error;
 
     fn try_from(args: EntropyArgs) -> Result<Self> {
-        let mut sizes = Vec::new();
-        for text in &args.sizes {
-            let size = match text.trim().parse::<usize>() {
-                Ok(side) => {
-                    validate_side("--sizes", side)?;
-                    (side, side)
-                }
-                Err(_) => parse_size_flag("--sizes", text)?,
-            };
-            if !sizes.contains(&size) {
-                sizes.push(size);
-            }
-        }
+        let sizes = parse_size_list("--sizes", &args.sizes)?;
         let flags = Settings { steps: Some(args.steps), guidance: Some(args.guidance), ..Settings::default() };
         flags.validate(|key| format!("--{key}"))?;
         let mut at = Vec::new();
@@ -833,6 +931,24 @@ fn validate_side(name: &str, value: usize) -> Result<()> {
 /// "WxH" → (width, height), each a valid side.
 fn parse_size(text: &str) -> Result<(usize, usize)> {
     parse_size_flag("--train-size", text)
+}
+
+/// A comma-separated list's items, each N (N×N) or WxH, checked; each size kept once, in order.
+fn parse_size_list(flag: &str, items: &[String]) -> Result<Vec<(usize, usize)>> {
+    let mut sizes = Vec::new();
+    for text in items {
+        let size = match text.trim().parse::<usize>() {
+            Ok(side) => {
+                validate_side(flag, side)?;
+                (side, side)
+            }
+            Err(_) => parse_size_flag(flag, text)?,
+        };
+        if !sizes.contains(&size) {
+            sizes.push(size);
+        }
+    }
+    Ok(sizes)
 }
 
 /// "WxH" → (width, height), each a valid side; `flag` names the option in errors.

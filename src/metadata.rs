@@ -4,7 +4,7 @@
 //! and `sdscale`, the same as JSON plus what reproduction needs (tool version, model revision, dtype,
 //! device, the render size of `resize`). `sdscale info` prints them; `gen --from` starts from them.
 
-use crate::mode::Mode;
+use crate::mode::{Mode, ViewRule};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -35,6 +35,18 @@ pub struct ImageMetadata {
     /// `resize` only: the size the UNet actually ran at before the Lanczos3 resize to width × height.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub render_size: Option<(usize, usize)>,
+    /// `multidiffusion` only: the window rule and wrap-around, so `gen --from` remakes the same image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub md_views: Option<ViewRule>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub circular: bool,
+    /// What this image cost: seconds (its batch's time over its images) and, on CUDA, the peak device
+    /// memory in MiB while it was made. Left out when the run wrote a manifest, where they are kept
+    /// instead, so that such PNGs depend on their settings alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_device_mib: Option<f64>,
 }
 
 /// The `sdscale` chunk of a `compare` grid: the run's settings and where each cell sits.
@@ -257,6 +269,10 @@ mod tests {
             device: "cpu".into(),
             train_size: (512, 512),
             render_size: Some((608, 432)),
+            md_views: None,
+            circular: false,
+            seconds: Some(3.25),
+            peak_device_mib: None,
         }
     }
 
@@ -279,6 +295,14 @@ mod tests {
     fn json_uses_the_mode_words() {
         let json = serde_json::to_value(sample()).unwrap();
         assert_eq!(json["mode"], "resize");
-        assert_eq!(serde_json::from_value::<ImageMetadata>(json).unwrap(), sample());
+        assert_eq!(serde_json::from_value::<ImageMetadata>(json.clone()).unwrap(), sample());
+        // What only some images have is left out, and older files without these keys still read.
+        assert_eq!(json["seconds"], 3.25);
+        for absent in ["md_views", "circular", "peak_device_mib"] {
+            assert!(json.get(absent).is_none(), "{absent}");
+        }
+        let mut old = json;
+        old.as_object_mut().unwrap().remove("seconds");
+        assert_eq!(serde_json::from_value::<ImageMetadata>(old).unwrap().seconds, None);
     }
 }

@@ -167,7 +167,7 @@ pub fn check_png_name(flag: Option<&str>, path: &Path) -> Result<()> {
 pub const SLUG_LEN: usize = 60;
 
 /// An output name with placeholders: `{index}`, `{seed}`, `{mode}`, `{width}`, `{height}`,
-/// `{prompt}`; numbers take a width (`{index:04}` zero-pads, `{index:4}` too: spaces in file names
+/// `{prompt}`, `{prompt_index}`, `{image}`; numbers take a width (`{index:04}` zero-pads, `{index:4}` too: spaces in file names
 /// help nobody). `{{` and `}}` are literal braces.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Template {
@@ -188,6 +188,8 @@ enum Field {
     Width,
     Height,
     Prompt,
+    PromptIndex,
+    Image,
 }
 
 /// The values one image gives a template.
@@ -198,6 +200,9 @@ pub struct Fields<'a> {
     pub width: usize,
     pub height: usize,
     pub prompt: &'a str,
+    /// The prompt's position among the run's prompts, and the image's among that prompt's images.
+    pub prompt_index: usize,
+    pub image: usize,
 }
 
 impl Template {
@@ -226,7 +231,9 @@ impl Template {
                         "width" => Field::Width,
                         "height" => Field::Height,
                         "prompt" => Field::Prompt,
-                        _ => bail!("unknown placeholder {{{spec}}}; use {{index}}, {{seed}}, {{mode}}, {{width}}, {{height}} or {{prompt}} (write {{{{ for a literal brace)"),
+                        "prompt_index" => Field::PromptIndex,
+                        "image" => Field::Image,
+                        _ => bail!("unknown placeholder {{{spec}}}; use {{index}}, {{seed}}, {{mode}}, {{width}}, {{height}}, {{prompt}}, {{prompt_index}} or {{image}} (write {{{{ for a literal brace)"),
                     };
                     let width = match width {
                         "" => 0,
@@ -262,6 +269,8 @@ impl Template {
                         Field::Height => number(fields.height as u64),
                         Field::Mode => fields.mode.to_string(),
                         Field::Prompt => slug(fields.prompt, SLUG_LEN),
+                        Field::PromptIndex => number(fields.prompt_index as u64),
+                        Field::Image => number(fields.image as u64),
                     });
                 }
             }
@@ -297,13 +306,24 @@ mod tests {
     }
 
     fn fields() -> Fields<'static> {
-        Fields { index: 7, seed: 42, mode: "entropy", width: 224, height: 160, prompt: "A corgi, on a beach!" }
+        Fields {
+            index: 7,
+            seed: 42,
+            mode: "entropy",
+            width: 224,
+            height: 160,
+            prompt: "A corgi, on a beach!",
+            prompt_index: 3,
+            image: 1,
+        }
     }
 
     #[test]
     fn templates_fill_placeholders_with_widths() {
         let template = Template::parse("out/{index:04}-{seed}-{mode}-{width}x{height}-{prompt}.png").unwrap();
         assert_eq!(template.render(&fields()), Path::new("out/0007-42-entropy-224x160-a-corgi-on-a-beach.png"));
+        let grid = Template::parse("{width}/{mode}/{prompt_index:03}-{image}.png").unwrap();
+        assert_eq!(grid.render(&fields()), Path::new("224/entropy/003-1.png"));
         let plain = Template::parse("{{x}}.png").unwrap();
         assert_eq!(plain.render(&fields()), Path::new("{x}.png"));
     }

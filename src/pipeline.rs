@@ -354,7 +354,7 @@ impl Pipeline {
             let denoised = scheduler.step(&noise, timestep, &crops)?.to_dtype(DType::F32)?;
             for (k, window) in group.iter().enumerate() {
                 let view = denoised.narrow(0, k * batch, batch)?;
-                add_window(&mut value, window, |_| Ok(view.clone()))?;
+                add_window(&mut value, window, &view)?;
             }
         }
         let averaged = (&value / &layout.count_at_least_one)?;
@@ -424,7 +424,7 @@ struct ViewLayout {
 impl ViewLayout {
     fn new(views: Views, latents: &Tensor, prompt_embeds: &Tensor, guided: bool, view_batch: usize) -> Result<Self> {
         let (batch, _, height, width) = latents.dims4()?;
-        let shape = |w: &Window| (w.rows.1 - w.rows.0, w.cols.1 - w.cols.0);
+        let shape = |w: &Window| (w.rows.1 - w.rows.0, window_columns(w, width).iter().map(|c| c.len()).sum::<usize>());
         let mut groups: Vec<Vec<Window>> = Vec::new();
         for window in views.windows(height, width) {
             match groups.last_mut() {
@@ -439,45 +439,53 @@ impl ViewLayout {
             .collect::<Result<_>>()?;
         let mut count = latents.zeros_like()?.to_dtype(DType::F32)?;
         for window in groups.iter().flatten() {
-            add_window(&mut count, window, |part| Ok(part.ones_like()?))?;
+            let ones = crop(&count, window)?.ones_like()?;
+            add_window(&mut count, window, &ones)?;
         }
         Ok(Self { groups, embeds, covered: count.gt(0f64)?, count_at_least_one: count.maximum(1f64)? })
     }
 }
 
-/// The latents under a window: (B, c, rows, cols); a circular window that runs past the right edge
-/// continues from the left one.
-fn crop(latents: &Tensor, window: &Window) -> Result<Tensor> {
-    let width = latents.dim(3)?;
-    let (row0, row1) = window.rows;
+/// Columns a window covers as Python slices them: a circular window that runs past the right edge
+/// continues from the left one, and that second slice stops at the edge too (so a window wider than
+/// twice the panorama is cut there, as in diffusers).
+fn window_columns(window: &Window, width: usize) -> [std::ops::Range<usize>; 2] {
     let (col0, col1) = window.cols;
-    let rows = latents.narrow(2, row0, row1 - row0)?;
     if col1 <= width {
-        return Ok(rows.narrow(3, col0, col1 - col0)?);
+        [col0..col1, 0..0]
+    } else {
+        [col0..width, 0..(col1 - width).min(width)]
     }
-    Ok(Tensor::cat(&[rows.narrow(3, col0, width - col0)?, rows.narrow(3, 0, col1 - width)?], 3)?)
 }
 
-/// Adds `addend(region)` into `sum` under a window, wrapping circular windows: the denoised window into
-/// the running sum, or ones into the coverage count. `addend` gets the region it is added to (its shape).
-fn add_window(sum: &mut Tensor, window: &Window, addend: impl Fn(&Tensor) -> Result<Tensor>) -> Result<()> {
-    let width = sum.dim(3)?;
+/// The latents under a window: (B, c, rows, cols).
+fn crop(latents: &Tensor, window: &Window) -> Result<Tensor> {
     let (row0, row1) = window.rows;
-    let (col0, col1) = window.cols;
-    let full = addend(&sum.i((.., .., row0..row1, ..))?.narrow(3, 0, (col1 - col0).min(width))?)?;
-    let mut add = |cols: std::ops::Range<usize>, from: usize| -> Result<()> {
-        let part = full.narrow(3, from, cols.len())?;
+    let rows = latents.narrow(2, row0, row1 - row0)?;
+    let parts = window_columns(window, latents.dim(3)?)
+        .into_iter()
+        .filter(|cols| !cols.is_empty())
+        .map(|cols| rows.narrow(3, cols.start, cols.len()))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 3)?)
+}
+
+/// Adds `addend` (shaped as the window's crop) into `sum` under the window, wrapping as [`crop`] cuts:
+/// the denoised window into the running sum, or ones into the coverage count.
+fn add_window(sum: &mut Tensor, window: &Window, addend: &Tensor) -> Result<()> {
+    let (row0, row1) = window.rows;
+    let mut from = 0;
+    for cols in window_columns(window, sum.dim(3)?) {
+        if cols.is_empty() {
+            continue;
+        }
+        let part = addend.narrow(3, from, cols.len())?;
+        from += cols.len();
         let ranges = [0..sum.dim(0)?, 0..sum.dim(1)?, row0..row1, cols.clone()];
         let added = (sum.i((.., .., row0..row1, cols))? + &part)?;
         *sum = sum.slice_assign(&ranges, &added)?;
-        Ok(())
-    };
-    if col1 <= width {
-        add(col0..col1, 0)
-    } else {
-        add(col0..width, 0)?;
-        add(0..col1 - width, width - col0)
     }
+    Ok(())
 }
 
 /// Prompt embeddings for `views` windows of a batch of B images, in the layout `guided_noise` reads

@@ -160,3 +160,35 @@ fn compare_takes_all_four_modes() {
     let page = std::fs::read_to_string(dir.path().join("grid.html")).unwrap();
     assert!(page.contains("multidiffusion"));
 }
+
+/// The window rule and wrap-around are stored with the image, so `gen --from` remakes it exactly; the
+/// PNG also says what it cost (without a manifest, which keeps that instead).
+#[test]
+fn from_remakes_md_images_with_their_window_rule() {
+    use sdscale::metadata::{read_image_metadata, Found};
+    let model = tiny_model().display().to_string();
+    for (rule, circular, size) in [("original", false, "96"), ("diffusers", true, "128")] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = vec!["gen", "--model", &model, "--prompt", "a panorama", "--mode", "multidiffusion"];
+        args.extend(["--md-views", rule, "--width", size, "--height", "64", "--steps", "2", "--seed", "3"]);
+        args.extend(["-o", "first.png"]);
+        if circular {
+            args.push("--circular");
+        }
+        let result = sdscale(dir.path(), &args);
+        assert!(result.status.success(), "{rule}: {}", stderr(&result));
+        let first = dir.path().join("first.png");
+        let Found::Sdscale(meta) = read_image_metadata(&first).unwrap() else { panic!("no sdscale chunk") };
+        assert_eq!(serde_json::to_value(meta.md_views).unwrap(), rule);
+        assert_eq!(meta.circular, circular);
+        assert!(meta.seconds.is_some_and(|s| s > 0.0), "{rule}: no seconds in the PNG");
+
+        let result = sdscale(dir.path(), &["gen", "--from", "first.png", "-o", "again.png", "--manifest", "m.jsonl"]);
+        assert!(result.status.success(), "{rule}: {}", stderr(&result));
+        let again = dir.path().join("again.png");
+        assert_eq!(image_diff(&first, &again), (0.0, 0), "{rule}: --from made another image");
+        let Found::Sdscale(again_meta) = read_image_metadata(&again).unwrap() else { panic!() };
+        assert_eq!((again_meta.md_views, again_meta.circular), (meta.md_views, meta.circular));
+        assert_eq!(again_meta.seconds, None, "{rule}: with a manifest the timing lives there");
+    }
+}

@@ -13,3 +13,4 @@ mod images;
 mod multidiffusion;
 mod real_layout;
 mod reference;
+mod shards;

@@ -84,6 +84,8 @@ pub fn sdscale(dir: &Path, args: &[&str]) -> Output {
         .current_dir(dir)
         .env("HF_HOME", dir.join("hf-home"))
         .env("XDG_CACHE_HOME", dir.join("cache"))
+        .env_remove("SLURM_ARRAY_TASK_ID")
+        .env_remove("JOB_COMPLETION_INDEX")
         .output()
         .expect("running sdscale")
 }
@@ -114,6 +116,8 @@ pub fn sdscale_with_stdin(dir: &Path, args: &[&str], input: &str) -> Output {
         .current_dir(dir)
         .env("HF_HOME", dir.join("hf-home"))
         .env("XDG_CACHE_HOME", dir.join("cache"))
+        .env_remove("SLURM_ARRAY_TASK_ID")
+        .env_remove("JOB_COMPLETION_INDEX")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
