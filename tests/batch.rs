@@ -69,6 +69,9 @@ fn jsonl_on_stdin_overrides_per_line_and_prints_json() {
         "mode",
         "model",
         "seconds",
+        "peak_device_mib",
+        "prompt_index",
+        "image_index",
     ];
     for object in &objects {
         let mut got: Vec<&str> = object.as_object().unwrap().keys().map(String::as_str).collect();
