@@ -143,6 +143,19 @@ fn resolve_model(model: &ModelRequest) -> Result<(ModelFiles, TrainingSize)> {
     Ok((files, training))
 }
 
+/// A negative prompt for a family without one (LDM's unconditional text is always "") is refused
+/// before any work.
+fn check_negative_prompts<'a>(files: &ModelFiles, mut negatives: impl Iterator<Item = &'a str>) -> Result<()> {
+    if !files.family.rules().negative_prompt && negatives.any(|negative| !negative.is_empty()) {
+        return Err(bad_input(anyhow!(
+            "--negative-prompt: {} models have no negative prompt (the unconditional text is always empty); \
+             drop it",
+            files.family.class_name()
+        )));
+    }
+    Ok(())
+}
+
 fn load_model(request: &ModelRequest, files: &ModelFiles, training: TrainingSize) -> Result<Model> {
     let started = Instant::now();
     let pipeline = Pipeline::load(files, &request.device, request.dtype).map_err(load_failure)?;
@@ -203,6 +216,7 @@ fn image_metadata(planned: &PlannedImage, model: &Model) -> ImageMetadata {
         device: model.device.clone(),
         train_size: (model.training.pixels.width, model.training.pixels.height),
         render_size: planned.render.resize_to.map(|_| (planned.render.render.width, planned.render.render.height)),
+        family: Some(model.pipeline.family_name().to_string()),
     }
 }
 
@@ -274,12 +288,13 @@ fn render(
     plan: &[PlannedImage],
     batch_size: usize,
     view_batch: usize,
+    eta: f64,
     mut finish: impl FnMut(&PlannedImage, RgbImage, f64) -> Result<()>,
 ) -> Outcome {
     let batches = plan::batches(plan, batch_size);
     let progress = Progress::new(plan.len());
     // One session for the whole run: on CUDA its captured UNet graph serves every same-shaped batch.
-    let mut session = model.pipeline.session().with_view_batch(view_batch);
+    let mut session = model.pipeline.session().with_view_batch(view_batch).with_eta(eta);
     let mut outcome = Outcome::default();
     for batch in &batches {
         if STOP.load(Ordering::SeqCst) {
@@ -407,14 +422,17 @@ impl Progress {
 
 fn gen(args: GenArgs) -> Result<()> {
     let multidiffusion = args.multidiffusion.clone();
+    let sampler = args.sampler.clone();
     let request = GenRequest::try_from(args).map_err(bad_input)?;
     let modes: Vec<Mode> = request.images.iter().map(|spec| spec.mode).collect();
     let options = multidiffusion.options(&modes).map_err(bad_input)?;
+    let eta = sampler.eta(&modes).map_err(bad_input)?;
     let view_batch = multidiffusion.view_batch;
     if let Some(seed) = request.random_seed {
         eprintln!("sdscale: seed {seed} (pass --seed {seed} to reproduce)");
     }
     let (files, training) = resolve_model(&request.model)?;
+    check_negative_prompts(&files, request.images.iter().map(|spec| spec.negative_prompt.as_str()))?;
     let plan = plan::plan(
         request.images.iter().cloned(),
         training.pixels,
@@ -440,7 +458,7 @@ fn gen(args: GenArgs) -> Result<()> {
 
     let model = load_model(&request.model, &files, training)?;
     install_stop_handler();
-    let outcome = render(&model, &plan, request.model.batch_size, view_batch, |planned, image, seconds| {
+    let outcome = render(&model, &plan, request.model.batch_size, view_batch, eta, |planned, image, seconds| {
         let metadata = image_metadata(planned, &model);
         output::write_png(&planned.path, &image, &metadata.text_chunks(), request.overwrite)?;
         if request.json {
@@ -476,13 +494,16 @@ fn print_line(line: &str) -> Result<()> {
 
 fn compare(args: CompareArgs) -> Result<()> {
     let multidiffusion = args.multidiffusion.clone();
+    let sampler = args.sampler.clone();
     let request = CompareRequest::try_from(args).map_err(bad_input)?;
     let options = multidiffusion.options(&request.modes).map_err(bad_input)?;
+    let eta = sampler.eta(&request.modes).map_err(bad_input)?;
     let view_batch = multidiffusion.view_batch;
     if let Some(seed) = request.random_seed {
         eprintln!("sdscale: seeds {seed}, {}, {} (pass --seeds to choose)", seed + 1, seed + 2);
     }
     let (files, training) = resolve_model(&request.model)?;
+    check_negative_prompts(&files, std::iter::once(request.negative_prompt.as_str()))?;
     let width = request.width.unwrap_or(training.pixels.width);
     let height = request.height.unwrap_or(training.pixels.height);
 
@@ -519,7 +540,7 @@ fn compare(args: CompareArgs) -> Result<()> {
     let model = load_model(&request.model, &files, training)?;
     install_stop_handler();
     let mut images: HashMap<usize, RgbImage> = HashMap::new();
-    let outcome = render(&model, &plan, request.model.batch_size, view_batch, |planned, image, _| {
+    let outcome = render(&model, &plan, request.model.batch_size, view_batch, eta, |planned, image, _| {
         output::write_png(&planned.path, &image, &image_metadata(planned, &model).text_chunks(), request.overwrite)?;
         output::print_path(&planned.path)?;
         images.insert(planned.index, image);
@@ -593,6 +614,7 @@ fn entropy(args: EntropyArgs) -> Result<()> {
     }
 
     let (files, training) = resolve_model(&request.model)?;
+    check_negative_prompts(&files, std::iter::once(request.negative_prompt.as_str()))?;
     let model = load_model(&request.model, &files, training)?;
     let (pipeline, training) = (&model.pipeline, model.training);
     let train_size = (training.pixels.width, training.pixels.height);

@@ -107,6 +107,29 @@ pub struct BatchArgs {
     pub batch_size: usize,
 }
 
+/// DDIM's stochasticity: for the subcommands that render images.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SamplerArgs {
+    /// DDIM eta, 0 to 1: 0 is deterministic; above 0 every step adds noise, drawn from the image's
+    /// seeded generator right after its initial latents (as diffusers' StableDiffusionPipeline hands its
+    /// generator to the scheduler). Not with --mode multidiffusion.
+    #[arg(long, default_value_t = 0.0, value_name = "ETA")]
+    pub eta: f64,
+}
+
+impl SamplerArgs {
+    /// The eta, checked against its range and the modes it would apply to.
+    pub fn eta(&self, modes: &[Mode]) -> Result<f64> {
+        if !(0.0..=1.0).contains(&self.eta) {
+            bail!("--eta {} is out of range; use 0 (deterministic DDIM) to 1", self.eta);
+        }
+        if self.eta > 0.0 && modes.contains(&Mode::Multidiffusion) {
+            bail!("--eta applies to the default, entropy and resize modes; MultiDiffusion runs with --eta 0");
+        }
+        Ok(self.eta)
+    }
+}
+
 /// Options of `--mode multidiffusion`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct MultiDiffusionArgs {
@@ -222,6 +245,9 @@ pub struct GenArgs {
 
     #[command(flatten)]
     pub multidiffusion: MultiDiffusionArgs,
+
+    #[command(flatten)]
+    pub sampler: SamplerArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -280,6 +306,9 @@ pub struct CompareArgs {
 
     #[command(flatten)]
     pub multidiffusion: MultiDiffusionArgs,
+
+    #[command(flatten)]
+    pub sampler: SamplerArgs,
 }
 
 #[derive(Debug, clap::Args)]

@@ -35,6 +35,10 @@ pub struct ImageMetadata {
     /// `resize` only: the size the UNet actually ran at before the Lanczos3 resize to width × height.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub render_size: Option<(usize, usize)>,
+    /// The model family ("SD 1.x", "SD 2.x", "SD 2.x v-prediction", "LDM text2im"); absent in files
+    /// written before sdscale knew families.
+    #[serde(default)]
+    pub family: Option<String>,
 }
 
 /// The `sdscale` chunk of a `compare` grid: the run's settings and where each cell sits.
@@ -257,6 +261,7 @@ mod tests {
             device: "cpu".into(),
             train_size: (512, 512),
             render_size: Some((608, 432)),
+            family: Some("SD 2.x".into()),
         }
     }
 
