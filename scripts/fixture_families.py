@@ -24,6 +24,7 @@ exactly that, and sdscale draws the same stream.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -388,7 +389,8 @@ LDM_SCHEDULER = {
     "steps_offset": 1,
     "trained_betas": None,
 }
-LDM_TINY_UNET = dict(SD15_TINY_UNET, cross_attention_dim=24, sample_size=12)  # 96 px (real: 32, 256 px)
+# Trained at 8 latents, 64 px: half of tiny-sd's 128, as the real 32 latents (256 px) are half of SD's 512.
+LDM_TINY_UNET = dict(SD15_TINY_UNET, cross_attention_dim=24, sample_size=8)
 LDM_BERT_CONFIG_KEYS = (
     "_name_or_path", "activation_dropout", "activation_function", "architectures", "attention_dropout",
     "classifier_dropout", "d_model", "dropout", "encoder_attention_heads", "encoder_ffn_dim", "encoder_layerdrop",
@@ -396,12 +398,13 @@ LDM_BERT_CONFIG_KEYS = (
     "scale_embedding", "torch_dtype", "transformers_version", "use_cache", "vocab_size",
 )
 LDM_SEEDS = (1301, 1302)  # UNet, bert
+LDM_SHARPEN = 12.0  # at 7 (tiny-sd's) the modes differed by 0.58 levels; the kernels by 0.0001
 # A small WordPiece vocabulary with bert-base-uncased's layout of specials ([PAD] 0, [UNK] 100,
 # [CLS] 101, [SEP] 102, [MASK] 103 there; here [PAD] 0 and the others after a few [unusedN]).
 LDM_WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "corgi", "beach", "photo", "painting",
              "squirrel", "eat", "burger", "cat", "dog", "sunny", "high", "detail", "cafe", "naive", "resume",
              "hello", "world", "how", "it", "going", "4k", "1234", "new", "york"]
-LDM_PIECES = ["##s", "##ing", "##ed", "##y", "##er", "##ly", "##k", "##4"]
+LDM_PIECES = ["##ing", "##ed", "##er", "##ly", "##es"]
 LDM_TOKEN_PROMPTS = [
     "a corgi on a beach", "", "A CORGI ON A BEACH", "A painting of a squirrel eating a burger",
     "Hello, World! How's it going?!?", "café naïve résumé", "photos of dogs, cats & squirrels; sunny!!",
@@ -409,10 +412,10 @@ LDM_TOKEN_PROMPTS = [
     " ".join(["corgi"] * 80),
 ]
 LDM_CASES = [
-    ("train96_default", "a corgi on a beach", None, 96, 96, 6.0, 42, "default", 0.0),
-    ("train96_entropy", "a corgi on a beach", None, 96, 96, 6.0, 42, "entropy", 0.0),
-    ("wide160x96_default", "a painting of a squirrel eating a burger", None, 160, 96, 6.0, 7, "default", 0.0),
-    ("wide160x96_entropy", "a painting of a squirrel eating a burger", None, 160, 96, 6.0, 7, "entropy", 0.0),
+    ("train64_default", "a corgi on a beach", None, 64, 64, 6.0, 42, "default", 0.0),
+    ("train64_entropy", "a corgi on a beach", None, 64, 64, 6.0, 42, "entropy", 0.0),
+    ("wide192x128_default", "a painting of a squirrel eating a burger", None, 192, 128, 6.0, 7, "default", 0.0),
+    ("wide192x128_entropy", "a painting of a squirrel eating a burger", None, 192, 128, 6.0, 7, "entropy", 0.0),
     # the pipeline's default guidance 1.0: the conditional branch only
     ("guidance1_wide160x96_entropy", "a painting of a squirrel eating a burger", None, 160, 96, 1.0, 7, "entropy", 0.0),
     # below 1 LDM still guides (guidance_scale != 1), unlike SD (> 1)
@@ -425,7 +428,8 @@ LDM_CASES = [
 def ldm_vocab() -> list[str]:
     specials = ["[PAD]", "[unused0]", "[unused1]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     chars = [chr(c) for c in range(ord("!"), ord("~") + 1) if not chr(c).isupper()]
-    return specials + chars + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"] + LDM_WORDS + LDM_PIECES
+    words = [w for w in LDM_WORDS if w not in chars]  # "a" is a character already
+    return specials + chars + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"] + words + LDM_PIECES
 
 
 @torch.no_grad()
@@ -436,7 +440,8 @@ def render_ldm(mf, pipe, case: dict, classic: bool = False):
     generator = torch.Generator("cpu").manual_seed(case["seed"])
     step = pipe.scheduler.step
     if case["eta"] > 0:
-        pipe.scheduler.step = lambda *args, **kwargs: step(*args, generator=generator, **kwargs)
+        # a partial keeps step's signature, in which the pipeline looks for `eta` before passing it
+        pipe.scheduler.step = functools.partial(step, generator=generator)
     try:
         assert case["negative_prompt"] is None, "LDM has no negative prompt"
         return pipe(case["prompt"], height=case["height"], width=case["width"],
@@ -476,7 +481,7 @@ def make_ldm(mf) -> None:
     mf.write_json(out / "bert" / "config.json", {k: config[k] for k in sorted(LDM_BERT_CONFIG_KEYS)})
     save_weights(mf, out / "bert", "model", bert.state_dict(), False, ("pytorch_model.bin",))
 
-    unet = mf.build_unet(LDM_TINY_UNET, LDM_SEEDS[0], mf.ATTN_SHARPEN)
+    unet = mf.build_unet(LDM_TINY_UNET, LDM_SEEDS[0], LDM_SHARPEN)
     mf.write_json(out / "unet" / "config.json", diffusers_config(unet, SD15_UNET_KEYS, LDM_VERSION))
     save_weights(mf, out / "unet", "diffusion_pytorch_model", unet.state_dict(), False, ("diffusion_pytorch_model.bin",))
     vae_config = json.loads((mf.TINY_DIR / "vae" / "config.json").read_text())
@@ -516,7 +521,7 @@ def make_ldm(mf) -> None:
         images[key].save(ref / case["file"])
         print(f"  {name}/{case['file']}: {case['width']}x{case['height']} {case['mode']} "
               f"guidance {case['guidance']} eta {case['eta']}")
-    off, train = ("wide160x96_default", "wide160x96_entropy"), ("train96_default", "train96_entropy")
+    off, train = ("wide192x128_default", "wide192x128_entropy"), ("train64_default", "train64_entropy")
     kernel_render = {k: render_ldm(mf, pipe, cases[k], classic=True) for k in off}
     calibration = calibrate_images(mf, images, off, train, kernel_render)
     mf.write_json(ref.parent / f"{name}.json", {"images": list(cases.values()), "calibration": calibration,

@@ -113,7 +113,7 @@ pub struct SamplerArgs {
     /// DDIM eta, 0 to 1: 0 is deterministic; above 0 every step adds noise, drawn from the image's
     /// seeded generator right after its initial latents (as diffusers' StableDiffusionPipeline hands its
     /// generator to the scheduler). Not with --mode multidiffusion.
-    #[arg(long, default_value_t = 0.0, value_name = "ETA")]
+    #[arg(long, default_value_t = 0.0, value_name = "ETA", allow_negative_numbers = true)]
     pub eta: f64,
 }
 
@@ -1015,6 +1015,24 @@ mod tests {
         assert_eq!(request(&["--train-size", "768x512"]).unwrap().model.train_size, Some((768, 512)));
         assert!(request(&["--train-size", "768"]).is_err());
         assert_eq!((first(&[]).steps, first(&[]).guidance), (50, 7.5));
+    }
+
+    #[test]
+    fn eta_is_checked_against_its_range_and_the_modes() {
+        let eta = |extra: &[&str], modes: &[Mode]| {
+            let mut argv = vec!["sdscale", "gen", "--prompt", "x"];
+            argv.extend_from_slice(extra);
+            let Command::Gen(args) = Cli::try_parse_from(argv).unwrap().command else { unreachable!() };
+            args.sampler.eta(modes)
+        };
+        assert_eq!(eta(&[], &[Mode::Default]).unwrap(), 0.0);
+        assert_eq!(eta(&["--eta", "0.3"], &[Mode::Entropy, Mode::Resize]).unwrap(), 0.3);
+        for bad in ["-0.1", "1.5", "NaN"] {
+            let message = eta(&["--eta", bad], &[Mode::Default]).unwrap_err().to_string();
+            assert!(message.contains("out of range"), "{message}");
+        }
+        let message = eta(&["--eta", "0.3"], &[Mode::Multidiffusion]).unwrap_err().to_string();
+        assert!(message.contains("MultiDiffusion"), "{message}");
     }
 
     /// One check (`Settings::validate`) and one set of defaults for every subcommand.

@@ -225,3 +225,138 @@ fn sd21v_metadata_records_the_family() {
     let png = render_with(dir.path(), &model("sd21v"), &one_step(case("sd21v", "train96_default.png")), &[]);
     assert_eq!(info_json(dir.path(), &png)["family"], "SD 2.x v-prediction");
 }
+
+// ---- LDM-256 -------------------------------------------------------------------------------------
+
+/// What makes tiny-ldm a stand-in for CompVis/ldm-text2im-large-256 at refs/pr/10.
+#[test]
+fn ldm_fixture_is_laid_out_like_the_hub_repo() {
+    let dir = model("ldm");
+    assert_eq!(json(&dir.join("model_index.json"))["_class_name"], "LDMTextToImagePipeline");
+    for file in ["bert/config.json", "bert/model.safetensors", "vqvae/config.json", "tokenizer/vocab.txt"] {
+        assert!(dir.join(file).is_file(), "{file}");
+    }
+    assert!(!dir.join("tokenizer/tokenizer.json").exists() && !dir.join("vae").exists());
+    assert_eq!(json(&dir.join("scheduler/scheduler_config.json"))["beta_schedule"], "linear");
+    let bert = json(&dir.join("bert/config.json"));
+    let inner = bert["encoder_attention_heads"].as_u64().unwrap() * bert["head_dim"].as_u64().unwrap();
+    assert_ne!(inner, bert["d_model"].as_u64().unwrap(), "LDMBert's attention is narrower than the model");
+    assert_eq!(files("ldm").family, sdscale::family::Family::LatentDiffusion);
+    assert_eq!(training_size("ldm"), (64, 64));
+}
+
+/// The WordPiece ids transformers' BertTokenizer gives on the fixture's vocabulary (lower-casing,
+/// accents, punctuation, unknown words, CJK, specials typed in the prompt, truncation).
+#[test]
+fn ldm_tokenizer_matches_bert_tokenizer() {
+    let tokenizer = sdscale::tokenizer::WordPieceTokenizer::load(&files("ldm").tokenizer_dir).unwrap();
+    for entry in references("ldm")["tokens"].as_array().unwrap() {
+        let ids: Vec<u32> = entry["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let prompt = entry["prompt"].as_str().unwrap();
+        assert_eq!(tokenizer.encode(prompt).unwrap().ids, ids, "{prompt:?}");
+    }
+}
+
+#[test]
+fn ldm_non_square_default() {
+    check("ldm", "wide192x128_default.png");
+}
+
+#[test]
+fn ldm_non_square_entropy() {
+    check("ldm", "wide192x128_entropy.png");
+}
+
+#[test]
+fn ldm_modes_are_bit_identical_at_the_training_size() {
+    check_training_size("ldm", "train64_default.png", "train64_entropy.png");
+}
+
+/// guidance 1 (diffusers' LDM default): the conditional branch alone.
+#[test]
+fn ldm_guidance_one_runs_the_conditional_branch_only() {
+    check("ldm", "guidance1_wide160x96_entropy.png");
+}
+
+/// LDM guides whenever guidance ≠ 1, so 0.5 still runs both branches (SD would not).
+#[test]
+fn ldm_guidance_below_one_still_guides() {
+    check("ldm", "guidance05_sq128_default.png");
+}
+
+/// The model card's guidance 6 with eta 0.3 (noise from the seeded generator, see the fixture script).
+#[test]
+fn ldm_eta_matches_diffusers_given_the_same_generator() {
+    check("ldm", "eta_sq128_entropy.png");
+}
+
+#[test]
+fn ldm_refuses_a_negative_prompt_and_records_its_family() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = render_with(dir.path(), &model("ldm"), &one_step(case("ldm", "train64_default.png")), &[]);
+    assert_eq!(info_json(dir.path(), &png)["family"], "LDM text2im");
+    let model = model("ldm").display().to_string();
+    let args =
+        ["gen", "--model", &model, "--prompt", "x", "--negative-prompt", "blurry", "--seed", "1", "-o", "negative.png"];
+    let result = sdscale(dir.path(), &args);
+    assert_eq!(result.status.code(), Some(2), "{}", stderr(&result));
+    let message = stderr(&result);
+    assert!(message.contains("negative prompt") && message.lines().count() == 1, "{message}");
+    assert!(!dir.path().join("negative.png").exists());
+}
+
+/// Offline, the LDM repo fails in one line naming the revision it would fetch (its main branch has
+/// only pickles, so refs/pr/10 is taken by default).
+#[test]
+fn ldm_hub_offline_error_names_the_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let result = std::process::Command::new(env!("CARGO_BIN_EXE_sdscale"))
+        .args(["gen", "--model", "CompVis/ldm-text2im-large-256", "--prompt", "a corgi", "-o", "x.png"])
+        .current_dir(dir.path())
+        .env("HF_HOME", dir.path().join("hf-home"))
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert_eq!(result.status.code(), Some(2), "{}", stderr(&result));
+    let message = stderr(&result);
+    let errors: Vec<&str> = message.lines().filter(|l| l.starts_with("sdscale: error:")).collect();
+    assert_eq!(errors.len(), 1, "{message}");
+    assert!(errors[0].contains("refs/pr/10"), "{message}");
+}
+
+// ---- every family --------------------------------------------------------------------------------
+
+/// `sdscale entropy` measures every family's self-attention layers (the training size included).
+#[test]
+fn entropy_works_for_every_family() {
+    for family in ["sd15", "sd21v", "ldm"] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = model(family).display().to_string();
+        let args = [
+            "entropy", "--model", &model, "--prompt", "a corgi", "--sizes", "64", "--steps", "1", "--seed", "1",
+            "--json",
+        ];
+        let result = sdscale(dir.path(), &args);
+        assert!(result.status.success(), "{family}: {}", stderr(&result));
+        let lines: Vec<serde_json::Value> =
+            stdout(&result).lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+        assert!(lines.iter().any(|l| l["mode"] == "entropy" && l["width"] == 64), "{family}");
+        assert!(lines.iter().all(|l| l["entropy"].as_f64().is_some_and(f64::is_finite)), "{family}");
+    }
+}
+
+/// `sdscale compare` renders every family in its three default modes.
+#[test]
+fn compare_works_for_every_family() {
+    for family in ["sd15", "sd21v", "ldm"] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = model(family).display().to_string();
+        let args = [
+            "compare", "--model", &model, "--prompt", "a corgi", "--width", "64", "--height", "64", "--steps", "1",
+            "--seeds", "1", "-o", "grid.png",
+        ];
+        let result = sdscale(dir.path(), &args);
+        assert!(result.status.success(), "{family}: {}", stderr(&result));
+        assert_eq!(stdout(&result).lines().count(), 4, "{family}: three images and the grid");
+    }
+}
