@@ -145,6 +145,19 @@ fn resolve_model(model: &ModelRequest) -> Result<(ModelFiles, TrainingSize)> {
     Ok((files, training))
 }
 
+/// A negative prompt for a family without one (LDM's unconditional text is always "") is refused
+/// before any work.
+fn check_negative_prompts<'a>(files: &ModelFiles, mut negatives: impl Iterator<Item = &'a str>) -> Result<()> {
+    if !files.family.rules().negative_prompt && negatives.any(|negative| !negative.is_empty()) {
+        return Err(bad_input(anyhow!(
+            "--negative-prompt: {} models have no negative prompt (the unconditional text is always empty); \
+             drop it",
+            files.family.class_name()
+        )));
+    }
+    Ok(())
+}
+
 fn load_model(request: &ModelRequest, files: &ModelFiles, training: TrainingSize) -> Result<Model> {
     let started = Instant::now();
     let pipeline = Pipeline::load(files, &request.device, request.dtype).map_err(load_failure)?;
@@ -186,7 +199,7 @@ fn snapshot_commit(path: &Path) -> Option<String> {
 // ---- planning -----------------------------------------------------------------------------------
 
 /// The metadata written into an image's PNG.
-fn image_metadata(planned: &PlannedImage, model: &Model) -> ImageMetadata {
+fn image_metadata(planned: &PlannedImage, model: &Model, eta: f64) -> ImageMetadata {
     ImageMetadata {
         tool: TOOL.into(),
         version: VERSION.into(),
@@ -212,6 +225,8 @@ fn image_metadata(planned: &PlannedImage, model: &Model) -> ImageMetadata {
         circular: matches!(planned.render.denoiser, Denoiser::Views(views) if views.circular),
         seconds: None,
         peak_device_mib: None,
+        family: Some(model.pipeline.family_name().to_string()),
+        eta,
     }
 }
 
@@ -298,13 +313,14 @@ fn render(
     plan: &[PlannedImage],
     batch_size: usize,
     view_batch: usize,
+    eta: f64,
     meter: &DeviceMemoryMeter,
     mut finish: impl FnMut(&PlannedImage, RgbImage, ImageCost) -> Result<()>,
 ) -> Outcome {
     let batches = plan::batches(plan, batch_size);
     let progress = Progress::new(plan.len());
     // One session for the whole run: on CUDA its captured UNet graph serves every same-shaped batch.
-    let mut session = model.pipeline.session().with_view_batch(view_batch);
+    let mut session = model.pipeline.session().with_view_batch(view_batch).with_eta(eta);
     let mut outcome = Outcome::default();
     for batch in &batches {
         if STOP.load(Ordering::SeqCst) {
@@ -438,6 +454,7 @@ fn gen(args: GenArgs) -> Result<()> {
         eprintln!("sdscale: seed {seed} (pass --seed {seed} to reproduce)");
     }
     let (files, training) = resolve_model(&request.model)?;
+    check_negative_prompts(&files, request.images.iter().map(|spec| spec.negative_prompt.as_str()))?;
     let plan = plan::plan(
         request.images.iter().cloned(),
         training.pixels,
@@ -485,8 +502,14 @@ fn gen(args: GenArgs) -> Result<()> {
     let meter = DeviceMemoryMeter::start(&request.model.device);
     let model = load_model(&request.model, &files, training)?;
     install_stop_handler();
-    let outcome =
-        render(&model, &plan, request.model.batch_size, request.view_batch, &meter, |planned, image, cost| {
+    let outcome = render(
+        &model,
+        &plan,
+        request.model.batch_size,
+        request.view_batch,
+        request.eta,
+        &meter,
+        |planned, image, cost| {
             let record = ImageRecord {
                 path: planned.path.clone(),
                 prompt: planned.spec.prompt.clone(),
@@ -503,7 +526,7 @@ fn gen(args: GenArgs) -> Result<()> {
                 prompt_index: planned.spec.prompt_index,
                 image_index: planned.spec.image_index,
             };
-            let mut metadata = image_metadata(planned, &model);
+            let mut metadata = image_metadata(planned, &model, request.eta);
             match &mut manifest {
                 // Recorded first: a kill before the PNG is published leaves a record without a file,
                 // which readers skip and --skip-existing remakes, never a file without a record.
@@ -519,7 +542,8 @@ fn gen(args: GenArgs) -> Result<()> {
             } else {
                 output::print_path(&planned.path)
             }
-        });
+        },
+    );
     outcome.into_result(plan.len())
 }
 
@@ -534,13 +558,16 @@ fn print_line(line: &str) -> Result<()> {
 
 fn compare(args: CompareArgs) -> Result<()> {
     let multidiffusion = args.multidiffusion.clone();
+    let sampler = args.sampler.clone();
     let request = CompareRequest::try_from(args).map_err(bad_input)?;
     let options = multidiffusion.options(&request.modes).map_err(bad_input)?;
+    let eta = sampler.eta(&request.modes, None).map_err(bad_input)?;
     let view_batch = multidiffusion.view_batch;
     if let Some(seed) = request.random_seed {
         eprintln!("sdscale: seeds {seed}, {}, {} (pass --seeds to choose)", seed + 1, seed + 2);
     }
     let (files, training) = resolve_model(&request.model)?;
+    check_negative_prompts(&files, std::iter::once(request.negative_prompt.as_str()))?;
     let width = request.width.unwrap_or(training.pixels.width);
     let height = request.height.unwrap_or(training.pixels.height);
 
@@ -581,8 +608,13 @@ fn compare(args: CompareArgs) -> Result<()> {
     let model = load_model(&request.model, &files, training)?;
     install_stop_handler();
     let mut images: HashMap<usize, RgbImage> = HashMap::new();
-    let outcome = render(&model, &plan, request.model.batch_size, view_batch, &meter, |planned, image, _| {
-        output::write_png(&planned.path, &image, &image_metadata(planned, &model).text_chunks(), request.overwrite)?;
+    let outcome = render(&model, &plan, request.model.batch_size, view_batch, eta, &meter, |planned, image, _| {
+        output::write_png(
+            &planned.path,
+            &image,
+            &image_metadata(planned, &model, eta).text_chunks(),
+            request.overwrite,
+        )?;
         output::print_path(&planned.path)?;
         images.insert(planned.index, image);
         Ok(())
@@ -655,6 +687,7 @@ fn entropy(args: EntropyArgs) -> Result<()> {
     }
 
     let (files, training) = resolve_model(&request.model)?;
+    check_negative_prompts(&files, std::iter::once(request.negative_prompt.as_str()))?;
     let model = load_model(&request.model, &files, training)?;
     let (pipeline, training) = (&model.pipeline, model.training);
     let train_size = (training.pixels.width, training.pixels.height);

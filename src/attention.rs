@@ -48,6 +48,16 @@ impl AttentionScale {
     }
 }
 
+/// The backend for a layer whose logits and softmax must be computed in f32 (diffusers'
+/// `upcast_attention`, which SD 2.1 at 768 needs in half precision): the half-precision GPU paths give
+/// way to the f32 chunked one; the f32 paths are kept as they are.
+pub fn upcast(backend: AttentionBackend) -> AttentionBackend {
+    match backend {
+        AttentionBackend::GpuHalf | AttentionBackend::FusedCuda => AttentionBackend::Chunked,
+        AttentionBackend::CpuBlocks | AttentionBackend::Chunked => backend,
+    }
+}
+
 /// The scale the model was trained with.
 pub fn default_scale(head_dim: usize) -> f64 {
     1.0 / (head_dim as f64).sqrt()
@@ -303,6 +313,17 @@ mod tests {
         // Clamped: one key would otherwise give ln 1 = 0.
         assert!(entropy.self_attention(64, 1, 3) > 0.0);
         assert_eq!(entropy.cross_attention(64), default_scale(64));
+    }
+
+    #[test]
+    fn upcast_attention_never_computes_logits_in_half_precision() {
+        use AttentionBackend::*;
+        assert_eq!([GpuHalf, FusedCuda, CpuBlocks, Chunked].map(upcast), [Chunked, Chunked, CpuBlocks, Chunked]);
+        // The path upcast layers take converts to f32 whatever comes in, and returns the input dtype.
+        let (q, k, v) = random_qkv(2, 9, 7).unwrap();
+        let half = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
+        let out = chunked_attention(&half(&q), &half(&k), &half(&v), 0.3, MAX_SCORES_PER_CHUNK, None).unwrap();
+        assert_eq!(out.dtype(), DType::F16);
     }
 
     #[test]

@@ -108,6 +108,32 @@ pub struct BatchArgs {
     pub batch_size: usize,
 }
 
+/// DDIM's stochasticity: for the subcommands that render images.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SamplerArgs {
+    /// DDIM eta, 0 to 1: 0 is deterministic; above 0 every step adds noise, drawn from the image's
+    /// seeded generator right after its initial latents (as diffusers' StableDiffusionPipeline hands its
+    /// generator to the scheduler). Not with --mode multidiffusion.
+    /// [default: 0, or what a `gen --from` image stored]
+    #[arg(long, value_name = "ETA", allow_negative_numbers = true)]
+    pub eta: Option<f64>,
+}
+
+impl SamplerArgs {
+    /// The eta (`stored`, from `--from`, when the flag is absent), checked against its range and the
+    /// modes it would apply to.
+    pub fn eta(&self, modes: &[Mode], stored: Option<f64>) -> Result<f64> {
+        let eta = self.eta.or(stored).unwrap_or(0.0);
+        if !(0.0..=1.0).contains(&eta) {
+            bail!("--eta {eta} is out of range; use 0 (deterministic DDIM) to 1");
+        }
+        if eta > 0.0 && modes.contains(&Mode::Multidiffusion) {
+            bail!("--eta applies to the default, entropy and resize modes; MultiDiffusion runs with --eta 0");
+        }
+        Ok(eta)
+    }
+}
+
 /// Options of `--mode multidiffusion`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct MultiDiffusionArgs {
@@ -253,6 +279,9 @@ pub struct GenArgs {
 
     #[command(flatten)]
     pub multidiffusion: MultiDiffusionArgs,
+
+    #[command(flatten)]
+    pub sampler: SamplerArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -311,6 +340,9 @@ pub struct CompareArgs {
 
     #[command(flatten)]
     pub multidiffusion: MultiDiffusionArgs,
+
+    #[command(flatten)]
+    pub sampler: SamplerArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -410,6 +442,8 @@ pub struct GenRequest {
     pub skip_existing: bool,
     pub json: bool,
     pub mode_options: ModeOptions,
+    /// DDIM eta.
+    pub eta: f64,
     /// MultiDiffusion windows per UNet call.
     pub view_batch: usize,
     /// Where each image's record is appended (`{shard}` already filled in).
@@ -552,6 +586,7 @@ impl TryFrom<GenArgs> for GenRequest {
         let mut revision = args.model.revision.clone();
         let mut train_size = args.model.train_size.as_deref().map(parse_size).transpose()?;
         let mut multidiffusion = args.multidiffusion.clone();
+        let mut stored_eta = None;
         let base = match &args.from {
             None => Settings::default(),
             Some(path) => {
@@ -568,6 +603,7 @@ impl TryFrom<GenArgs> for GenRequest {
                     md.circular |= circular;
                 }
                 multidiffusion = md;
+                stored_eta = from.eta;
                 from.settings
             }
         };
@@ -667,10 +703,12 @@ impl TryFrom<GenArgs> for GenRequest {
         };
         let modes: Vec<Mode> = images.iter().map(|spec| spec.mode).collect();
         let mode_options = multidiffusion.options(&modes)?;
+        let eta = args.sampler.eta(&modes, stored_eta)?;
         let model = model_request(&args.model, args.batch.batch_size, model_name, revision, train_size)?;
         Ok(Self {
             images,
             mode_options,
+            eta,
             view_batch: multidiffusion.view_batch,
             random_seed,
             output,
@@ -692,6 +730,7 @@ struct FromImage {
     train_size: Option<(usize, usize)>,
     /// MultiDiffusion's window rule and wrap-around, for an image made in that mode.
     multidiffusion: Option<(ViewRule, bool)>,
+    eta: Option<f64>,
 }
 
 fn settings_from_image(path: &Path) -> Result<FromImage> {
@@ -699,6 +738,7 @@ fn settings_from_image(path: &Path) -> Result<FromImage> {
     Ok(match found {
         Found::Sdscale(meta) => FromImage {
             multidiffusion: meta.md_views.map(|views| (views, meta.circular)),
+            eta: Some(meta.eta),
             settings: Settings {
                 prompt: Some(meta.prompt),
                 negative_prompt: Some(meta.negative_prompt),
@@ -730,6 +770,7 @@ fn settings_from_image(path: &Path) -> Result<FromImage> {
             revision: None,
             train_size: None,
             multidiffusion: None,
+            eta: None,
         },
     })
 }
@@ -1102,6 +1143,24 @@ mod tests {
         assert_eq!(request(&["--train-size", "768x512"]).unwrap().model.train_size, Some((768, 512)));
         assert!(request(&["--train-size", "768"]).is_err());
         assert_eq!((first(&[]).steps, first(&[]).guidance), (50, 7.5));
+    }
+
+    #[test]
+    fn eta_is_checked_against_its_range_and_the_modes() {
+        let eta = |extra: &[&str], modes: &[Mode]| {
+            let mut argv = vec!["sdscale", "gen", "--prompt", "x"];
+            argv.extend_from_slice(extra);
+            let Command::Gen(args) = Cli::try_parse_from(argv).unwrap().command else { unreachable!() };
+            args.sampler.eta(modes, None)
+        };
+        assert_eq!(eta(&[], &[Mode::Default]).unwrap(), 0.0);
+        assert_eq!(eta(&["--eta", "0.3"], &[Mode::Entropy, Mode::Resize]).unwrap(), 0.3);
+        for bad in ["-0.1", "1.5", "NaN"] {
+            let message = eta(&["--eta", bad], &[Mode::Default]).unwrap_err().to_string();
+            assert!(message.contains("out of range"), "{message}");
+        }
+        let message = eta(&["--eta", "0.3"], &[Mode::Multidiffusion]).unwrap_err().to_string();
+        assert!(message.contains("MultiDiffusion"), "{message}");
     }
 
     /// One check (`Settings::validate`) and one set of defaults for every subcommand.

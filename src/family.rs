@@ -1,13 +1,23 @@
-//! Model families: which tokenizer, text encoder and latent decoder surround the UNet, and in which
-//! folders they live. The family comes from `model_index.json`'s `_class_name`; the pipeline only sees
-//! the [`TextEncoder`] and [`LatentDecoder`] interfaces, so another family (LDM-256's BERT and
-//! `vqvae/`, say) is one more variant here and two more implementations, nothing else.
+//! Model families: which tokenizer, text encoder and latent decoder surround the UNet, in which
+//! folders they live, and how the family's pipeline differs from Stable Diffusion's. The family comes
+//! from `model_index.json`'s `_class_name`; everything else about a model (CLIP's activation, the
+//! UNet's projections and head counts, the scheduler's prediction type, the training size) comes from
+//! its own configs. This file is the one place to add a family: a variant, its folders and rules, and
+//! its [`TextEncoder`] / [`LatentDecoder`] implementations; the pipeline only sees those.
+//!
+//! | family (`_class_name`)     | text encoder (folder)          | tokenizer   | decoder  |
+//! |----------------------------|--------------------------------|-------------|----------|
+//! | `StableDiffusionPipeline`  | CLIP (`text_encoder/`)         | CLIP BPE    | `vae/`   |
+//! | `LDMTextToImagePipeline`   | LDMBert (`bert/`)              | WordPiece   | `vqvae/` |
 
 use crate::backend::Backends;
 use crate::models::clip::{ClipTextConfig, ClipTextTransformer};
+use crate::models::ldm_bert::{LdmBertConfig, LdmBertModel};
+use crate::models::unet::{PerBlock, UNetConfig, UNetConfigFile};
 use crate::models::vae::{VaeConfig, VaeDecoder};
-use crate::tokenizer::ClipTokenizer;
-use crate::weights::{read_json, Weights};
+use crate::scheduler::DdimConfig;
+use crate::tokenizer::{ClipTokenizer, Tokens, WordPieceTokenizer};
+use crate::weights::{read_json, ModelFiles, Weights};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
@@ -15,8 +25,11 @@ use std::path::Path;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
-    /// `StableDiffusionPipeline`: CLIP BPE tokenizer, CLIP text encoder, AutoencoderKL in `vae/`.
+    /// `StableDiffusionPipeline` (SD 1.x, 2.x): CLIP BPE tokenizer, CLIP text encoder, AutoencoderKL in `vae/`.
     StableDiffusion,
+    /// `LDMTextToImagePipeline` (CompVis/ldm-text2im-large-256, the paper's second model): BERT
+    /// WordPiece tokenizer, LDMBert in `bert/`, an AutoencoderKL in `vqvae/`.
+    LatentDiffusion,
 }
 
 /// Where a family keeps its parts, relative to the model folder.
@@ -27,6 +40,28 @@ pub struct Folders {
     pub decoder: &'static str,
 }
 
+/// How a family's pipeline uses guidance and the unconditional text.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rules {
+    /// Whether `--negative-prompt` is the unconditional text (SD), or that text is always "" (LDM).
+    pub negative_prompt: bool,
+    /// The pipeline's default guidance scale.
+    pub default_guidance: f64,
+    /// Guidance runs (two UNet branches) for scales above 1 (SD) or for every scale but 1 (LDM).
+    pub guide_below_one: bool,
+}
+
+impl Rules {
+    /// Whether `guidance_scale` runs classifier-free guidance (else the conditional branch alone).
+    pub fn guided(&self, guidance_scale: f64) -> bool {
+        if self.guide_below_one {
+            guidance_scale != 1.0
+        } else {
+            guidance_scale > 1.0
+        }
+    }
+}
+
 impl Family {
     /// From `model_index.json`; a folder without one (or a single file) is taken for Stable Diffusion.
     pub fn from_model_index(path: Option<&Path>) -> Result<Self> {
@@ -34,18 +69,148 @@ impl Family {
         let index: serde_json::Value = read_json(path)?;
         match index.get("_class_name").and_then(|v| v.as_str()) {
             None | Some("StableDiffusionPipeline") => Ok(Family::StableDiffusion),
+            Some("LDMTextToImagePipeline") => Ok(Family::LatentDiffusion),
             Some(other) => bail!(
-                "{}: {other} models are not supported (sdscale runs StableDiffusionPipeline models)",
+                "{}: {other} models are not supported (sdscale runs StableDiffusionPipeline and \
+                 LDMTextToImagePipeline models)",
                 path.display()
             ),
+        }
+    }
+
+    /// The diffusers pipeline class (`model_index.json`'s `_class_name`).
+    pub fn class_name(self) -> &'static str {
+        match self {
+            Family::StableDiffusion => "StableDiffusionPipeline",
+            Family::LatentDiffusion => "LDMTextToImagePipeline",
         }
     }
 
     pub fn folders(self) -> Folders {
         match self {
             Family::StableDiffusion => Folders { text_encoder: "text_encoder", tokenizer: "tokenizer", decoder: "vae" },
+            Family::LatentDiffusion => Folders { text_encoder: "bert", tokenizer: "tokenizer", decoder: "vqvae" },
         }
     }
+
+    /// The tokenizer's files, relative to its folder: (required, optional). A `tokenizer.json`, where a
+    /// model has one, replaces them all.
+    pub fn tokenizer_files(self) -> (&'static [&'static str], &'static [&'static str]) {
+        match self {
+            // The optional two decide the special tokens (SD 2.x pads with "!", SD 1.x with <|endoftext|>).
+            Family::StableDiffusion => {
+                (&["vocab.json", "merges.txt"], &["special_tokens_map.json", "tokenizer_config.json"])
+            }
+            // bert-base-uncased's vocabulary; the configs say lower-case and name the special tokens.
+            Family::LatentDiffusion => (&["vocab.txt"], &["tokenizer_config.json", "special_tokens_map.json"]),
+        }
+    }
+
+    pub fn rules(self) -> Rules {
+        match self {
+            // diffusers pipeline_stable_diffusion.py: do_classifier_free_guidance = guidance_scale > 1.
+            Family::StableDiffusion => Rules { negative_prompt: true, default_guidance: 7.5, guide_below_one: false },
+            // pipeline_latent_diffusion.py: the unconditional text is "" and guidance runs when
+            // guidance_scale != 1.0 (its default).
+            Family::LatentDiffusion => Rules { negative_prompt: false, default_guidance: 1.0, guide_below_one: true },
+        }
+    }
+
+    /// What metadata and `info` call the model: the family, told apart further by its configs (SD 1.x's
+    /// OpenAI CLIP uses quick_gelu, SD 2.x's OpenCLIP exact gelu; v-prediction marks SD 2.x at 768).
+    pub fn describe(self, files: &ModelFiles) -> Result<String> {
+        match self {
+            Family::StableDiffusion => {
+                let text: ClipTextConfig = read_json(&files.text_encoder_config)?;
+                let scheduler = DdimConfig::load(&files.scheduler_config)?;
+                let version = if text.hidden_act == "quick_gelu" { "SD 1.x" } else { "SD 2.x" };
+                Ok(match scheduler.prediction_type.as_str() {
+                    "v_prediction" => format!("{version} v-prediction"),
+                    _ => version.to_string(),
+                })
+            }
+            Family::LatentDiffusion => Ok("LDM text2im".to_string()),
+        }
+    }
+
+    /// The UNet config as this family's pipeline reads it.
+    pub fn unet_config(self, path: &Path) -> Result<UNetConfig> {
+        let mut file: UNetConfigFile = read_json(path)?;
+        if self == Family::StableDiffusion && written_before_0_9(file.diffusers_version.as_deref()) {
+            // diffusers 0.42.1 pipeline_stable_diffusion.py L257-284 (StableDiffusionPipeline.__init__):
+            // an int sample_size below 64 in a UNet config older than diffusers 0.9 is taken for 64,
+            // the fix for early SD 1.x configs that said 32.
+            if matches!(file.sample_size, PerBlock::One(size) if size < 64) {
+                file.sample_size = PerBlock::One(64);
+            }
+        }
+        UNetConfig::from_file(file).map_err(|e| anyhow!("{}: {e}", path.display()))
+    }
+
+    /// The text encoder with its tokenizer.
+    pub fn load_text_encoder(
+        self,
+        files: &ModelFiles,
+        device: &Device,
+        dtype: DType,
+        backends: &Backends,
+    ) -> Result<Box<dyn TextEncoder>> {
+        match self {
+            Family::StableDiffusion => Ok(Box::new(ClipTextEncoder::load(
+                &files.tokenizer_dir,
+                &files.text_encoder_config,
+                &files.text_encoder_weights,
+                device,
+                dtype,
+                backends,
+            )?)),
+            Family::LatentDiffusion => Ok(Box::new(LdmBertTextEncoder::load(
+                &files.tokenizer_dir,
+                &files.text_encoder_config,
+                &files.text_encoder_weights,
+                device,
+                dtype,
+                backends,
+            )?)),
+        }
+    }
+
+    /// The decoder from latents to pixels.
+    pub fn load_decoder(
+        self,
+        files: &ModelFiles,
+        device: &Device,
+        dtype: DType,
+        backends: &Backends,
+    ) -> Result<Box<dyn LatentDecoder>> {
+        match self {
+            // diffusers: latents / scaling_factor, a true division.
+            Family::StableDiffusion => Ok(Box::new(SdVae::load(
+                &files.vae_config,
+                &files.vae_weights,
+                device,
+                dtype,
+                backends,
+                LatentScaling::Divide,
+            )?)),
+            // pipeline_latent_diffusion.py: vqvae.decode(1 / scaling_factor * latents).
+            Family::LatentDiffusion => Ok(Box::new(SdVae::load(
+                &files.vae_config,
+                &files.vae_weights,
+                device,
+                dtype,
+                backends,
+                LatentScaling::MultiplyByReciprocal,
+            )?)),
+        }
+    }
+}
+
+/// Whether a config's `_diffusers_version` is older than 0.9 (unknown versions are taken for new).
+fn written_before_0_9(version: Option<&str>) -> bool {
+    let Some(version) = version else { return false };
+    let mut parts = version.split('.').map(|part| part.parse::<u32>().ok());
+    matches!((parts.next().flatten(), parts.next().flatten()), (Some(0), Some(minor)) if minor < 9)
 }
 
 /// Prompts → the embeddings the UNet's cross-attention reads.
@@ -103,21 +268,34 @@ impl ClipTextEncoder {
     }
 }
 
+/// Token ids (texts, max_length) for a batch of texts, warning about each truncated one.
+fn token_ids(
+    texts: &[(&str, &str)],
+    encoder: &str,
+    max_length: usize,
+    tokenize: impl Fn(&str) -> Result<Tokens>,
+    on_warning: &mut dyn FnMut(String),
+    device: &Device,
+) -> Result<Tensor> {
+    let mut ids = Vec::with_capacity(texts.len() * max_length);
+    for (what, text) in texts {
+        let tokens = tokenize(text)?;
+        if !tokens.truncated_text.is_empty() {
+            on_warning(format!(
+                "the {what} is longer than {encoder}'s {max_length} tokens; dropped: \"{}\"",
+                tokens.truncated_text
+            ));
+        }
+        ids.extend(tokens.ids);
+    }
+    Ok(Tensor::from_vec(ids, (texts.len(), max_length), device)?)
+}
+
 impl TextEncoder for ClipTextEncoder {
     fn encode(&self, texts: &[(&str, &str)], on_warning: &mut dyn FnMut(String)) -> Result<Tensor> {
-        let mut ids = Vec::new();
-        for (what, text) in texts {
-            let tokens = self.tokenizer.encode(text)?;
-            if !tokens.truncated_text.is_empty() {
-                on_warning(format!(
-                    "the {what} is longer than CLIP's {} tokens; dropped: \"{}\"",
-                    self.tokenizer.max_length(),
-                    tokens.truncated_text
-                ));
-            }
-            ids.extend(tokens.ids);
-        }
-        let input_ids = Tensor::from_vec(ids, (texts.len(), self.tokenizer.max_length()), &self.device)?;
+        let max_length = self.tokenizer.max_length();
+        let tokenize = |text: &str| self.tokenizer.encode(text);
+        let input_ids = token_ids(texts, "CLIP", max_length, tokenize, on_warning, &self.device)?;
         Ok(self.model.forward(&input_ids)?.to_dtype(self.dtype)?)
     }
 
@@ -126,29 +304,100 @@ impl TextEncoder for ClipTextEncoder {
     }
 }
 
-/// The AutoencoderKL decoder, with an f32 copy built on first need: half-precision VAEs can overflow
+// ---- LDM-256: LDMBert ----------------------------------------------------------------------------
+
+/// The WordPiece tokenizer and LDMBert, as `LDMTextToImagePipeline.__call__` uses them (no mask).
+pub struct LdmBertTextEncoder {
+    pub tokenizer: WordPieceTokenizer,
+    pub model: LdmBertModel,
+    hidden_size: usize,
+    device: Device,
+    dtype: DType,
+}
+
+impl LdmBertTextEncoder {
+    pub fn load(
+        tokenizer_dir: &Path,
+        config: &Path,
+        weights: &Weights,
+        device: &Device,
+        dtype: DType,
+        backends: &Backends,
+    ) -> Result<Self> {
+        let bert_config: LdmBertConfig = read_json(config)?;
+        bert_config.validate().map_err(|e| anyhow!("{}: {e}", config.display()))?;
+        // The pipeline pads and truncates to 77; the positions say how many the model has.
+        let tokenizer = WordPieceTokenizer::load(tokenizer_dir)?
+            .with_max_length(bert_config.max_position_embeddings)
+            .with_context(|| format!("{}: max_position_embeddings", config.display()))?;
+        let model = LdmBertModel::new(weights.var_builder(dtype, device)?, &bert_config, backends)
+            .with_context(|| format!("loading the text encoder from {}", weights.path().display()))?;
+        Ok(Self { tokenizer, model, hidden_size: bert_config.d_model, device: device.clone(), dtype })
+    }
+}
+
+impl TextEncoder for LdmBertTextEncoder {
+    fn encode(&self, texts: &[(&str, &str)], on_warning: &mut dyn FnMut(String)) -> Result<Tensor> {
+        let max_length = self.tokenizer.max_length();
+        let tokenize = |text: &str| self.tokenizer.encode(text);
+        let input_ids = token_ids(texts, "LDMBert", max_length, tokenize, on_warning, &self.device)?;
+        Ok(self.model.forward(&input_ids)?.to_dtype(self.dtype)?)
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+}
+
+// ---- the decoder ---------------------------------------------------------------------------------
+
+/// The AutoencoderKL decoder (SD's `vae/`, LDM's `vqvae/`), with an f32 copy built on first need: half-precision VAEs can overflow
 /// to inf/NaN (black images), and then the decode is redone in f32.
 pub struct SdVae {
     pub vae: VaeDecoder,
+    scaling: LatentScaling,
     vae_f32: std::sync::OnceLock<VaeDecoder>,
     weights: Weights,
     device: Device,
     dtype: DType,
 }
 
+/// How a pipeline undoes the latents' scaling before decoding: the two round differently in f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LatentScaling {
+    /// `latents / scaling_factor` (StableDiffusionPipeline).
+    Divide,
+    /// `1 / scaling_factor * latents` (LDMTextToImagePipeline).
+    MultiplyByReciprocal,
+}
+
 impl SdVae {
-    pub fn load(config: &Path, weights: &Weights, device: &Device, dtype: DType, backends: &Backends) -> Result<Self> {
+    pub fn load(
+        config: &Path,
+        weights: &Weights,
+        device: &Device,
+        dtype: DType,
+        backends: &Backends,
+        scaling: LatentScaling,
+    ) -> Result<Self> {
         let vae_config: VaeConfig = read_json(config)?;
         vae_config.validate().map_err(|e| anyhow!("{}: {e}", config.display()))?;
         let vae = VaeDecoder::new(weights.var_builder(dtype, device)?, vae_config, backends)
             .with_context(|| format!("loading the VAE from {}", weights.path().display()))?;
-        Ok(Self { vae, vae_f32: std::sync::OnceLock::new(), weights: weights.clone(), device: device.clone(), dtype })
+        let vae_f32 = std::sync::OnceLock::new();
+        Ok(Self { vae, scaling, vae_f32, weights: weights.clone(), device: device.clone(), dtype })
     }
 
     fn decode_with(&self, vae: &VaeDecoder, latents: &Tensor) -> Result<Tensor> {
-        // A true division, as diffusers divides (not a multiplication by the reciprocal).
-        let scaling = Tensor::new(vae.config.scaling_factor as f32, &self.device)?.to_dtype(latents.dtype())?;
-        Ok(vae.decode(&latents.broadcast_div(&scaling)?)?)
+        let latents = match self.scaling {
+            LatentScaling::Divide => {
+                let factor = Tensor::new(vae.config.scaling_factor as f32, &self.device)?.to_dtype(latents.dtype())?;
+                latents.broadcast_div(&factor)?
+            }
+            // torch: the Python float 1 / scaling_factor (a double) times the tensor, in its dtype.
+            LatentScaling::MultiplyByReciprocal => (latents * (1.0 / vae.config.scaling_factor))?,
+        };
+        Ok(vae.decode(&latents)?)
     }
 }
 

@@ -47,6 +47,17 @@ pub struct ImageMetadata {
     pub seconds: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_device_mib: Option<f64>,
+    /// The model family ("SD 1.x", "SD 2.x", "SD 2.x v-prediction", "LDM text2im"); absent in files
+    /// written before sdscale knew families.
+    #[serde(default)]
+    pub family: Option<String>,
+    /// DDIM eta; left out when 0 (deterministic), as in every file written before it existed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub eta: f64,
+}
+
+fn is_zero(value: &f64) -> bool {
+    *value == 0.0
 }
 
 /// The `sdscale` chunk of a `compare` grid: the run's settings and where each cell sits.
@@ -273,6 +284,8 @@ mod tests {
             circular: false,
             seconds: Some(3.25),
             peak_device_mib: None,
+            family: Some("SD 2.x".into()),
+            eta: 0.0,
         }
     }
 

@@ -9,14 +9,14 @@
 use crate::attention::{AttentionObserver, AttentionScale};
 use crate::backend::Backends;
 use crate::entropy::EntropyProbe;
-use crate::family::{self, ClipTextEncoder, Family, LatentDecoder, SdVae, TextEncoder};
+use crate::family::{self, LatentDecoder, Rules, TextEncoder};
 use crate::mode::{Denoiser, RenderPlan, Views, Window};
-use crate::models::unet::{UNet2DConditionModel, UNetConfig, UNetConfigFile};
+use crate::models::unet::UNet2DConditionModel;
 use crate::rng::{randn, TorchGenerator};
 use crate::scheduler::{DdimConfig, DdimScheduler};
 use crate::size::{PixelSize, TrainingSize};
 use crate::unet_step::UNetStepper;
-use crate::weights::{read_json, ModelFiles};
+use crate::weights::ModelFiles;
 use anyhow::{anyhow, ensure, Context, Result};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use image::RgbImage;
@@ -60,11 +60,6 @@ impl GenerateRequest {
     pub fn batch_key(&self) -> BatchKey {
         BatchKey::new(&self.plan, self.steps, self.guidance_scale)
     }
-
-    /// diffusers: guidance only when guidance_scale > 1; otherwise the conditional branch alone.
-    fn guided(&self) -> bool {
-        self.guidance_scale > 1.0
-    }
 }
 
 /// `generate_batch` stopped because it was asked to (Ctrl-C); no image of the batch was finished.
@@ -88,8 +83,7 @@ pub fn lanczos3(image: &RgbImage, size: PixelSize) -> RgbImage {
 /// checked before any slow work. The one place it is computed: the UNet's `sample_size` (latents) times
 /// the decoder's scale factor.
 pub fn training_size_of(files: &ModelFiles) -> Result<TrainingSize> {
-    let unet_file: UNetConfigFile = read_json(&files.unet_config)?;
-    let unet_config = UNetConfig::from_file(unet_file).map_err(|e| anyhow!("{}: {e}", files.unet_config.display()))?;
+    let unet_config = files.family.unet_config(&files.unet_config)?;
     let factor = family::decoder_scale_factor(&files.vae_config)?;
     let (h, w) = unet_config.sample_size;
     Ok(TrainingSize { pixels: PixelSize::new(w * factor, h * factor), vae_scale_factor: factor })
@@ -107,6 +101,10 @@ pub struct Pipeline {
     unet: UNet2DConditionModel,
     decoder: Box<dyn LatentDecoder>,
     scheduler_config: DdimConfig,
+    /// The family's guidance and unconditional-text rules.
+    rules: Rules,
+    /// What metadata calls the model ("SD 1.x", "SD 2.x v-prediction", …).
+    family_name: String,
     training: TrainingSize,
     /// The kernels chosen at load; the session reads whether to capture CUDA graphs from it.
     backends: Backends,
@@ -123,23 +121,10 @@ impl Pipeline {
         }
         let scheduler_config = DdimConfig::load(&files.scheduler_config)?;
         let training = training_size_of(files)?;
-        let (text_encoder, decoder): (Box<dyn TextEncoder>, Box<dyn LatentDecoder>) = match files.family {
-            Family::StableDiffusion => (
-                Box::new(ClipTextEncoder::load(
-                    &files.tokenizer_dir,
-                    &files.text_encoder_config,
-                    &files.text_encoder_weights,
-                    device,
-                    dtype,
-                    &backends,
-                )?),
-                Box::new(SdVae::load(&files.vae_config, &files.vae_weights, device, dtype, &backends)?),
-            ),
-        };
-
-        let unet_file: UNetConfigFile = read_json(&files.unet_config)?;
-        let unet_config =
-            UNetConfig::from_file(unet_file).map_err(|e| anyhow!("{}: {e}", files.unet_config.display()))?;
+        let family = files.family;
+        let text_encoder = family.load_text_encoder(files, device, dtype, &backends)?;
+        let decoder = family.load_decoder(files, device, dtype, &backends)?;
+        let unet_config = family.unet_config(&files.unet_config)?;
         ensure!(
             unet_config.cross_attention_dim == text_encoder.hidden_size(),
             "{}: the UNet wants {}-wide text embeddings but the text encoder makes {}",
@@ -158,7 +143,29 @@ impl Pipeline {
             UNet2DConditionModel::with_backends(files.unet_weights.var_builder(dtype, device)?, unet_config, &backends)
                 .with_context(|| format!("loading the UNet from {}", files.unet_weights.path().display()))?;
 
-        Ok(Self { text_encoder, unet, decoder, scheduler_config, training, backends, device: device.clone(), dtype })
+        Ok(Self {
+            text_encoder,
+            unet,
+            decoder,
+            scheduler_config,
+            rules: family.rules(),
+            family_name: family.describe(files)?,
+            training,
+            backends,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// What metadata calls the model: its family, told apart by its configs ("SD 1.x", "SD 2.x
+    /// v-prediction", "LDM text2im").
+    pub fn family_name(&self) -> &str {
+        &self.family_name
+    }
+
+    /// Whether a request runs classifier-free guidance, by the family's rule.
+    fn guided(&self, request: &GenerateRequest) -> bool {
+        self.rules.guided(request.guidance_scale)
     }
 
     /// The size the model was trained at (from its configs).
@@ -169,7 +176,12 @@ impl Pipeline {
     /// A rendering session: per-run state (on CUDA, the captured graph of the UNet step) lives as long
     /// as the session, so every batch of a run reuses it.
     pub fn session(&self) -> Session<'_> {
-        Session { pipeline: self, stepper: UNetStepper::new(&self.device, self.backends.cuda_graph), view_batch: 1 }
+        Session {
+            pipeline: self,
+            stepper: UNetStepper::new(&self.device, self.backends.cuda_graph),
+            view_batch: 1,
+            eta: 0.0,
+        }
     }
 
     /// Stages 1–3 for one image, in a session of its own: the final latents, not yet decoded. With a
@@ -185,7 +197,7 @@ impl Pipeline {
         let never = AtomicBool::new(false);
         // Measured runs read values back to the host every layer: always eager.
         let mut stepper = UNetStepper::new(&self.device, probe.is_none() && self.backends.cuda_graph);
-        self.denoise_batch(&mut stepper, 1, std::slice::from_ref(request), on_event, &never, probe)
+        self.denoise_batch(&mut stepper, 1, 0.0, std::slice::from_ref(request), on_event, &never, probe)
     }
 
     /// Stages 1–3 for a batch: text embeddings, seeded noise, the denoising loop.
@@ -194,6 +206,7 @@ impl Pipeline {
         &self,
         stepper: &mut UNetStepper,
         view_batch: usize,
+        eta: f64,
         requests: &[GenerateRequest],
         on_event: &mut dyn FnMut(Event),
         cancel: &AtomicBool,
@@ -211,16 +224,26 @@ impl Pipeline {
             "width and height must be multiples of {factor}, got {size}"
         );
 
+        let guided = self.guided(first);
+        ensure!(
+            eta == 0.0 || first.plan.denoiser == Denoiser::Whole,
+            "--eta applies to the default, entropy and resize modes; MultiDiffusion runs with eta 0"
+        );
+
         // 1. encode the prompts
         let started = std::time::Instant::now();
-        let prompt_embeds = self.encode_prompts(requests, first.guided(), on_event)?;
+        let prompt_embeds = self.encode_prompts(requests, guided, on_event)?;
         self.device.synchronize()?;
         on_event(Event::Stage("text encoder", started.elapsed()));
 
-        // 2. the initial noise, each image from its own seed (so it does not depend on its batch).
-        let latents = requests
-            .iter()
-            .map(|r| self.prepare_latents(r.seed, size.width / factor, size.height / factor))
+        // 2. the initial noise, each image from its own seed (so it does not depend on its batch). Each
+        // image keeps its generator: with eta > 0 the steps' noise continues its stream, as diffusers'
+        // StableDiffusionPipeline hands its generator to DDIMScheduler.step.
+        let (latent_width, latent_height) = (size.width / factor, size.height / factor);
+        let mut generators: Vec<TorchGenerator> = requests.iter().map(|r| TorchGenerator::new(r.seed)).collect();
+        let latents = generators
+            .iter_mut()
+            .map(|generator| self.draw_noise(generator, latent_width, latent_height))
             .collect::<Result<Vec<_>>>()?;
         let mut latents = Tensor::cat(&latents, 0)?; // (B, 4, h, w)
 
@@ -235,19 +258,27 @@ impl Pipeline {
             }
             // The probe measures the first text-conditioned entry of the UNet's batch, which is
             // [negatives…, prompts…] under guidance: entry B, the first prompt.
-            let batch_entry = if first.guided() { requests.len() } else { 0 };
+            let batch_entry = if guided { requests.len() } else { 0 };
             let probe = probe.and_then(|probe| probe.at_step(index, batch_entry)).map(|p| p as &dyn AttentionObserver);
             latents = match first.plan.denoiser {
                 Denoiser::Whole => {
                     let noise =
                         self.guided_noise(stepper, &latents, timestep, &prompt_embeds, first, probe, on_event)?;
-                    scheduler.step(&noise, timestep, &latents)?
+                    let variance_noise = if eta > 0.0 {
+                        let noise = generators
+                            .iter_mut()
+                            .map(|generator| self.draw_noise(generator, latent_width, latent_height))
+                            .collect::<Result<Vec<_>>>()?;
+                        Some(Tensor::cat(&noise, 0)?)
+                    } else {
+                        None
+                    };
+                    scheduler.step_with_noise(&noise, timestep, &latents, eta, variance_noise.as_ref())?
                 }
                 Denoiser::Views(views) => {
                     // The windows, their coverage and the repeated embeddings are the same every step.
                     if view_layout.is_none() {
-                        view_layout =
-                            Some(ViewLayout::new(views, &latents, &prompt_embeds, first.guided(), view_batch)?);
+                        view_layout = Some(ViewLayout::new(views, &latents, &prompt_embeds, guided, view_batch)?);
                     }
                     let layout = view_layout.as_ref().expect("set just above");
                     self.multidiffusion_step(stepper, &scheduler, &latents, layout, timestep, first, on_event)?
@@ -292,7 +323,9 @@ impl Pipeline {
     ) -> Result<Tensor> {
         let mut texts = vec![("prompt", request.prompt.as_str())];
         if guide {
-            texts.insert(0, ("negative prompt", request.negative_prompt.as_str()));
+            // LDM's unconditional text is always "" (it has no negative prompt).
+            let unconditional = if self.rules.negative_prompt { request.negative_prompt.as_str() } else { "" };
+            texts.insert(0, ("negative prompt", unconditional));
         }
         self.text_encoder.encode(&texts, &mut |warning| on_event(Event::Warning(warning)))
     }
@@ -311,7 +344,7 @@ impl Pipeline {
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Tensor> {
         let batch = latents.dim(0)?;
-        let guide = request.guided();
+        let guide = self.guided(request);
         let latent_model_input = if guide { Tensor::cat(&[latents, latents], 0)? } else { latents.clone() };
         let noise_pred = stepper.step(
             &self.unet,
@@ -364,9 +397,14 @@ impl Pipeline {
     /// `torch.randn((1, c, h, w), generator=torch.Generator("cpu").manual_seed(seed))`, then moved to the
     /// compute device and dtype (DDIM's init_noise_sigma is 1).
     pub fn prepare_latents(&self, seed: u32, latent_width: usize, latent_height: usize) -> Result<Tensor> {
+        self.draw_noise(&mut TorchGenerator::new(seed), latent_width, latent_height)
+    }
+
+    /// The next (1, c, h, w) standard normals of `generator`, on the compute device and dtype.
+    fn draw_noise(&self, generator: &mut TorchGenerator, latent_width: usize, latent_height: usize) -> Result<Tensor> {
         let channels = self.unet.config.in_channels;
         let shape = (1, channels, latent_height, latent_width);
-        let noise = randn(&mut TorchGenerator::new(seed), channels * latent_height * latent_width);
+        let noise = randn(generator, channels * latent_height * latent_width);
         Ok(Tensor::from_vec(noise, shape, &Device::Cpu)?.to_device(&self.device)?.to_dtype(self.dtype)?)
     }
 
@@ -508,6 +546,7 @@ pub struct Session<'a> {
     pipeline: &'a Pipeline,
     stepper: UNetStepper,
     view_batch: usize,
+    eta: f64,
 }
 
 impl Session<'_> {
@@ -515,6 +554,13 @@ impl Session<'_> {
     /// `view_batch_size`; 1 by default.
     pub fn with_view_batch(mut self, view_batch: usize) -> Self {
         self.view_batch = view_batch.max(1);
+        self
+    }
+
+    /// DDIM's eta (0 by default: deterministic). With eta > 0 every step adds noise drawn from each
+    /// image's seeded generator, continuing after its initial latents (see `denoise_batch`).
+    pub fn with_eta(mut self, eta: f64) -> Self {
+        self.eta = eta;
         self
     }
 
@@ -530,8 +576,15 @@ impl Session<'_> {
         on_event: &mut dyn FnMut(Event),
         cancel: &AtomicBool,
     ) -> Result<Vec<RgbImage>> {
-        let latents =
-            self.pipeline.denoise_batch(&mut self.stepper, self.view_batch, requests, on_event, cancel, None)?;
+        let latents = self.pipeline.denoise_batch(
+            &mut self.stepper,
+            self.view_batch,
+            self.eta,
+            requests,
+            on_event,
+            cancel,
+            None,
+        )?;
 
         // 4. decode one image at a time: the VAE's memory grows fast with pixels, and it is cheap
         // next to the denoising loop.

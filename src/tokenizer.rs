@@ -231,3 +231,166 @@ fn clip_tokenizer_json(dir: &Path, special: &SpecialTokens) -> Result<Value> {
         }
     }))
 }
+
+// ---- WordPiece (BERT), for LDM-256 ----------------------------------------------------------------
+
+/// BERT's uncased WordPiece tokenizer, as transformers' `BertTokenizer` builds it from `vocab.txt`
+/// (LDM-256's `tokenizer/`: bert-base-uncased's vocabulary, no tokenizer.json): BertNormalizer (clean
+/// the text, space out CJK characters, lower-case and strip accents), BertPreTokenizer (split on
+/// whitespace and punctuation), WordPiece with `##` continuations, `[CLS] … [SEP]`, then `[PAD]` to the
+/// context length. LDM's pipeline passes no attention mask, so the padding is attended to.
+pub struct WordPieceTokenizer {
+    tokenizer: Tokenizer,
+    max_length: usize,
+    cls_id: u32,
+    sep_id: u32,
+    pad_id: u32,
+}
+
+impl WordPieceTokenizer {
+    /// Reads `vocab.txt` (one token per line, the line number is the id) and the special tokens and
+    /// casing of `tokenizer_config.json` / `special_tokens_map.json` (BertTokenizer's defaults otherwise).
+    pub fn load(dir: &Path) -> Result<Self> {
+        let vocab_path = dir.join("vocab.txt");
+        let text = std::fs::read_to_string(&vocab_path).with_context(|| {
+            format!("reading {} (an LDM model's tokenizer folder needs vocab.txt)", vocab_path.display())
+        })?;
+        let mut vocab = serde_json::Map::new();
+        // transformers' load_vocab: every line, stripped of its newline, in order (duplicates keep the last id).
+        for (id, token) in text.lines().enumerate() {
+            vocab.insert(token.trim_end_matches('\r').to_string(), json!(id));
+        }
+        let config = read_config(dir)?;
+        let flag = |key: &str, default: bool| config.get(key).and_then(Value::as_bool).unwrap_or(default);
+        let special = |key: &str, default: &str| match config.get(key) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).unwrap_or(default).to_string(),
+            _ => default.to_string(),
+        };
+        let (unk, cls, sep, pad, mask) = (
+            special("unk_token", "[UNK]"),
+            special("cls_token", "[CLS]"),
+            special("sep_token", "[SEP]"),
+            special("pad_token", "[PAD]"),
+            special("mask_token", "[MASK]"),
+        );
+        let lowercase = flag("do_lower_case", true);
+        // strip_accents null (the default) follows lowercase, as BertNormalizer does.
+        let strip_accents = config.get("strip_accents").cloned().unwrap_or(Value::Null);
+        let mut added_tokens = Vec::new();
+        for token in [&pad, &unk, &cls, &sep, &mask] {
+            let Some(id) = vocab.get(token.as_str()).and_then(Value::as_u64) else { continue };
+            added_tokens.push(json!({
+                "id": id, "content": token, "special": true, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false
+            }));
+        }
+        let document = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added_tokens,
+            "normalizer": {"type": "BertNormalizer", "clean_text": true,
+                "handle_chinese_chars": flag("tokenize_chinese_chars", true),
+                "strip_accents": strip_accents, "lowercase": lowercase},
+            "pre_tokenizer": {"type": "BertPreTokenizer"},
+            "post_processor": null,
+            "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
+            "model": {"type": "WordPiece", "unk_token": unk, "continuing_subword_prefix": "##",
+                "max_input_chars_per_word": 100, "vocab": vocab}
+        });
+        let tokenizer = Tokenizer::from_bytes(serde_json::to_vec(&document)?)
+            .map_err(anyhow::Error::from_boxed)
+            .with_context(|| format!("building the WordPiece tokenizer from {}", vocab_path.display()))?;
+        let id = |token: &str| {
+            tokenizer
+                .token_to_id(token)
+                .with_context(|| format!("{}: special token {token:?} is not in the vocabulary", vocab_path.display()))
+        };
+        if tokenizer.token_to_id(&unk).is_none() {
+            bail!("{}: the unknown token {unk:?} is not in the vocabulary", vocab_path.display());
+        }
+        Ok(Self { cls_id: id(&cls)?, sep_id: id(&sep)?, pad_id: id(&pad)?, tokenizer, max_length: MAX_LENGTH })
+    }
+
+    /// The same tokenizer padding and truncating to `max_length` ids (the text encoder's positions).
+    pub fn with_max_length(self, max_length: usize) -> Result<Self> {
+        if max_length < 2 {
+            bail!("a context length of {max_length} tokens leaves no room for the prompt");
+        }
+        Ok(Self { max_length, ..self })
+    }
+
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    /// Like `tokenizer(prompt, padding="max_length", max_length=77, truncation=True)`: [CLS], at most
+    /// max_length − 2 tokens, [SEP], then [PAD].
+    pub fn encode(&self, prompt: &str) -> Result<Tokens> {
+        let encoding = self.tokenizer.encode(prompt, false).map_err(anyhow::Error::from_boxed)?;
+        let body = encoding.get_ids();
+        let room = self.max_length - 2;
+        let kept = &body[..body.len().min(room)];
+        let truncated_text = if body.len() > room {
+            self.tokenizer.decode(&body[room..], true).map_err(anyhow::Error::from_boxed)?
+        } else {
+            String::new()
+        };
+        let mut ids = Vec::with_capacity(self.max_length);
+        ids.push(self.cls_id);
+        ids.extend_from_slice(kept);
+        ids.push(self.sep_id);
+        ids.resize(self.max_length, self.pad_id);
+        Ok(Tokens { ids, truncated_text })
+    }
+}
+
+/// `tokenizer_config.json` overridden by `special_tokens_map.json`, as transformers merges them.
+fn read_config(dir: &Path) -> Result<serde_json::Map<String, Value>> {
+    let mut merged = serde_json::Map::new();
+    for name in ["tokenizer_config.json", "special_tokens_map.json"] {
+        let path = dir.join(name);
+        if !path.is_file() {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let map: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        if let Value::Object(map) = map {
+            merged.extend(map.into_iter().filter(|(_, v)| !v.is_null()));
+        }
+    }
+    Ok(merged)
+}
+
+#[cfg(test)]
+mod wordpiece_tests {
+    use super::*;
+
+    /// A vocabulary written here, with bert-base-uncased's layout of specials ([PAD] = 0).
+    fn tokenizer(dir: &Path) -> WordPieceTokenizer {
+        let vocab =
+            ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "corgi", "on", "beach", "cafe", "##s", ",", "!"];
+        std::fs::write(dir.join("vocab.txt"), vocab.join("\n") + "\n").unwrap();
+        WordPieceTokenizer::load(dir).unwrap()
+    }
+
+    #[test]
+    fn lowercases_strips_accents_splits_punctuation_and_pads() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = tokenizer(dir.path()).encode("A CORGI on a Café, corgis!! zebra").unwrap();
+        let body = [2, 5, 6, 7, 5, 9, 11, 6, 10, 12, 12, 1, 3];
+        assert_eq!(&tokens.ids[..body.len()], &body);
+        assert!(tokens.ids[body.len()..].iter().all(|&id| id == 0) && tokens.ids.len() == MAX_LENGTH);
+        assert!(tokens.truncated_text.is_empty());
+    }
+
+    #[test]
+    fn truncates_to_the_context_length_and_names_the_dropped_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokenizer = tokenizer(dir.path()).with_max_length(5).unwrap();
+        let tokens = tokenizer.encode("a corgi on a beach").unwrap();
+        assert_eq!(tokens.ids, [2, 5, 6, 7, 3]);
+        assert_eq!(tokens.truncated_text, "a beach");
+    }
+}

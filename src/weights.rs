@@ -102,6 +102,15 @@ impl ModelSource {
     }
 }
 
+/// Hub repos whose main branch holds only pickle weights, and the revision with the same weights as
+/// safetensors (a conversion pull request): taken when no --revision is given.
+const SAFETENSORS_REVISIONS: [(&str, &str); 1] = [("CompVis/ldm-text2im-large-256", "refs/pr/10")];
+
+/// The revision to use for `repo` when none is given, if its main branch would not do.
+pub fn safetensors_revision(repo: &str) -> Option<&'static str> {
+    SAFETENSORS_REVISIONS.iter().find(|(known, _)| known.eq_ignore_ascii_case(repo)).map(|(_, revision)| *revision)
+}
+
 fn is_repo_id(spec: &str) -> bool {
     spec.split('/').count() == 2
         && !spec.starts_with('.')
@@ -181,11 +190,23 @@ impl ModelFiles {
                 Ok(Self::assemble(configs, weights(unet)?, weights(text_encoder)?, weights(decoder)?, Vec::new()))
             }
             ModelSource::Hub { repo, revision } => {
+                let mut notes = Vec::new();
+                let revision = match (revision, safetensors_revision(repo)) {
+                    (Some(revision), _) => Some(revision.clone()),
+                    (None, Some(revision)) => {
+                        notes.push(format!(
+                            "{repo}: its main branch has only pickle .bin weights, which sdscale never loads; \
+                             using revision {revision} (the same weights as safetensors; --revision picks another)"
+                        ));
+                        Some(revision.to_string())
+                    }
+                    (None, None) => None,
+                };
                 let hub = Hub::new(repo, revision.as_deref())?;
                 let configs = hub.configs()?;
                 let [unet, text_encoder, decoder] = weight_files(configs.family);
                 let weights = |(component, stem): (&str, &str)| hub.weights(component, stem, dtype);
-                Ok(Self::assemble(configs, weights(unet)?, weights(text_encoder)?, weights(decoder)?, Vec::new()))
+                Ok(Self::assemble(configs, weights(unet)?, weights(text_encoder)?, weights(decoder)?, notes))
             }
             ModelSource::File { path, config } => {
                 let file = SafetensorsFile::open(path)?;
@@ -240,13 +261,21 @@ fn configs_from_dir(dir: &Path) -> Result<Configs> {
         if path.is_file() {
             Ok(path)
         } else {
-            bail!("model folder {} has no {name} (expected the diffusers layout: unet/, text_encoder/, vae/, scheduler/, tokenizer/)", dir.display())
+            bail!(
+                "model folder {} has no {name} (expected the diffusers layout: unet/, {}/, {}/, scheduler/, {}/)",
+                dir.display(),
+                folders.text_encoder,
+                folders.decoder,
+                folders.tokenizer
+            )
         }
     };
     let tokenizer_dir = dir.join(folders.tokenizer);
     if !tokenizer_dir.join("tokenizer.json").is_file() {
-        file(&format!("{}/vocab.json", folders.tokenizer))?;
-        file(&format!("{}/merges.txt", folders.tokenizer))?;
+        let (required, _) = family.tokenizer_files();
+        for name in required {
+            file(&format!("{}/{name}", folders.tokenizer))?;
+        }
     }
     Ok(Configs {
         family,
@@ -289,6 +318,7 @@ fn weight_candidates(component: &str, stem: &str, dtype: DType) -> Vec<String> {
 /// otherwise. Files are fetched one by one, by name, so nothing else in the repo is downloaded.
 struct Hub {
     repo_id: String,
+    revision: Option<String>,
     cache: hf_hub::CacheRepo,
     api: Option<hf_hub::api::sync::ApiRepo>,
     offline: bool,
@@ -308,7 +338,7 @@ impl Hub {
             let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()).or_else(|| Cache::from_env().token());
             Some(ApiBuilder::from_env().with_token(token).with_progress(true).build()?.repo(repo))
         };
-        Ok(Self { repo_id: repo_id.to_string(), cache, api, offline })
+        Ok(Self { repo_id: repo_id.to_string(), revision: revision.map(str::to_string), cache, api, offline })
     }
 
     fn fetch(&self, name: &str) -> Result<PathBuf, String> {
@@ -324,15 +354,24 @@ impl Hub {
     }
 
     fn how_to_fix(&self) -> String {
+        let revision = self.revision.as_ref().map(|rev| format!(" --revision {rev}")).unwrap_or_default();
         format!(
-            "download it where there is network (e.g. `hf download {}`) and pass the folder with --model DIR, or set HF_HOME to a cache that holds it",
+            "download it where there is network (e.g. `hf download {}{revision}`) and pass the folder with --model DIR, or set HF_HOME to a cache that holds it",
             self.repo_id
         )
     }
 
+    /// The repo, and its revision when one was chosen, for messages.
+    fn name(&self) -> String {
+        match &self.revision {
+            Some(revision) => format!("{} at revision {revision}", self.repo_id),
+            None => self.repo_id.clone(),
+        }
+    }
+
     fn required(&self, name: &str) -> Result<PathBuf> {
         self.fetch(name).map_err(|err| {
-            anyhow::anyhow!("cannot get {name} of Hub model {}: {err}; {}", self.repo_id, self.how_to_fix())
+            anyhow::anyhow!("cannot get {name} of Hub model {}: {err}; {}", self.name(), self.how_to_fix())
         })
     }
 
@@ -345,12 +384,15 @@ impl Hub {
         let tokenizer_dir = match self.fetch(&tokenizer("tokenizer.json")) {
             Ok(path) => path.parent().unwrap().to_path_buf(),
             Err(_) => {
-                let vocab = self.required(&tokenizer("vocab.json"))?;
-                self.required(&tokenizer("merges.txt"))?;
-                // Optional, but they decide the special tokens (SD 2.x pads with "!").
-                let _ = self.fetch(&tokenizer("special_tokens_map.json"));
-                let _ = self.fetch(&tokenizer("tokenizer_config.json"));
-                vocab.parent().unwrap().to_path_buf()
+                let (required, optional) = family.tokenizer_files();
+                let mut dir = None;
+                for name in required {
+                    dir = Some(self.required(&tokenizer(name))?.parent().unwrap().to_path_buf());
+                }
+                for name in optional {
+                    let _ = self.fetch(&tokenizer(name));
+                }
+                dir.expect("every family's tokenizer has a required file")
             }
         };
         Ok(Configs {
@@ -372,10 +414,16 @@ impl Hub {
                 Err(err) => last_err = err,
             }
         }
+        let pickles_only = match (safetensors_revision(&self.repo_id), &self.revision) {
+            (Some(revision), Some(chosen)) if chosen != revision => {
+                format!(" (its {chosen} has only pickle .bin weights; the safetensors are at --revision {revision})")
+            }
+            _ => String::new(),
+        };
         bail!(
-            "cannot get {} of Hub model {}: {last_err}; {}",
+            "cannot get {} of Hub model {}{pickles_only}: {last_err}; {}",
             candidates.last().unwrap(),
-            self.repo_id,
+            self.name(),
             self.how_to_fix()
         )
     }

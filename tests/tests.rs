@@ -8,6 +8,7 @@ mod batch;
 mod cli;
 mod compare;
 mod entropy;
+mod families;
 mod full_size;
 mod images;
 mod multidiffusion;

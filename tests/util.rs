@@ -1,7 +1,7 @@
 //! Shared helpers: fixture paths, the fixture pipeline, running the real binary, comparing images.
 
 use candle_core::{DType, Device, Tensor};
-use sdscale::family::{ClipTextEncoder, SdVae};
+use sdscale::family::{ClipTextEncoder, LatentScaling, SdVae};
 use sdscale::pipeline::Pipeline;
 use sdscale::weights::{ModelFiles, ModelSource};
 use std::collections::HashMap;
@@ -65,7 +65,9 @@ pub fn vae() -> &'static SdVae {
     static VAE: OnceLock<SdVae> = OnceLock::new();
     VAE.get_or_init(|| {
         let files = fixture_files();
-        SdVae::load(&files.vae_config, &files.vae_weights, &Device::Cpu, DType::F32, &cpu_f32_backends()).unwrap()
+        let backends = cpu_f32_backends();
+        SdVae::load(&files.vae_config, &files.vae_weights, &Device::Cpu, DType::F32, &backends, LatentScaling::Divide)
+            .unwrap()
     })
 }
 

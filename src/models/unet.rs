@@ -50,6 +50,9 @@ impl PerBlock {
 /// network in a way this file does not implement are checked in [`UNetConfig::validate`].
 #[derive(Debug, Clone, Deserialize)]
 pub struct UNetConfigFile {
+    /// The diffusers version that wrote the file (some pipelines read old configs differently).
+    #[serde(rename = "_diffusers_version", default)]
+    pub diffusers_version: Option<String>,
     pub sample_size: PerBlock,
     #[serde(default = "four")]
     pub in_channels: usize,
@@ -195,22 +198,22 @@ pub struct UNetConfig {
     /// ([5, 10, 20, 20]) is really the head *count* when `num_attention_heads` is absent.
     pub num_attention_heads: Vec<usize>,
     pub use_linear_projection: bool,
+    /// Attention logits and softmax in f32 even when computing in f16/bf16 (SD 2.1 at 768 overflows
+    /// to NaN otherwise): diffusers' `upcast_attention`.
+    pub upcast_attention: bool,
 }
 
 impl UNetConfig {
     pub fn from_file(file: UNetConfigFile) -> std::result::Result<Self, String> {
         let blocks = file.block_out_channels.len();
         let unsupported = |key: &str, value: &dyn std::fmt::Debug| {
-            format!("unet config: {key} = {value:?} is not supported by sdscale (SD 2.1-base layout only)")
+            format!("unet config: {key} = {value:?} is not supported by sdscale (SD 1.x/2.x and LDM UNets only)")
         };
         let truthy = |value: &serde_json::Value| match value {
             serde_json::Value::Bool(b) => *b,
             serde_json::Value::Array(values) => values.iter().any(|v| v.as_bool() == Some(true)),
             _ => false,
         };
-        if file.upcast_attention {
-            return Err(unsupported("upcast_attention", &true));
-        }
         if truthy(&file.only_cross_attention) {
             return Err(unsupported("only_cross_attention", &file.only_cross_attention));
         }
@@ -354,6 +357,7 @@ impl UNetConfig {
                 .expand(blocks, "transformer_layers_per_block")?,
             num_attention_heads,
             use_linear_projection: file.use_linear_projection,
+            upcast_attention: file.upcast_attention,
         })
     }
 
@@ -379,6 +383,7 @@ struct Attention {
 }
 
 impl Attention {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         vb: VarBuilder,
         query_dim: usize,
@@ -386,16 +391,19 @@ impl Attention {
         heads: usize,
         head_dim: usize,
         level: usize,
+        upcast_attention: bool,
         backends: &Backends,
     ) -> Result<Self> {
         let inner_dim = heads * head_dim;
+        // Chosen once here: f32 logits and softmax for upcast layers whatever the compute dtype.
+        let backend = if upcast_attention { crate::attention::upcast(backends.attention) } else { backends.attention };
         Ok(Self {
             to_q: Linear::no_bias(query_dim, inner_dim, vb.pp("to_q"), backends)?,
             to_k: Linear::no_bias(context_dim, inner_dim, vb.pp("to_k"), backends)?,
             to_v: Linear::no_bias(context_dim, inner_dim, vb.pp("to_v"), backends)?,
             to_out: Linear::new(inner_dim, query_dim, vb.pp("to_out.0"), backends)?,
             heads,
-            backend: backends.attention,
+            backend,
             path: vb.prefix(),
             level,
         })
@@ -485,9 +493,18 @@ impl BasicTransformerBlock {
         let context_dim = cfg.cross_attention_dim;
         Ok(Self {
             norm1: LayerNorm::new(dim, cfg.norm_eps, vb.pp("norm1"))?,
-            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim, level, backends)?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim, level, cfg.upcast_attention, backends)?,
             norm2: LayerNorm::new(dim, cfg.norm_eps, vb.pp("norm2"))?,
-            attn2: Attention::new(vb.pp("attn2"), dim, context_dim, heads, head_dim, level, backends)?,
+            attn2: Attention::new(
+                vb.pp("attn2"),
+                dim,
+                context_dim,
+                heads,
+                head_dim,
+                level,
+                cfg.upcast_attention,
+                backends,
+            )?,
             norm3: LayerNorm::new(dim, cfg.norm_eps, vb.pp("norm3"))?,
             ff: FeedForward::new(vb.pp("ff"), dim, backends)?,
         })
