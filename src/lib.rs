@@ -13,6 +13,7 @@ pub mod attention;
 pub mod backend;
 pub mod cli;
 pub mod entropy;
+pub mod eval;
 pub mod family;
 pub mod grid;
 pub mod html;
