@@ -20,7 +20,12 @@ fn eval_json() -> serde_json::Value {
 }
 
 fn images(folder: &str) -> Vec<PathBuf> {
-    eval_json()[folder].as_array().unwrap().iter().map(|name| eval_dir().join(folder).join(name.as_str().unwrap())).collect()
+    eval_json()[folder]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|name| eval_dir().join(folder).join(name.as_str().unwrap()))
+        .collect()
 }
 
 fn relative_error(got: f64, want: f64) -> f64 {
@@ -113,7 +118,8 @@ fn our_features(folder: &str) -> Vec<Vec<f32>> {
 }
 
 fn their_features(name: &str) -> Vec<Vec<f32>> {
-    let tensors = candle_core::safetensors::load(eval_dir().join("inception_features.safetensors"), &Device::Cpu).unwrap();
+    let tensors =
+        candle_core::safetensors::load(eval_dir().join("inception_features.safetensors"), &Device::Cpu).unwrap();
     tensors[name].to_vec2().unwrap()
 }
 
@@ -122,12 +128,14 @@ fn stats(features: &[Vec<f32>]) -> fid::Statistics {
 }
 
 /// The Fréchet distance alone: pytorch-fid's own activations through our statistics and symmetric
-/// square root give pytorch-fid's number (scipy's sqrtm of Σ₁Σ₂) to 1e-6 relative.
+/// square root give pytorch-fid's number to 1e-5 relative (measured: 3e-6; pytorch-fid keeps the means
+/// in float32 and takes scipy's sqrtm of the singular Σ₁Σ₂).
 #[test]
 fn frechet_distance_of_pytorch_fid_activations_matches_pytorch_fid() {
     let want = eval_json()["fid"].as_f64().unwrap();
-    let got = fid::frechet_distance(&stats(&their_features("generated")), &stats(&their_features("reference"))).unwrap();
-    assert!(relative_error(got, want) < 1e-6, "FID {got} vs pytorch-fid {want}");
+    let got =
+        fid::frechet_distance(&stats(&their_features("generated")), &stats(&their_features("reference"))).unwrap();
+    assert!(relative_error(got, want) < 1e-5, "FID {got} vs pytorch-fid {want}");
 }
 
 /// The 2048-d features of every image (sizes 40×88 to 320×256: bilinear up- and downscaling to 299)
@@ -170,21 +178,21 @@ fn clip_score_matches_torchmetrics() {
         let ids = scorer.input_ids(prompt).unwrap();
         assert_eq!(ids, want_ids, "ids of {prompt:?}");
 
-        // Pixel values: every 7th row and column exactly (1e-5), and sums over all of them, where one
-        // 8-bit level anywhere would move the absolute sum by ~0.015.
+        // Pixel values: every 7th row and column to 1e-5, and the sum over all of them, where one 8-bit
+        // level anywhere moves it by ~0.015 (float rounding over 150k values: ~0.002).
         let image = image::open(path).unwrap().to_rgb8();
         let want: Vec<f32> = pixels[&format!("pixel_values_{i}")].flatten_all().unwrap().to_vec1().unwrap();
         let got = scorer.pixel_values(&image);
         assert_eq!(got.len(), 3 * 224 * 224);
-        let sampled: Vec<f32> =
-            (0..3).flat_map(|c| (0..224).step_by(7).flat_map(move |y| (0..224).step_by(7).map(move |x| (c, y, x))))
-                .map(|(c, y, x)| got[(c * 224 + y) * 224 + x])
-                .collect();
+        let sampled: Vec<f32> = (0..3)
+            .flat_map(|c| (0..224).step_by(7).flat_map(move |y| (0..224).step_by(7).map(move |x| (c, y, x))))
+            .map(|(c, y, x)| got[(c * 224 + y) * 224 + x])
+            .collect();
         let diff = sampled.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(sampled.len() == want.len() && diff < 1e-5, "image {i}: pixel values differ by {diff}");
         let abs_sum: f64 = got.iter().map(|v| v.abs() as f64).sum();
         let want_abs_sum = case["pixel_abs_sum"].as_f64().unwrap();
-        assert!((abs_sum - want_abs_sum).abs() < 2e-3, "image {i}: |pixel values| sum {abs_sum} vs {want_abs_sum}");
+        assert!((abs_sum - want_abs_sum).abs() < 5e-3, "image {i}: |pixel values| sum {abs_sum} vs {want_abs_sum}");
 
         let image_features = scorer.image_features(&[image]).unwrap().remove(0);
         let text_features = scorer.text_features(prompt).unwrap();
@@ -212,7 +220,7 @@ fn record(path: &str, prompt: &str, size: usize, mode: &str, seconds: f64, mib: 
 }
 
 /// Two shards' manifests in their own folders, image paths relative to them: all six fixture images as
-/// the 224² entropy row (in two manifests), two of them again as a 512² default row.
+/// the 224² entropy row (in two manifests), copies of two of them as a 512² default row.
 fn lay_out_run(dir: &Path) -> Vec<String> {
     let prompts: Vec<String> = serde_json::from_value(eval_json()["prompts"].clone()).unwrap();
     let mut manifests = Vec::new();
@@ -221,12 +229,15 @@ fn lay_out_run(dir: &Path) -> Vec<String> {
         std::fs::create_dir_all(folder.join("out")).unwrap();
         let mut text = String::new();
         for i in range {
-            std::fs::copy(eval_dir().join("generated").join(format!("{i}.png")), folder.join(format!("out/{i}.png"))).unwrap();
+            std::fs::copy(eval_dir().join("generated").join(format!("{i}.png")), folder.join(format!("out/{i}.png")))
+                .unwrap();
             text += &record(&format!("out/{i}.png"), &prompts[i], 224, "entropy", i as f64, None);
         }
         if shard == 1 {
-            text += &record("out/3.png", &prompts[3], 512, "default", 10.0, Some(100.0));
-            text += &record("out/4.png", &prompts[4], 512, "default", 20.0, Some(300.5));
+            for (i, seconds, mib) in [(3, 10.0, 100.0), (4, 20.0, 300.5)] {
+                std::fs::copy(folder.join(format!("out/{i}.png")), folder.join(format!("out/{i}-512.png"))).unwrap();
+                text += &record(&format!("out/{i}-512.png"), &prompts[i], 512, "default", seconds, Some(mib));
+            }
         }
         std::fs::write(folder.join("manifest.jsonl"), text).unwrap();
         manifests.push(format!("shard{shard}/manifest.jsonl"));
@@ -250,12 +261,14 @@ fn eval_prints_the_table_and_computes_only_new_features() {
         tiny_clip().display().to_string(),
         eval_dir().join("reference").display().to_string(),
     );
-    let flags = ["--inception", &inception, "--reference", &reference, "--clip", &clip, "--device", "cpu", "--format", "json"];
+    let flags =
+        ["--inception", &inception, "--reference", &reference, "--clip", &clip, "--device", "cpu", "--format", "json"];
     let out = sdscale(dir.path(), &eval_args(&manifests, &flags));
     assert!(out.status.success(), "eval failed: {}", stderr(&out));
     let table: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     let rows = table["rows"].as_array().unwrap();
-    let keys: Vec<String> = rows.iter().map(|r| format!("{}x{} {}", r["width"], r["height"], r["mode"].as_str().unwrap())).collect();
+    let keys: Vec<String> =
+        rows.iter().map(|r| format!("{}x{} {}", r["width"], r["height"], r["mode"].as_str().unwrap())).collect();
     assert_eq!(keys, ["224x224 entropy", "512x512 default"]);
 
     let json = eval_json();
@@ -272,7 +285,7 @@ fn eval_prints_the_table_and_computes_only_new_features() {
     assert!(default["fid"].as_f64().is_some());
     let log = stderr(&out);
     assert!(log.contains("FID features (reference): 6 computed, 0 from the cache"), "{log}");
-    assert!(log.contains("FID features (generated): 6 computed, 0 from the cache"), "{log}");
+    assert!(log.contains("FID features (generated): 8 computed, 0 from the cache"), "{log}");
 
     // A grown run: one more image in shard 0. Only it is computed; the table follows.
     std::fs::copy(eval_dir().join("generated/5.png"), dir.path().join("shard0/out/new.png")).unwrap();
@@ -313,7 +326,8 @@ fn without_weights_the_table_says_what_was_skipped_in_every_format() {
     // --output writes the file (atomically) and prints its path; it is never replaced silently.
     let out = sdscale(dir.path(), &eval_args(&manifests, &["--format", "json", "-o", "table.json"]));
     assert!(out.status.success(), "{}", stderr(&out));
-    let written: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("table.json")).unwrap()).unwrap();
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("table.json")).unwrap()).unwrap();
     assert_eq!(written["rows"][1]["gpu_mib"], 300.5);
     let again = sdscale(dir.path(), &eval_args(&manifests, &["-o", "table.json"]));
     assert_eq!(again.status.code(), Some(2), "{}", stderr(&again));

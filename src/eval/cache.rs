@@ -41,7 +41,8 @@ impl FeatureCache {
             .with_context(|| format!("opening feature cache {}", path.display()))?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).with_context(|| format!("reading {}", path.display()))?;
-        let (entries, good_len) = if bytes.starts_with(MAGIC) { parse(&bytes[MAGIC.len()..]) } else { (HashMap::new(), 0) };
+        let (entries, good_len) =
+            if bytes.starts_with(MAGIC) { parse(&bytes[MAGIC.len()..]) } else { (HashMap::new(), 0) };
         if good_len == 0 {
             // New, or not a cache we can read: start over.
             file.set_len(0)?;
@@ -107,7 +108,8 @@ fn parse(bytes: &[u8]) -> (HashMap<String, Vec<f32>>, usize) {
             break;
         }
         let Ok(key) = std::str::from_utf8(&bytes[at + 4..at + 4 + key_len]) else { break };
-        let values = bytes[at + 8 + key_len..end].chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        let values =
+            bytes[at + 8 + key_len..end].chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
         entries.insert(key.to_string(), values);
         at = end + 8;
     }
@@ -118,7 +120,8 @@ fn parse(bytes: &[u8]) -> (HashMap<String, Vec<f32>>, usize) {
 pub fn image_key(path: &Path) -> Result<String> {
     let absolute = std::fs::canonicalize(path).with_context(|| format!("image {} is missing", path.display()))?;
     let meta = std::fs::metadata(&absolute).with_context(|| format!("reading {}", absolute.display()))?;
-    let modified = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+    let modified =
+        meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
     Ok(format!("image\0{}\0{}\0{modified}", absolute.display(), meta.len()))
 }
 

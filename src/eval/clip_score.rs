@@ -205,10 +205,16 @@ impl Preprocess {
             (true, Some(SizeSpec::Side(side))) => Some(side),
             (true, Some(SizeSpec::Dict { shortest_edge: Some(side), .. })) => Some(side),
             (true, None) => Some(224),
-            (true, Some(other)) => bail!("{}: size {other:?} is not supported (sdscale resizes by shortest_edge)", path.display()),
+            (true, Some(other)) => {
+                bail!("{}: size {other:?} is not supported (sdscale resizes by shortest_edge)", path.display())
+            }
         };
         if shortest_edge.is_some() && file.resample != bicubic() {
-            bail!("{}: resample {} is not supported (sdscale implements PIL bicubic, 3)", path.display(), file.resample);
+            bail!(
+                "{}: resample {} is not supported (sdscale implements PIL bicubic, 3)",
+                path.display(),
+                file.resample
+            );
         }
         let crop = match (file.do_center_crop, file.crop_size) {
             (false, _) => None,
@@ -307,9 +313,15 @@ impl ClipScorer {
         let config_path = dir.join("config.json");
         let config: ClipConfigFile = read_json(&config_path)?;
         let (text, vision) = (&config.text_config, &config.vision_config);
-        for (what, act, eps) in [("text", &text.hidden_act, text.layer_norm_eps), ("vision", &vision.hidden_act, vision.layer_norm_eps)] {
+        for (what, act, eps) in
+            [("text", &text.hidden_act, text.layer_norm_eps), ("vision", &vision.hidden_act, vision.layer_norm_eps)]
+        {
             // candle-transformers' CLIP implements these two only.
-            ensure!(act == "quick_gelu", "{}: {what} hidden_act {act:?} is not supported (quick_gelu only)", config_path.display());
+            ensure!(
+                act == "quick_gelu",
+                "{}: {what} hidden_act {act:?} is not supported (quick_gelu only)",
+                config_path.display()
+            );
             ensure!(eps == 1e-5, "{}: {what} layer_norm_eps {eps} is not supported (1e-5 only)", config_path.display());
         }
         let text_config = ClipTextConfig {
@@ -465,8 +477,10 @@ mod tests {
     fn old_and_new_preprocessor_configs_read_alike() {
         let old: PreprocessorFile = serde_json::from_str(r#"{"size": 224, "crop_size": 224, "resample": 3}"#).unwrap();
         let new: PreprocessorFile =
-            serde_json::from_str(r#"{"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}}"#).unwrap();
-        let (old, new) = (Preprocess::from_file(old, Path::new("a")).unwrap(), Preprocess::from_file(new, Path::new("b")).unwrap());
+            serde_json::from_str(r#"{"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}}"#)
+                .unwrap();
+        let (old, new) =
+            (Preprocess::from_file(old, Path::new("a")).unwrap(), Preprocess::from_file(new, Path::new("b")).unwrap());
         assert_eq!((old.shortest_edge, old.crop), (Some(224), Some((224, 224))));
         assert_eq!((new.shortest_edge, new.crop), (Some(224), Some((224, 224))));
         let bilinear: PreprocessorFile = serde_json::from_str(r#"{"resample": 2}"#).unwrap();

@@ -103,28 +103,50 @@ struct EvalRequest {
 
 impl EvalRequest {
     fn try_from(args: EvalArgs) -> Result<Self> {
-        ensure!((1..=1024).contains(&args.batch_size), "--batch-size {} is out of range; use 1 to 1024", args.batch_size);
+        ensure!(
+            (1..=1024).contains(&args.batch_size),
+            "--batch-size {} is out of range; use 1 to 1024",
+            args.batch_size
+        );
         let fid = match (args.inception, args.reference) {
             (Some(inception), Some(reference)) => {
-                ensure!(inception.is_file(), "--inception {}: no such file (convert pytorch-fid's .pth with scripts/convert_inception.py)", inception.display());
+                ensure!(
+                    inception.is_file(),
+                    "--inception {}: no such file (convert pytorch-fid's .pth with scripts/convert_inception.py)",
+                    inception.display()
+                );
                 ensure!(reference.is_dir(), "--reference {}: not a folder", reference.display());
                 let reference_images = list_images(&reference)?;
-                ensure!(reference_images.len() >= 2, "--reference {}: FID needs at least 2 PNG images, found {}", reference.display(), reference_images.len());
+                ensure!(
+                    reference_images.len() >= 2,
+                    "--reference {}: FID needs at least 2 PNG images, found {}",
+                    reference.display(),
+                    reference_images.len()
+                );
                 Some(FidInputs { inception, reference_images })
             }
             (Some(_), None) => bail!("--inception needs --reference DIR, the images FID compares against"),
-            (None, Some(_)) => bail!("--reference needs --inception FILE.safetensors, the network FID is measured with"),
+            (None, Some(_)) => {
+                bail!("--reference needs --inception FILE.safetensors, the network FID is measured with")
+            }
             (None, None) => None,
         };
         if let Some(clip) = &args.clip {
-            ensure!(clip.join("config.json").is_file(), "--clip {}: no config.json there (pass the CLIP folder in Hugging Face layout)", clip.display());
+            ensure!(
+                clip.join("config.json").is_file(),
+                "--clip {}: no config.json there (pass the CLIP folder in Hugging Face layout)",
+                clip.display()
+            );
         }
         if let Some(output) = &args.output {
             output::check_output(output, args.overwrite)?;
         }
         let records = manifest::read_all(&args.manifest)?;
         if let Some(missing) = records.iter().find(|r| !r.path.is_file()) {
-            bail!("image {} listed in the manifests does not exist (unfinished shard? rerun it with --skip-existing)", missing.path.display());
+            bail!(
+                "image {} listed in the manifests does not exist (unfinished shard? rerun it with --skip-existing)",
+                missing.path.display()
+            );
         }
         let cache_dir = match args.cache {
             Some(dir) => dir,
@@ -307,8 +329,9 @@ pub fn load_inception(path: &Path, device: &Device) -> Result<FidInceptionV3> {
     // SAFETY: the file is memory-mapped read-only; sdscale does not modify it while mapped.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, device) }
         .with_context(|| format!("loading {}", path.display()))?;
-    FidInceptionV3::new(vb, backends.conv)
-        .with_context(|| format!("{}: not pytorch-fid's Inception-v3 (make it with scripts/convert_inception.py)", path.display()))
+    FidInceptionV3::new(vb, backends.conv).with_context(|| {
+        format!("{}: not pytorch-fid's Inception-v3 (make it with scripts/convert_inception.py)", path.display())
+    })
 }
 
 /// pool3 features of a batch of same-size images: pixels / 255 as torchvision's ToTensor.
@@ -335,10 +358,12 @@ fn fid_per_row(
     let model = load_inception(&inputs.inception, &request.device).map_err(bad_input)?;
     let mut cache = open_cache(request, "inception", &inputs.inception)?;
     let compute = |images: &[RgbImage]| inception_features(&model, images, &request.device);
-    let reference = cached_features(&inputs.reference_images, &mut cache, request.batch_size, "FID features (reference)", compute)?;
+    let reference =
+        cached_features(&inputs.reference_images, &mut cache, request.batch_size, "FID features (reference)", compute)?;
     let generated_paths: Vec<PathBuf> = request.records.iter().map(|r| r.path.clone()).collect();
     let compute = |images: &[RgbImage]| inception_features(&model, images, &request.device);
-    let generated = cached_features(&generated_paths, &mut cache, request.batch_size, "FID features (generated)", compute)?;
+    let generated =
+        cached_features(&generated_paths, &mut cache, request.batch_size, "FID features (generated)", compute)?;
 
     let reference_stats = fid::Statistics::of(&reference.iter().map(Vec::as_slice).collect::<Vec<_>>(), FEATURES)?;
     groups
@@ -362,8 +387,9 @@ fn clip_per_row(
     let scorer = ClipScorer::load(dir, &request.device).map_err(bad_input)?;
     let mut cache = open_cache(request, "clip", &dir.join("model.safetensors"))?;
     let paths: Vec<PathBuf> = request.records.iter().map(|r| r.path.clone()).collect();
-    let image_features =
-        cached_features(&paths, &mut cache, request.batch_size, "CLIP image features", |images| scorer.image_features(images))?;
+    let image_features = cached_features(&paths, &mut cache, request.batch_size, "CLIP image features", |images| {
+        scorer.image_features(images)
+    })?;
     let mut per_image = Vec::with_capacity(paths.len());
     for (record, image) in request.records.iter().zip(&image_features) {
         let key = cache::text_key(&record.prompt);

@@ -37,8 +37,7 @@ fn coefficients(size_in: usize, size_out: usize) -> Vec<(usize, Vec<i32>)> {
             // C's (int) casts truncate toward zero.
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(size_in as i64) as usize;
-            let weights: Vec<f64> =
-                (xmin..xmax).map(|x| bicubic_filter((x as f64 - center + 0.5) * ss)).collect();
+            let weights: Vec<f64> = (xmin..xmax).map(|x| bicubic_filter((x as f64 - center + 0.5) * ss)).collect();
             let total: f64 = weights.iter().sum();
             let fixed = weights
                 .iter()
@@ -105,7 +104,10 @@ mod tests {
         for (size_in, size_out) in [(40, 224), (512, 224), (300, 224), (7, 3)] {
             for (_, weights) in coefficients(size_in, size_out) {
                 let total: i32 = weights.iter().sum();
-                assert!((total - (1 << PRECISION_BITS)).abs() <= weights.len() as i32, "{size_in}->{size_out}: {total}");
+                assert!(
+                    (total - (1 << PRECISION_BITS)).abs() <= weights.len() as i32,
+                    "{size_in}->{size_out}: {total}"
+                );
             }
         }
     }

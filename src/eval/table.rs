@@ -118,7 +118,16 @@ mod tests {
     use super::*;
 
     fn row(width: usize, height: usize, mode: &str) -> Row {
-        Row { width, height, mode: mode.into(), images: 1, fid: None, clip_score: None, gpu_mib: None, seconds_per_image: None }
+        Row {
+            width,
+            height,
+            mode: mode.into(),
+            images: 1,
+            fid: None,
+            clip_score: None,
+            gpu_mib: None,
+            seconds_per_image: None,
+        }
     }
 
     #[test]
@@ -133,13 +142,17 @@ mod tests {
         ];
         sort(&mut rows);
         let order: Vec<_> = rows.iter().map(|r| format!("{}:{}", r.width, r.mode)).collect();
-        assert_eq!(order, ["224:default", "224:entropy", "224:resize", "224:multidiffusion", "224:zeta", "512:default"]);
+        assert_eq!(
+            order,
+            ["224:default", "224:entropy", "224:resize", "224:multidiffusion", "224:zeta", "512:default"]
+        );
     }
 
     #[test]
     fn missing_values_show_as_dashes_in_markdown_and_empty_in_csv() {
         let mut full = row(224, 224, "entropy");
-        (full.fid, full.clip_score, full.gpu_mib, full.seconds_per_image) = (Some(12.345), Some(31.0), Some(4312.5), Some(2.5));
+        (full.fid, full.clip_score, full.gpu_mib, full.seconds_per_image) =
+            (Some(12.345), Some(31.0), Some(4312.5), Some(2.5));
         let table = Table { rows: vec![full, row(512, 512, "default")], notes: vec!["FID: skipped".into()] };
         let md = table.render(Format::Md);
         assert!(md.contains("| 224×224 | entropy | 1 | 12.35 | 31.00 | 4312 | 2.50 |"), "{md}");

@@ -74,7 +74,15 @@ impl Module for BasicConv2d {
 }
 
 /// A square kernel with square padding and stride 1.
-fn basic(vb: &VarBuilder, name: &str, c_in: usize, c_out: usize, k: usize, p: usize, b: ConvBackend) -> Result<BasicConv2d> {
+fn basic(
+    vb: &VarBuilder,
+    name: &str,
+    c_in: usize,
+    c_out: usize,
+    k: usize,
+    p: usize,
+    b: ConvBackend,
+) -> Result<BasicConv2d> {
     BasicConv2d::new(vb.pp(name), c_in, c_out, (k, k), (p, p), 1, b)
 }
 
@@ -91,7 +99,15 @@ fn max_pool_3x3_s2(xs: &Tensor) -> Result<Tensor> {
 fn avg_pool_3x3_exclude_pad(xs: &Tensor) -> Result<Tensor> {
     let (_, _, h, w) = xs.dims4()?;
     let sums = (xs.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?.avg_pool2d_with_stride(3, 1)? * 9.0)?;
-    let count = |i: usize, n: usize| if n == 1 { 1.0 } else if i == 0 || i == n - 1 { 2.0 } else { 3.0 };
+    let count = |i: usize, n: usize| {
+        if n == 1 {
+            1.0
+        } else if i == 0 || i == n - 1 {
+            2.0
+        } else {
+            3.0
+        }
+    };
     let counts: Vec<f32> = (0..h).flat_map(|y| (0..w).map(move |x| (count(y, h) * count(x, w)) as f32)).collect();
     let counts = Tensor::from_vec(counts, (1, 1, h, w), xs.device())?.to_dtype(xs.dtype())?;
     sums.broadcast_div(&counts)
@@ -187,7 +203,9 @@ struct InceptionC {
 
 impl InceptionC {
     fn new(vb: VarBuilder, c_in: usize, c7: usize, b: ConvBackend) -> Result<Self> {
-        let conv = |name: &str, c_in, c_out, kernel, padding| BasicConv2d::new(vb.pp(name), c_in, c_out, kernel, padding, 1, b);
+        let conv = |name: &str, c_in, c_out, kernel, padding| {
+            BasicConv2d::new(vb.pp(name), c_in, c_out, kernel, padding, 1, b)
+        };
         let (k1x7, p1x7, k7x1, p7x1) = ((1, 7), (0, 3), (7, 1), (3, 0));
         Ok(Self {
             branch1x1: conv("branch1x1", c_in, 192, (1, 1), (0, 0))?,
@@ -275,7 +293,9 @@ struct InceptionE {
 
 impl InceptionE {
     fn new(vb: VarBuilder, c_in: usize, max_pool: bool, b: ConvBackend) -> Result<Self> {
-        let conv = |name: &str, c_in, c_out, kernel, padding| BasicConv2d::new(vb.pp(name), c_in, c_out, kernel, padding, 1, b);
+        let conv = |name: &str, c_in, c_out, kernel, padding| {
+            BasicConv2d::new(vb.pp(name), c_in, c_out, kernel, padding, 1, b)
+        };
         Ok(Self {
             branch1x1: conv("branch1x1", c_in, 320, (1, 1), (0, 0))?,
             branch3x3_1: conv("branch3x3_1", c_in, 384, (1, 1), (0, 0))?,
@@ -295,10 +315,13 @@ impl Module for InceptionE {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let branch1x1 = self.branch1x1.forward(xs)?;
         let branch3x3 = self.branch3x3_1.forward(xs)?;
-        let branch3x3 = Tensor::cat(&[self.branch3x3_2a.forward(&branch3x3)?, self.branch3x3_2b.forward(&branch3x3)?], 1)?;
+        let branch3x3 =
+            Tensor::cat(&[self.branch3x3_2a.forward(&branch3x3)?, self.branch3x3_2b.forward(&branch3x3)?], 1)?;
         let branch3x3dbl = xs.apply(&self.branch3x3dbl_1)?.apply(&self.branch3x3dbl_2)?;
-        let branch3x3dbl =
-            Tensor::cat(&[self.branch3x3dbl_3a.forward(&branch3x3dbl)?, self.branch3x3dbl_3b.forward(&branch3x3dbl)?], 1)?;
+        let branch3x3dbl = Tensor::cat(
+            &[self.branch3x3dbl_3a.forward(&branch3x3dbl)?, self.branch3x3dbl_3b.forward(&branch3x3dbl)?],
+            1,
+        )?;
         let pooled = if self.max_pool { max_pool_3x3_s1_pad1(xs)? } else { avg_pool_3x3_exclude_pad(xs)? };
         let branch_pool = self.branch_pool.forward(&pooled)?;
         Tensor::cat(&[branch1x1, branch3x3, branch3x3dbl, branch_pool], 1)
@@ -367,7 +390,7 @@ impl FidInceptionV3 {
         let xs = xs.reshape((b * c, h, n))?.transpose(1, 2)?.contiguous()?.reshape((b * c * n, h))?; // (b·c·299ʷ, h)
         let xs = xs.matmul(&resize_h.t()?)?; // (b·c·299ʷ, 299ʰ)
         let xs = xs.reshape((b * c, n, n))?.transpose(1, 2)?.contiguous()?.reshape((b, c, n, n))?; // (b, c, 299, 299)
-        // 2. normalize_input: (0, 1) → (-1, 1)
+                                                                                                   // 2. normalize_input: (0, 1) → (-1, 1)
         let xs = ((xs * 2.0)? - 1.0)?;
         // 3. block 0: input to maxpool1
         let xs = xs.apply(&self.Conv2d_1a_3x3)?.apply(&self.Conv2d_2a_3x3)?.apply(&self.Conv2d_2b_3x3)?;
