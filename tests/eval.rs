@@ -150,12 +150,14 @@ fn inception_features_and_fid_match_pytorch_fid() {
         for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
             let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
             assert!(diff <= 1e-4 * scale, "{folder} image {i}: features differ by {diff} (largest feature {scale})");
+            eprintln!("{folder} image {i}: features differ by at most {:.2e} of the largest", diff / scale);
         }
         all.insert(folder, ours);
     }
     let want = eval_json()["fid"].as_f64().unwrap();
     let got = fid::frechet_distance(&stats(&all["generated"]), &stats(&all["reference"])).unwrap();
     assert!(relative_error(got, want) < 1e-3, "FID {got} vs pytorch-fid {want}");
+    eprintln!("FID {got} vs pytorch-fid {want}: relative error {:.1e}", relative_error(got, want));
 }
 
 // ---- CLIP score --------------------------------------------------------------------------------
@@ -204,6 +206,7 @@ fn clip_score_matches_torchmetrics() {
     let want = json["clip_score"].as_f64().unwrap();
     let got = clip_score::clip_score(&scores).unwrap();
     assert!(relative_error(got, want) < 1e-3, "CLIP score {got} vs torchmetrics {want}");
+    eprintln!("CLIP score {got} vs torchmetrics {want}: relative error {:.1e}", relative_error(got, want));
 }
 
 // ---- the command ---------------------------------------------------------------------------------

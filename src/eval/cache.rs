@@ -99,8 +99,7 @@ fn parse(bytes: &[u8]) -> (HashMap<String, Vec<f32>>, usize) {
     let mut entries = HashMap::new();
     let mut at = 0;
     let read_u32 = |at: usize| bytes.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()) as usize);
-    loop {
-        let Some(key_len) = read_u32(at) else { break };
+    while let Some(key_len) = read_u32(at) {
         let Some(count) = read_u32(at + 4 + key_len) else { break };
         let end = at + 8 + key_len + 4 * count;
         let Some(check) = bytes.get(end..end + 8) else { break };
