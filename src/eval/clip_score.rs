@@ -1,7 +1,9 @@
 //! CLIP score as torchmetrics' `CLIPScore` computes it (torchmetrics 1.9.0,
 //! functional/multimodal/clip_score.py and multimodal/clip_score.py):
 //!
-//!     score = max(mean over images of 100 · cos(E_image, E_text), 0)
+//! ```text
+//! score = max(mean over images of 100 · cos(E_image, E_text), 0)
+//! ```
 //!
 //! with E the projected embeddings of a Hugging Face `CLIPModel` (default openai/clip-vit-large-patch14).
 //! Note where the clamp sits: on the mean (`compute`), not on each image, so one negative cosine pulls

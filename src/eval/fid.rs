@@ -1,7 +1,9 @@
 //! The Fréchet distance between two sets of Inception features, as pytorch-fid 0.3.0's
 //! `calculate_frechet_distance` (pytorch_fid/fid_score.py):
 //!
-//!     d² = ‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr √(Σ₁Σ₂)
+//! ```text
+//! d² = ‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr √(Σ₁Σ₂)
+//! ```
 //!
 //! with μ the mean and Σ the sample covariance (`np.cov`, n − 1) of the features. pytorch-fid takes
 //! √(Σ₁Σ₂) with scipy's `sqrtm`, a Schur method on a matrix that is not symmetric. Only its trace is
