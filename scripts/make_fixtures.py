@@ -53,6 +53,7 @@ Rerun from the repository root, with the reference environment kept outside the 
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --full ~/.cache/sdscale/sd21-random
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only multidiffusion   # see make_multidiffusion
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only sd15    # also sd21v, ldm: fixture_families.py
+    ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only eval   # see scripts/eval_fixtures.py
 
 Do not install ftfy: transformers 5's CLIPTokenizer is a `tokenizers` pipeline that never uses it,
 and sdscale mirrors exactly that pipeline.
@@ -1649,11 +1650,12 @@ def main() -> None:
     parser.add_argument("--search-f", type=float, nargs="+", metavar="F",
                         help="print calibration numbers for these attn1 q/k factors; writes nothing")
     parser.add_argument("--vae-gain", type=float, default=VAE_CONV_OUT_GAIN, help="VAE conv_out gain for --search-f")
-    parser.add_argument("--only", choices=["multidiffusion", "sd15", "sd21v", "ldm"],
+    parser.add_argument("--only", choices=["multidiffusion", "sd15", "sd21v", "ldm", "eval"],
                         help="multidiffusion: write only reference/multidiffusion.json, images/md_*.png and "
                              "images/md_latents.safetensors, from the existing tiny-sd/ (nothing else is rewritten); "
                              "sd15, sd21v, ldm: write only that family's tiny model (tiny-sd15/, tiny-sd21v/, "
-                             "tiny-ldm/) and reference/families/<name>* (see fixture_families.py)")
+                             "tiny-ldm/) and reference/families/<name>* (see fixture_families.py); "
+                             "eval: write only tests/fixtures/eval/ (see scripts/eval_fixtures.py)")
     args = parser.parse_args()
     if args.fp16_variants and not args.full:
         parser.error("--fp16-variants goes with --full (the fixtures always have them)")
@@ -1663,6 +1665,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}")
     if args.only == "multidiffusion":
         make_multidiffusion()
+    elif args.only == "eval":
+        from eval_fixtures import make_eval
+
+        make_eval()
     elif args.only:
         import fixture_families  # scripts/, beside this file
 

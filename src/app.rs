@@ -97,6 +97,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Compare(args) => compare(args),
         Command::Entropy(args) => entropy(args),
         Command::Info(args) => info(args),
+        Command::Eval(args) => crate::eval::run(args),
         Command::Completions { shell } => completions(shell),
     }
 }

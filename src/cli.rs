@@ -50,6 +50,9 @@ pub enum Command {
     /// Print the generation metadata of a PNG written by sdscale (or by AUTOMATIC1111).
     #[command(after_help = EXIT_CODES)]
     Info(InfoArgs),
+    /// FID and CLIP score per (size, mode) of the images in `gen` manifests: the paper's table
+    /// (Markdown, CSV or JSON) on stdout; features are cached, so reruns only compute new images.
+    Eval(crate::eval::EvalArgs),
     /// Print shell completions, e.g. `sdscale completions bash > /etc/bash_completion.d/sdscale`.
     Completions {
         #[arg(value_enum)]
@@ -1023,7 +1026,7 @@ fn open_cuda(ordinal: usize) -> candle_core::Result<Device> {
     Ok(device)
 }
 
-fn parse_device(spec: &str) -> Result<Device> {
+pub(crate) fn parse_device(spec: &str) -> Result<Device> {
     let cuda = |ordinal: usize| -> Result<Device> {
         if !candle_core::utils::cuda_is_available() {
             bail!("--device {spec}: this sdscale was built without CUDA; rebuild with `cargo build --release --features cuda` or use --device cpu");

@@ -14,6 +14,7 @@ pub mod backend;
 pub mod cli;
 pub mod device_memory;
 pub mod entropy;
+pub mod eval;
 pub mod family;
 pub mod grid;
 pub mod html;

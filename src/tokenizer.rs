@@ -79,6 +79,11 @@ impl ClipTokenizer {
         self.max_length
     }
 
+    /// The end-of-text id that closes every encoded prompt.
+    pub fn eos_id(&self) -> u32 {
+        self.eos_id
+    }
+
     /// Tokenizes like `tokenizer(prompt, padding="max_length", max_length=77, truncation=True)`.
     pub fn encode(&self, prompt: &str) -> Result<Tokens> {
         let encoding = self.tokenizer.encode(prompt, false).map_err(anyhow::Error::from_boxed)?;

@@ -8,6 +8,7 @@ mod batch;
 mod cli;
 mod compare;
 mod entropy;
+mod eval;
 mod families;
 mod full_size;
 mod images;
