@@ -432,6 +432,10 @@ fn gen(args: GenArgs) -> Result<()> {
         },
     );
     let total = plan.len();
+    output::check_disk_space(
+        plan.iter().filter(|p| !request.skip_existing || !p.path.is_file()).map(output::planned_png),
+    )
+    .map_err(bad_input)?;
     let plan = check_outputs(plan, request.overwrite, request.skip_existing)?;
     if plan.is_empty() {
         eprintln!("sdscale: nothing to do: all {total} images exist");
@@ -510,6 +514,9 @@ fn compare(args: CompareArgs) -> Result<()> {
     let plan = plan::plan(specs, training.pixels, scale_training(&request.model, training), options, |_, spec, _| {
         folder.join(format!("{stem}.{}.seed{}.png", spec.mode.as_str(), spec.seed))
     });
+    let grid_bytes = output::grid_png_bound(request.modes.len(), request.seeds.len(), width, height, &request.prompt);
+    output::check_disk_space(plan.iter().map(output::planned_png).chain([(grid_path.clone(), grid_bytes)]))
+        .map_err(bad_input)?;
     let plan = check_outputs(plan, request.overwrite, false)?;
     output::check_output(&grid_path, request.overwrite).map_err(bad_input)?;
     if request.html {
