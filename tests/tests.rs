@@ -9,6 +9,7 @@ mod cli;
 mod compare;
 mod entropy;
 mod full_size;
+mod fuzz;
 mod images;
 mod multidiffusion;
 mod real_layout;
