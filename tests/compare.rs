@@ -203,8 +203,9 @@ fn html_page_survives_a_prompt_that_tries_to_break_its_script() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let prompt = "a corgi <!--<script> </script><script>document.title='owned'</script> & \"quotes\" -->";
-    let lines = run_compare(dir.path(), &["--html", "--prompt", prompt, "--seeds", "1", "--modes", "default,entropy"]);
+    // No `-->` after `<!--<script>`: that would close the escape state and hide the bug this pins.
+    let prompt = "a corgi <!--<script> </script><script>document.title='owned'</script> & \"quotes\"";
+    let lines = run_compare(dir.path(), &["--html", "--prompt", prompt, "--modes", "default,entropy"]);
     assert_eq!(lines.last().unwrap(), "out/corgi-96.html");
     let page = dir.path().join("out/corgi-96.html").canonicalize().unwrap();
     let text = std::fs::read_to_string(&page).unwrap();
@@ -217,11 +218,11 @@ fn html_page_survives_a_prompt_that_tries_to_break_its_script() {
     let result = run_chromium(&browser, profile.path(), &["--dump-dom".into()], &url);
     let dom = String::from_utf8_lossy(&result.stdout);
     assert!(result.status.success(), "chromium failed: {}", String::from_utf8_lossy(&result.stderr));
-    assert!(dom.contains("data-images-loaded=\"2/2\"") && dom.contains("data-all-images-loaded=\"true\""), "{dom}");
-    assert_eq!(dom.matches("data-loaded=\"96x96\"").count(), 2);
+    assert!(dom.contains("data-images-loaded=\"4/4\"") && dom.contains("data-all-images-loaded=\"true\""), "{dom}");
+    assert_eq!(dom.matches("data-loaded=\"96x96\"").count(), 4);
     assert!(dom.contains("data-selftest=\"ok\""), "the page's script did not run to the end: {dom}");
     assert!(!dom.contains("<title>owned</title>"), "the prompt ran as script");
     // The exported settings carry the prompt exactly (the DOM dump escapes it as text).
-    let exported = "a corgi &lt;!--&lt;script&gt; &lt;/script&gt;&lt;script&gt;document.title='owned'&lt;/script&gt; &amp; \\\"quotes\\\" --&gt;";
+    let exported = "a corgi &lt;!--&lt;script&gt; &lt;/script&gt;&lt;script&gt;document.title='owned'&lt;/script&gt; &amp; \\\"quotes\\\"\"";
     assert!(dom.contains(exported), "the exported settings lost the prompt: {dom}");
 }

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 // ---- the harness --------------------------------------------------------------------------------
 
 /// Cases per parser in `cargo test`: the whole short pass stays well under 30 s in a debug build.
-const SHORT_CASES: u32 = 96;
+const SHORT_CASES: u32 = 256;
 /// The long pass's default; `PROPTEST_CASES` overrides it.
 const LONG_CASES: u32 = 100_000;
 /// A case running longer than this is a hang.
