@@ -242,8 +242,16 @@ impl ImageMetadata {
         if let Some(revision) = &self.revision {
             check_revision(revision)?;
         }
-        Ok(())
+        check_model_name(&self.model)
     }
+}
+
+/// A model name as a file may give it (a Hub id or a folder, used as `--model`): printable text.
+fn check_model_name(model: &str) -> Result<()> {
+    if model.chars().any(char::is_control) {
+        bail!("model {model:?} contains control characters");
+    }
+    Ok(())
 }
 
 /// A Hub revision as a file may give it: a branch, tag or commit (`main`, `refs/pr/1`, `v1.0`, a hash),
@@ -299,7 +307,10 @@ impl A1111 {
                     let (w, h) = value.split_once('x').with_context(bad)?;
                     parsed.size = Some((w.parse().with_context(bad)?, h.parse().with_context(bad)?));
                 }
-                "Model" => parsed.model = Some(value.into()),
+                "Model" => {
+                    check_model_name(value)?;
+                    parsed.model = Some(value.into());
+                }
                 "Mode" => parsed.mode = Some(Mode::parse(value).with_context(bad)?),
                 _ => {}
             }

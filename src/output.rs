@@ -154,7 +154,9 @@ pub fn slug(prompt: &str, max_len: usize) -> String {
 /// Refuses a file name that does not end in `.png` (any case): the one rule for `-o`, `-o` templates and
 /// `--plot`. `flag` names the option the name came from (a template's caller adds it itself).
 pub fn check_png_name(flag: Option<&str>, path: &Path) -> Result<()> {
-    if path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("png")) {
+    // `out.png/` has the extension too, but names a folder (found by tests/fuzz.rs).
+    let folder = path.as_os_str().to_string_lossy().ends_with('/');
+    if !folder && path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("png")) {
         return Ok(());
     }
     match flag {
@@ -433,7 +435,7 @@ mod tests {
         for good in ["a.png", "A.PNG", "out/x.Png", "{index:04}.png"] {
             assert!(check_png_name(Some("-o"), Path::new(good)).is_ok() && Template::parse(good).is_ok(), "{good}");
         }
-        for bad in [".png", "a.png.jpg", "a", "png", "out/.png"] {
+        for bad in [".png", "a.png.jpg", "a", "png", "out/.png", "out.png/", "{index}.png/"] {
             assert!(check_png_name(Some("-o"), Path::new(bad)).is_err() && Template::parse(bad).is_err(), "{bad}");
         }
     }
@@ -450,6 +452,13 @@ mod tests {
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("out.png")]);
         assert_eq!(image::open(&path).unwrap().to_rgb8(), image);
+    }
+
+    /// Found by `fuzz_output_templates`: `out.png/` has a `.png` extension as far as `Path` is concerned.
+    #[test]
+    fn a_name_ending_in_a_slash_is_a_folder_not_a_png() {
+        assert!(check_png_name(Some("-o"), Path::new("out.png/")).is_err());
+        assert!(Template::parse("out/{index}.png/").unwrap_err().to_string().contains(".png file"));
     }
 
     #[test]

@@ -1001,6 +1001,18 @@ fn list_case() -> impl Strategy<Value = (String, String)> {
         6,
     );
     let modes = text_from(&["default", "entropy", "resize", "multidiffusion", "Default", "fast", ",", ",", " "], 6);
+    // Well-formed lists too, so that accepted results are common enough to check.
+    let join = |items: Vec<&str>| items.join(",");
+    let sizes = prop_oneof![
+        sizes,
+        prop::collection::vec(prop::sample::select(vec!["224", "512", " 64", "768x512", "96X64 ", "4096"]), 1..4)
+            .prop_map(join),
+    ];
+    let modes = prop_oneof![
+        modes,
+        prop::collection::vec(prop::sample::select(vec!["default", "entropy ", "resize", " multidiffusion"]), 1..4)
+            .prop_map(join),
+    ];
     (sizes, modes)
 }
 
@@ -1278,6 +1290,14 @@ fn errors_about_file_contents_escape_control_characters() {
     let path = scratch.write("png", &png_with_text(1, 1, &[("sdscale", &json.to_string())], &[]));
     let err = format!("{:#}", metadata::read_image_metadata(&path).unwrap_err());
     assert!(err.contains(r"unknown variant `a\nb\u{1b}[31m`"), "{err}");
+    // Found by the long run: a model name is used as `--model`, whose messages quote it as typed.
+    json["mode"] = "entropy".into();
+    json["model"] = "a\nb\u{1b}[31m".into();
+    let path = scratch.write("png", &png_with_text(1, 1, &[("sdscale", &json.to_string())], &[]));
+    let err = format!("{:#}", metadata::read_image_metadata(&path).unwrap_err());
+    assert!(err.contains(r#"model "a\nb\u{1b}[31m" contains control characters"#), "{err}");
+    let err = format!("{:#}", A1111::parse("x\nSteps: 1, Model: a\u{1b}[31m").unwrap_err());
+    assert!(!err.chars().any(char::is_control), "{err}");
     let err = format!("{:#}", prompts::parse("p", "{\"prompt\": \"x\", \"a\\nb\": 1}").unwrap_err());
     assert!(err.contains(r"unknown field `a\nb`") && !err.contains('\n'), "{err}");
 }

@@ -149,6 +149,11 @@ fn read_header(file: &std::fs::File) -> Result<HashMap<String, TensorEntry>> {
                 file_len - data_start
             );
         }
+        // A zero dimension makes any shape hold no bytes; the others must still multiply without
+        // overflow, or candle's strides for the tensor overflow (found by tests/fuzz.rs).
+        if shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d.max(1) as u64)).is_none() {
+            bail!("tensor {name:?}: shape {shape:?} has more elements than any file can hold");
+        }
         if let Some(size) = element_size(&dtype) {
             let elements = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
             if elements.and_then(|n| n.checked_mul(size)) != Some(end - start) {
@@ -440,5 +445,18 @@ mod tests {
         use candle_nn::var_builder::SimpleBackend;
         let err = backend.get((4, 1).into(), "w", candle_nn::Init::Const(0.), DType::F32, &Device::Cpu).unwrap_err();
         assert!(err.to_string().contains("shape mismatch for w"), "{err}");
+    }
+
+    /// Found by `fuzz_safetensors_header`: `[0, 2, 2^63]` holds no bytes, so it passed the byte check,
+    /// and candle's stride computation then overflowed reading it.
+    #[test]
+    fn a_zero_dimension_does_not_hide_an_overflowing_shape() {
+        let header = r#"{"w":{"dtype":"F32","shape":[0,2,9223372036854775808],"data_offsets":[0,0]}}"#;
+        let err = open_error(header, None, &[]);
+        assert!(err.contains("has more elements than any file can hold"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("empty.safetensors");
+        write_raw(&path, r#"{"w":{"dtype":"F32","shape":[0,3],"data_offsets":[0,0]}}"#, None, &[]);
+        assert_eq!(SafetensorsFile::open(&path).unwrap().read("w").unwrap().dims(), [0, 3]);
     }
 }
