@@ -489,6 +489,17 @@ mod tests {
         assert!(written * 2 > bound, "the bound should not be absurdly loose: {written} vs {bound}");
     }
 
+    /// The compare grid's bound holds with the widest labels it can have, at the smallest cells.
+    #[test]
+    fn grid_bound_covers_the_widest_labels() {
+        let columns: Vec<String> = ["multidiffusion", "entropy"].map(String::from).to_vec();
+        let rows: Vec<String> = ["seed 4294967295", "seed 0"].map(String::from).to_vec();
+        let layout = crate::grid::Layout::new(64, 64, &columns, &rows);
+        let (width, height) = layout.size();
+        assert!(layout.left as usize <= GRID_BAND_BOUND && layout.top as usize <= GRID_BAND_BOUND, "{layout:?}");
+        assert!(grid_png_bound(2, 2, 64, 64, "") >= png_size_bound(width as usize, height as usize, 0));
+    }
+
     #[test]
     fn disk_space_is_checked_per_filesystem_before_folders_exist() {
         let dir = tempfile::tempdir().unwrap();

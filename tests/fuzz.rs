@@ -500,6 +500,9 @@ struct TextChunk {
     garbage: Option<Vec<u8>>,
 }
 
+/// A raw chunk inserted at a chunk index: (index, type, data, announced length if not the data's).
+type RawChunk = (usize, [u8; 4], Vec<u8>, Option<u32>);
+
 #[derive(Debug, Clone)]
 struct PngCase {
     width: u32,
@@ -507,8 +510,7 @@ struct PngCase {
     chunks: Vec<TextChunk>,
     /// Where each text chunk goes: before the image data or after it.
     after_idat: Vec<bool>,
-    /// A raw chunk (type, data, announced length) inserted at this chunk index.
-    raw: Option<(usize, [u8; 4], Vec<u8>, Option<u32>)>,
+    raw: Option<RawChunk>,
     flips: Vec<(usize, u8)>,
     truncate: Option<usize>,
     /// Run `gen --from` with `--model .` (else the model and revision come from the file too).
@@ -766,9 +768,19 @@ fn fuzz_long_a1111_parameters() {
 /// What `gen` writes, `--from` reads back: any single-line prompts, any finite guidance, any mode.
 #[test]
 fn a1111_parameters_round_trip() {
+    a1111_round_trip(false);
+}
+
+#[test]
+#[ignore = "long fuzz run: PROPTEST_CASES=100000 cargo test --test integration fuzz_long -- --ignored"]
+fn fuzz_long_a1111_parameters_round_trip() {
+    a1111_round_trip(true);
+}
+
+fn a1111_round_trip(long: bool) {
     let line = || prop::collection::vec(any::<char>().prop_filter("one line", |c| *c != '\n'), 0..30);
     let strategy = (line(), line(), any::<u32>(), 1usize..1001, any::<f64>(), prop::sample::select(Mode::ALL.to_vec()));
-    fuzz("A1111 round trip", false, strategy, |(prompt, negative, seed, steps, guidance, mode)| {
+    fuzz("A1111 round trip", long, strategy, |(prompt, negative, seed, steps, guidance, mode)| {
         let prompt = String::from_iter(prompt);
         prop_assume!(!prompt.starts_with("Negative prompt: ") && guidance.is_finite());
         let meta = ImageMetadata {
