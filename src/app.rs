@@ -493,6 +493,10 @@ fn gen(args: GenArgs) -> Result<()> {
         }
     };
     let total = plan.len();
+    output::check_disk_space(
+        plan.iter().filter(|p| !request.skip_existing || !p.path.is_file()).map(output::planned_png),
+    )
+    .map_err(bad_input)?;
     let plan = keep_writable(plan, request.overwrite, request.skip_existing)?;
     if plan.is_empty() {
         eprintln!("sdscale: nothing to do: all {total} images exist");
@@ -599,6 +603,9 @@ fn compare(args: CompareArgs) -> Result<()> {
         folder.join(format!("{stem}.{}.seed{}.png", spec.mode.as_str(), spec.seed))
     });
     check_plan(&plan)?;
+    let grid_bytes = output::grid_png_bound(request.modes.len(), request.seeds.len(), width, height, &request.prompt);
+    output::check_disk_space(plan.iter().map(output::planned_png).chain([(grid_path.clone(), grid_bytes)]))
+        .map_err(bad_input)?;
     let plan = keep_writable(plan, request.overwrite, false)?;
     output::check_output(&grid_path, request.overwrite).map_err(bad_input)?;
     if request.html {

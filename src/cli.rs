@@ -8,13 +8,12 @@
 use crate::metadata::{self, Found};
 use crate::mode::{Mode, ModeOptions, ViewRule};
 use crate::output::{check_png_name, Template};
+use crate::prompts::{self, Settings};
 use crate::shard::Shard;
 use crate::weights::ModelSource;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand, ValueEnum};
-use serde::Deserialize;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 pub const EXIT_CODES: &str = "Exit codes:
@@ -474,40 +473,12 @@ pub struct CompareRequest {
     pub model: ModelRequest,
 }
 
-/// The largest side we accept: at 4096 px the top UNet level already attends over 262,144 tokens.
-const MAX_SIDE: usize = 4096;
 /// SD's schedulers have 1000 training timesteps; DDIM cannot take more steps than that.
 const MAX_STEPS: usize = 1000;
 /// A bound on one run's size, so a typo in --num-images fails at once rather than after hours.
 const MAX_IMAGES: usize = 100_000;
 
-/// Settings that several sources can give; merged as: prompt-file line > flag > `--from` > default.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Settings {
-    prompt: Option<String>,
-    negative_prompt: Option<String>,
-    seed: Option<u64>,
-    width: Option<usize>,
-    height: Option<usize>,
-    steps: Option<usize>,
-    guidance: Option<f64>,
-    mode: Option<String>,
-    // `gen --json` output keys, accepted and ignored so its output can be fed back as input.
-    #[serde(default, rename = "path")]
-    _path: Option<serde_json::Value>,
-    #[serde(default, rename = "model")]
-    _model: Option<serde_json::Value>,
-    #[serde(default, rename = "seconds")]
-    _seconds: Option<serde_json::Value>,
-    #[serde(default, rename = "peak_device_mib")]
-    _peak_device_mib: Option<serde_json::Value>,
-    #[serde(default, rename = "prompt_index")]
-    _prompt_index: Option<serde_json::Value>,
-    #[serde(default, rename = "image_index")]
-    _image_index: Option<serde_json::Value>,
-}
-
+/// Settings merge as: prompt-file line > flag > `--from` > default.
 impl Settings {
     /// `self` where set, else `base`.
     fn over(self, base: &Settings) -> Settings {
@@ -551,6 +522,12 @@ impl Settings {
         }
         if self.prompt.as_deref().is_some_and(str::is_empty) {
             bail!("{} is empty", flag("prompt"));
+        }
+        for (key, text) in [("prompt", &self.prompt), ("negative_prompt", &self.negative_prompt)] {
+            if let Some(text) = text.as_deref().filter(|text| text.len() > prompts::MAX_PROMPT_BYTES) {
+                let limit = prompts::MAX_PROMPT_BYTES;
+                bail!("{} is {} bytes, over the {limit}-byte limit (CLIP reads only 77 tokens)", flag(key), text.len());
+            }
         }
         Ok(())
     }
@@ -633,7 +610,14 @@ impl TryFrom<GenArgs> for GenRequest {
         };
         // The grid: each prompt × image × size × mode, in that order (`{index}` counts in it). A line
         // that sets its own size or mode keeps it; --sizes and --modes replace what --from stored.
-        let sizes = parse_size_list("--sizes", &args.sizes)?;
+        // Listed twice in a grid would make the same images twice: refused, not merged.
+        let sizes: Vec<(usize, usize)> = match args.sizes.is_empty() {
+            true => Vec::new(),
+            false => crate::size::parse_sizes("--sizes", &args.sizes.join(","))?
+                .into_iter()
+                .map(|size| (size.width, size.height))
+                .collect(),
+        };
         for (i, mode) in args.modes.iter().enumerate() {
             if args.modes[..i].contains(mode) {
                 bail!("--modes: {} is listed twice", mode.as_str());
@@ -781,34 +765,10 @@ fn settings_from_image(path: &Path) -> Result<FromImage> {
 /// Reads a prompt file (or stdin for `-`) whole and checks every line: (location, settings) per
 /// prompt, where location ("prompts.txt line 3") prefixes any later error about that line.
 fn read_prompt_file(spec: &str) -> Result<Vec<(String, Settings)>> {
-    let (name, text) = if spec == "-" {
-        let mut text = String::new();
-        std::io::stdin().read_to_string(&mut text).context("--prompts -: reading stdin")?;
-        ("stdin".to_string(), text)
-    } else {
-        let text =
-            std::fs::read_to_string(spec).with_context(|| format!("--prompts {spec}: cannot read it as UTF-8 text"))?;
-        (spec.to_string(), text)
-    };
-    let mut lines = Vec::new();
-    for (number, line) in text.lines().enumerate() {
-        let location = format!("{name} line {}", number + 1);
-        let trimmed = line.trim();
-        if trimmed.is_empty() || trimmed.starts_with('#') {
-            continue;
-        }
-        // A line that starts with '{' is a JSON object; anything else is the prompt itself.
-        let settings = if trimmed.starts_with('{') {
-            let settings: Settings = serde_json::from_str(trimmed).with_context(|| location.clone())?;
-            if settings.prompt.is_none() {
-                bail!("{location}: the JSON object has no \"prompt\"");
-            }
-            settings
-        } else {
-            Settings { prompt: Some(trimmed.to_string()), ..Settings::default() }
-        };
+    let (name, text) = prompts::read(spec)?;
+    let lines = prompts::parse(&name, &text)?;
+    for (location, settings) in &lines {
         settings.validate(str::to_string).with_context(|| location.clone())?;
-        lines.push((location, settings));
     }
     Ok(lines)
 }
@@ -962,14 +922,7 @@ fn parse_device_and_dtype(device: &str, dtype: Option<&str>) -> Result<(Device, 
 }
 
 fn validate_side(name: &str, value: usize) -> Result<()> {
-    if !value.is_multiple_of(8) || value < 64 {
-        let suggestion = value.max(64).div_ceil(8) * 8;
-        bail!("{name} {value} must be a multiple of 8 and at least 64 (e.g. {suggestion})");
-    }
-    if value > MAX_SIDE {
-        bail!("{name} {value} is larger than {MAX_SIDE}");
-    }
-    Ok(())
+    crate::size::check_side(name, value)
 }
 
 /// "WxH" → (width, height), each a valid side.
@@ -981,15 +934,9 @@ fn parse_size(text: &str) -> Result<(usize, usize)> {
 fn parse_size_list(flag: &str, items: &[String]) -> Result<Vec<(usize, usize)>> {
     let mut sizes = Vec::new();
     for text in items {
-        let size = match text.trim().parse::<usize>() {
-            Ok(side) => {
-                validate_side(flag, side)?;
-                (side, side)
-            }
-            Err(_) => parse_size_flag(flag, text)?,
-        };
-        if !sizes.contains(&size) {
-            sizes.push(size);
+        let size = crate::size::parse_size(flag, text)?;
+        if !sizes.contains(&(size.width, size.height)) {
+            sizes.push((size.width, size.height));
         }
     }
     Ok(sizes)

@@ -10,6 +10,12 @@ fn escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&#39;")
 }
 
+/// JSON made safe to embed in a <script> block: `<`, `>`, `&` as \u003c, \u003e, \u0026 (they can
+/// only occur inside JSON strings, where the escapes mean the same characters).
+fn script_json(json: &str) -> String {
+    json.replace('<', "\\u003c").replace('>', "\\u003e").replace('&', "\\u0026")
+}
+
 /// The page for a grid; `render_sizes` lists (mode, size) where the UNet ran at another size.
 pub fn compare_page(meta: &GridMetadata, grid_file: &str, render_sizes: &[(String, (usize, usize))]) -> String {
     let mut parameters = vec![
@@ -66,8 +72,10 @@ pub fn compare_page(meta: &GridMetadata, grid_file: &str, render_sizes: &[(Strin
             }
         }
     }
-    // The settings travel with exported ratings; `</` is escaped so the JSON cannot end the script.
-    let settings = serde_json::to_string(meta).expect("plain data").replace("</", "<\\/");
+    // The settings travel with exported ratings. Inside <script>, `</script>` would end the block and
+    // `<!--<script>` would make the parser swallow the real `</script>`: with `<`, `>` and `&` written
+    // as JSON escapes, no prompt can change how the page parses (the values stay the same).
+    let settings = script_json(&serde_json::to_string(meta).expect("plain data"));
     let title = escape(&meta.prompt);
     let grid_file = escape(grid_file);
     format!(
@@ -191,5 +199,13 @@ mod tests {
     #[test]
     fn escapes_markup_in_prompts() {
         assert_eq!(escape("<b>\"a\" & 'b'</b>"), "&lt;b&gt;&quot;a&quot; &amp; &#39;b&#39;&lt;/b&gt;");
+    }
+
+    #[test]
+    fn embedded_json_cannot_end_or_hide_the_script() {
+        let json = serde_json::to_string("<!--<script> </script> & co").unwrap();
+        let safe = script_json(&json);
+        assert!(!safe.contains('<') && !safe.contains('>') && !safe.contains('&'), "{safe}");
+        assert_eq!(serde_json::from_str::<String>(&safe).unwrap(), "<!--<script> </script> & co");
     }
 }

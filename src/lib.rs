@@ -27,6 +27,7 @@ pub mod output;
 pub mod pipeline;
 pub mod plan;
 pub mod profile;
+pub mod prompts;
 pub mod rng;
 pub mod scheduler;
 pub mod shard;

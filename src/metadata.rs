@@ -5,7 +5,8 @@
 //! device, the render size of `resize`). `sdscale info` prints them; `gen --from` starts from them.
 
 use crate::mode::{Mode, ViewRule};
-use anyhow::{bail, Context, Result};
+use crate::output::printable_error;
+use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -149,29 +150,70 @@ impl GridMetadata {
     }
 }
 
-/// The text chunks (tEXt, zTXt and iTXt) of a PNG, in file order.
+/// The most bytes the PNG reader may allocate for the chunks before and after the image data (its
+/// text chunks, mostly): a 2 GB text chunk is refused once this much of it has been read.
+pub const MAX_PNG_METADATA_BYTES: usize = 16 << 20;
+/// The most a compressed text chunk (zTXt, iTXt) may inflate to: a few kilobytes of deflate can
+/// claim gigabytes.
+pub const MAX_TEXT_CHUNK_BYTES: usize = 2 << 20;
+
+/// The text chunks (tEXt, then zTXt, then iTXt) of a PNG. The image data is skipped, never decoded,
+/// so a header claiming 2³¹ × 2³¹ pixels costs nothing; everything read is bounded by the limits above.
 pub fn read_text_chunks(path: &Path) -> Result<Vec<(String, String)>> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let decoder = png::Decoder::new(std::io::BufReader::new(file));
-    let mut reader = decoder.read_info().with_context(|| format!("{} is not a PNG", path.display()))?;
-    // Chunks after the image data (allowed by the PNG spec) are only seen once it has been read.
-    let mut buffer = vec![0; reader.output_buffer_size().unwrap_or(0)];
-    let _ = reader.next_frame(&mut buffer);
-    let _ = reader.finish();
+    let limits = png::Limits { bytes: MAX_PNG_METADATA_BYTES };
+    let decoder = png::Decoder::new_with_limits(std::io::BufReader::new(file), limits);
+    let over_limit = || {
+        anyhow!(
+            "{}: its metadata chunks are over the {MAX_PNG_METADATA_BYTES}-byte limit sdscale reads (or its image \
+             size is impossible); not read",
+            path.display()
+        )
+    };
+    let mut reader = match decoder.read_info() {
+        Ok(reader) => reader,
+        Err(png::DecodingError::LimitsExceeded) => return Err(over_limit()),
+        Err(err) => return Err(err).with_context(|| format!("{} is not a PNG", path.display())),
+    };
+    // Chunks after the image data (allowed by the PNG spec): skip the data undecoded to reach them. A
+    // damaged tail costs only what comes after the damage.
+    if let Err(png::DecodingError::LimitsExceeded) = reader.finish() {
+        return Err(over_limit());
+    }
     let info = reader.info();
     let mut chunks: Vec<(String, String)> =
         info.uncompressed_latin1_text.iter().map(|c| (c.keyword.clone(), c.text.clone())).collect();
+    let too_big = |keyword: &str| {
+        anyhow!(
+            "{}: text chunk {keyword:?} inflates to more than the {MAX_TEXT_CHUNK_BYTES}-byte limit; not read",
+            path.display()
+        )
+    };
+    // The png crate's `get_text` inflates without a bound: inflate a copy with one first. A chunk that
+    // does not inflate at all is damaged and skipped, as a reader of the other chunks would.
     for chunk in &info.compressed_latin1_text {
-        if let Ok(text) = chunk.get_text() {
-            chunks.push((chunk.keyword.clone(), text));
+        let mut chunk = chunk.clone();
+        match chunk.decompress_text_with_limit(MAX_TEXT_CHUNK_BYTES) {
+            Ok(()) => chunks.extend(chunk.get_text().ok().map(|text| (chunk.keyword.clone(), text))),
+            Err(err) if is_out_of_space(&err) => return Err(too_big(&chunk.keyword)),
+            Err(_) => {}
         }
     }
     for chunk in &info.utf8_text {
-        if let Ok(text) = chunk.get_text() {
-            chunks.push((chunk.keyword.clone(), text));
+        let mut chunk = chunk.clone();
+        match chunk.decompress_text_with_limit(MAX_TEXT_CHUNK_BYTES) {
+            Ok(()) => chunks.extend(chunk.get_text().ok().map(|text| (chunk.keyword.clone(), text))),
+            Err(err) if is_out_of_space(&err) => return Err(too_big(&chunk.keyword)),
+            Err(_) => {}
         }
     }
     Ok(chunks)
+}
+
+/// The png crate's "over the decompression limit", which it keeps crate-private but for its message
+/// (pinned by `a_compressed_text_bomb_is_refused_without_inflating_it`).
+fn is_out_of_space(err: &png::DecodingError) -> bool {
+    matches!(err, png::DecodingError::Format(_)) && err.to_string().contains("decompression space")
 }
 
 /// What `gen --from` can start from.
@@ -187,16 +229,21 @@ pub enum Found {
 pub fn read_image_metadata(path: &Path) -> Result<Found> {
     let chunks = read_text_chunks(path)?;
     if let Some((_, json)) = chunks.iter().find(|(k, _)| k == TOOL) {
-        let value: serde_json::Value =
-            serde_json::from_str(json).with_context(|| format!("{}: unreadable sdscale metadata", path.display()))?;
+        let value: serde_json::Value = serde_json::from_str(json)
+            .map_err(printable_error)
+            .with_context(|| format!("{}: unreadable sdscale metadata", path.display()))?;
         if value.get("kind").and_then(|k| k.as_str()) == Some("compare") {
             bail!(
                 "{} is a compare grid; pass one of its single images (NAME.MODE.seedN.png) to --from",
                 path.display()
             );
         }
-        let metadata = serde_json::from_value(value)
+        let metadata: ImageMetadata = serde_json::from_value(value)
+            .map_err(printable_error)
             .with_context(|| format!("{}: sdscale metadata from an incompatible version", path.display()))?;
+        metadata
+            .check_untrusted()
+            .with_context(|| format!("{}: its sdscale metadata cannot be used", path.display()))?;
         return Ok(Found::Sdscale(Box::new(metadata)));
     }
     if let Some((_, text)) = chunks.iter().find(|(k, _)| k == "parameters") {
@@ -205,6 +252,41 @@ pub fn read_image_metadata(path: &Path) -> Result<Found> {
         ));
     }
     bail!("{} has no generation metadata (neither an sdscale nor a parameters chunk)", path.display())
+}
+
+impl ImageMetadata {
+    /// What `gen --from` uses from a file beyond the settings `cli.rs` checks like flags: the training
+    /// size (checked as `--train-size` is) and the Hub revision, which names folders in the Hub cache
+    /// and so must be a plain branch, tag or commit, never a path.
+    fn check_untrusted(&self) -> Result<()> {
+        let (width, height) = self.train_size;
+        crate::size::check_side("train_size width", width)?;
+        crate::size::check_side("train_size height", height)?;
+        if let Some(revision) = &self.revision {
+            check_revision(revision)?;
+        }
+        check_model_name(&self.model)
+    }
+}
+
+/// A model name as a file may give it (a Hub id or a folder, used as `--model`): printable text.
+fn check_model_name(model: &str) -> Result<()> {
+    if model.chars().any(char::is_control) {
+        bail!("model {model:?} contains control characters");
+    }
+    Ok(())
+}
+
+/// A Hub revision as a file may give it: a branch, tag or commit (`main`, `refs/pr/1`, `v1.0`, a hash),
+/// never `..` or an absolute path that would lead hf-hub's cache folders elsewhere.
+pub fn check_revision(revision: &str) -> Result<()> {
+    let plain = revision.len() <= 256
+        && revision.chars().all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))
+        && revision.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
+    if !plain {
+        bail!("revision {revision:?} is not a branch, tag or commit name");
+    }
+    Ok(())
 }
 
 /// The parts of an AUTOMATIC1111 `parameters` text that `gen` understands; others are ignored.
@@ -248,7 +330,10 @@ impl A1111 {
                     let (w, h) = value.split_once('x').with_context(bad)?;
                     parsed.size = Some((w.parse().with_context(bad)?, h.parse().with_context(bad)?));
                 }
-                "Model" => parsed.model = Some(value.into()),
+                "Model" => {
+                    check_model_name(value)?;
+                    parsed.model = Some(value.into());
+                }
                 "Mode" => parsed.mode = Some(Mode::parse(value).with_context(bad)?),
                 _ => {}
             }
@@ -317,5 +402,15 @@ mod tests {
         let mut old = json;
         old.as_object_mut().unwrap().remove("seconds");
         assert_eq!(serde_json::from_value::<ImageMetadata>(old).unwrap().seconds, None);
+    }
+
+    #[test]
+    fn revisions_from_files_cannot_be_paths() {
+        for good in ["main", "refs/pr/1", "v1.0", "5f6e3c9a1b2d4e7f8091a2b3c4d5e6f708192a3b"] {
+            assert!(check_revision(good).is_ok(), "{good}");
+        }
+        for bad in ["", "..", "../../../etc", "/tmp/x", "main/../..", "a//b", "main\n", "a b"] {
+            assert!(check_revision(bad).is_err(), "{bad:?}");
+        }
     }
 }

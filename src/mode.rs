@@ -203,6 +203,23 @@ pub fn resize_render_size(target: PixelSize, training: PixelSize) -> PixelSize {
     PixelSize { width: side(target.width, target.height), height: side(target.height, target.width) }
 }
 
+/// A comma-separated `--modes`-style list (`default,entropy`), in the order given; unknown words and a
+/// mode listed twice are refused.
+pub fn parse_modes(flag: &str, text: &str) -> anyhow::Result<Vec<Mode>> {
+    let mut modes = Vec::new();
+    for word in text.split(',').map(str::trim) {
+        let Some(mode) = Mode::parse(word) else {
+            let known: Vec<&str> = Mode::ALL.iter().map(|m| m.as_str()).collect();
+            anyhow::bail!("{flag}: {word:?} is not a mode; use {}", known.join(", "));
+        };
+        if modes.contains(&mode) {
+            anyhow::bail!("{flag}: {} is listed twice", mode.as_str());
+        }
+        modes.push(mode);
+    }
+    Ok(modes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,5 +284,14 @@ mod tests {
         assert_eq!(views[5], ((12, 28), (4, 28)));
         // Above 64 latents both rules agree.
         assert_eq!(windows(ViewRule::Original, false, 88, 80), windows(ViewRule::Diffusers, false, 88, 80));
+    }
+
+    #[test]
+    fn mode_lists_name_unknown_and_repeated_words() {
+        assert_eq!(parse_modes("--modes", "default, entropy").unwrap(), [Mode::Default, Mode::Entropy]);
+        let err = parse_modes("--modes", "default,fast").unwrap_err().to_string();
+        assert!(err.contains("\"fast\" is not a mode; use default, entropy, resize, multidiffusion"), "{err}");
+        assert!(parse_modes("--modes", "resize,resize").unwrap_err().to_string().contains("resize is listed twice"));
+        assert!(parse_modes("--modes", "").is_err());
     }
 }

@@ -154,7 +154,9 @@ pub fn slug(prompt: &str, max_len: usize) -> String {
 /// Refuses a file name that does not end in `.png` (any case): the one rule for `-o`, `-o` templates and
 /// `--plot`. `flag` names the option the name came from (a template's caller adds it itself).
 pub fn check_png_name(flag: Option<&str>, path: &Path) -> Result<()> {
-    if path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("png")) {
+    // `out.png/` has the extension too, but names a folder (found by tests/fuzz.rs).
+    let folder = path.as_os_str().to_string_lossy().ends_with('/');
+    if !folder && path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("png")) {
         return Ok(());
     }
     match flag {
@@ -207,6 +209,9 @@ pub struct Fields<'a> {
 
 impl Template {
     pub fn parse(text: &str) -> Result<Self> {
+        if let Some(c) = text.chars().find(|c| c.is_control()) {
+            bail!("the name contains the control character {c:?}; use printable characters");
+        }
         check_png_name(None, Path::new(text))?;
         let mut parts = Vec::new();
         let mut literal = String::new();
@@ -279,10 +284,112 @@ impl Template {
     }
 }
 
+// ---- disk space ---------------------------------------------------------------------------------
+
+/// Bytes each image's metadata may take: both prompts (at most `prompts::MAX_PROMPT_BYTES` each) in the
+/// `parameters` text and again in the JSON, where one character can take six bytes (`\u001b`).
+fn text_bytes_bound(prompt: &str, negative_prompt: &str) -> u64 {
+    7 * (prompt.len() + negative_prompt.len()) as u64 + 4096
+}
+
+/// An upper bound on the bytes of an 8-bit RGB PNG of `width` × `height` with `text_bytes` of text
+/// chunks: the pixels as if deflate could not shrink them at all (noise-like images barely compress)
+/// plus an eighth for encodings that grow incompressible data, a filter byte per row and the framing.
+pub fn png_size_bound(width: usize, height: usize, text_bytes: u64) -> u64 {
+    let raw = (width as u64 * 3 + 1) * height as u64;
+    raw + raw / 8 + text_bytes + 4096
+}
+
+/// (path, upper bound on its bytes) of one planned image, for [`check_disk_space`].
+pub fn planned_png(planned: &crate::plan::PlannedImage) -> (PathBuf, u64) {
+    let text = text_bytes_bound(&planned.spec.prompt, &planned.spec.negative_prompt);
+    (planned.path.clone(), png_size_bound(planned.size.width, planned.size.height, text))
+}
+
+/// Widest label band a compare grid can have (DejaVu Sans Mono at 18 px: "seed 4294967295" is ~175 px).
+const GRID_BAND_BOUND: usize = 256;
+
+/// An upper bound on the bytes of a compare grid of `columns` × `rows` cells (cell size in pixels).
+pub fn grid_png_bound(columns: usize, rows: usize, cell_width: usize, cell_height: usize, prompt: &str) -> u64 {
+    let width = GRID_BAND_BOUND + columns * (cell_width + crate::grid::GAP as usize);
+    let height = GRID_BAND_BOUND + rows * (cell_height + crate::grid::GAP as usize);
+    png_size_bound(width, height, text_bytes_bound(prompt, "") * 2 + 64 * (columns * rows) as u64)
+}
+
+/// Refuses, before any work, files that cannot fit where they go: `outputs` are (path, upper bound
+/// on its bytes), e.g. [`planned_png`] of each planned image. Folders need not exist yet (the nearest
+/// existing one tells the filesystem); outputs on one filesystem are summed. Where the free space
+/// cannot be read, nothing is refused.
+pub fn check_disk_space(outputs: impl IntoIterator<Item = (PathBuf, u64)>) -> Result<()> {
+    use std::collections::HashMap;
+    use std::os::unix::fs::MetadataExt;
+    // Per filesystem (device): a folder on it, files, bytes. Many outputs share a folder: look each up once.
+    let mut device_of: HashMap<PathBuf, Option<(u64, PathBuf)>> = HashMap::new();
+    let mut needs: HashMap<u64, (PathBuf, usize, u64)> = HashMap::new();
+    for (path, bytes) in outputs {
+        let folder = parent_folder(&path);
+        let found = device_of.entry(folder).or_insert_with_key(|folder| {
+            let existing = folder.ancestors().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
+            existing.filter_map(|p| Some((fs::metadata(p).ok().filter(|m| m.is_dir())?.dev(), p.to_path_buf()))).next()
+        });
+        if let Some((device, existing)) = found {
+            let need = needs.entry(*device).or_insert_with(|| (existing.clone(), 0, 0));
+            need.1 += 1;
+            need.2 = need.2.saturating_add(bytes);
+        }
+    }
+    for (folder, files, bytes) in needs.into_values() {
+        let Some(free) = available_bytes(&folder) else { continue };
+        if bytes > free {
+            bail!(
+                "not enough disk space: {files} file(s) of up to {} in all (uncompressed bound) go to the filesystem of {}, \
+                 which has {} free; free some space, write elsewhere (-o) or make fewer or smaller images",
+                human_bytes(bytes),
+                folder.display(),
+                human_bytes(free)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Bytes an unprivileged user may still write on `folder`'s filesystem (statvfs's f_bavail).
+fn available_bytes(folder: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(folder.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs only writes into the zero-initialised struct we pass; `path` is NUL-terminated.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    #[allow(clippy::unnecessary_cast)] // the field types differ between platforms
+    Some((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
+}
+
+/// 1234567 → "1.2 MB" (bytes exactly below 1 kB).
+fn human_bytes(bytes: u64) -> String {
+    let units = [("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)];
+    match units.iter().find(|(_, size)| bytes as f64 >= *size) {
+        Some((unit, size)) => format!("{:.1} {unit}", bytes as f64 / size),
+        None => format!("{bytes} bytes"),
+    }
+}
+
 /// Two paths that name the same file as far as we can tell before creating it (`out/./a.png` and
 /// `out/a.png`).
 pub fn same_file_key(path: &Path) -> PathBuf {
     path.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect()
+}
+
+/// Text that came from a file, made one printable line for a message: control characters (newlines,
+/// terminal escape sequences) are written as escapes (`\n`, `\u{1b}`), everything else as it is.
+pub fn printable(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+}
+
+/// A parser's error about a stranger's file, as one printable line.
+pub fn printable_error(err: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!(printable(&err.to_string()))
 }
 
 /// Flushes stdout line by line: scripts read the written paths as they appear.
@@ -348,7 +455,7 @@ mod tests {
         for good in ["a.png", "A.PNG", "out/x.Png", "{index:04}.png"] {
             assert!(check_png_name(Some("-o"), Path::new(good)).is_ok() && Template::parse(good).is_ok(), "{good}");
         }
-        for bad in [".png", "a.png.jpg", "a", "png", "out/.png"] {
+        for bad in [".png", "a.png.jpg", "a", "png", "out/.png", "out.png/", "{index}.png/"] {
             assert!(check_png_name(Some("-o"), Path::new(bad)).is_err() && Template::parse(bad).is_err(), "{bad}");
         }
     }
@@ -365,5 +472,66 @@ mod tests {
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("out.png")]);
         assert_eq!(image::open(&path).unwrap().to_rgb8(), image);
+    }
+
+    /// Found by `fuzz_output_templates`: `out.png/` has a `.png` extension as far as `Path` is concerned.
+    #[test]
+    fn a_name_ending_in_a_slash_is_a_folder_not_a_png() {
+        assert!(check_png_name(Some("-o"), Path::new("out.png/")).is_err());
+        assert!(Template::parse("out/{index}.png/").unwrap_err().to_string().contains(".png file"));
+    }
+
+    #[test]
+    fn templates_with_control_characters_are_refused_in_one_line() {
+        let err = Template::parse("out/a\nb.png").unwrap_err().to_string();
+        assert!(err.contains("control character '\\n'") && !err.contains('\n'), "{err}");
+    }
+
+    /// The bound holds for the worst case: pure noise, with the longest prompts, in the real writer.
+    #[test]
+    fn png_size_bound_holds_for_incompressible_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let (width, height) = (200, 136);
+        let mut state = 0x9e3779b97f4a7c15u64;
+        let image = RgbImage::from_fn(width, height, |_, _| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            image::Rgb([state as u8, (state >> 8) as u8, (state >> 16) as u8])
+        });
+        let prompt = "\u{1b}é".repeat(crate::prompts::MAX_PROMPT_BYTES / 3);
+        let json = serde_json::to_string(&prompt).unwrap();
+        let path = dir.path().join("noise.png");
+        write_png(&path, &image, &[("parameters", prompt.clone()), ("sdscale", json)], false).unwrap();
+        let written = fs::metadata(&path).unwrap().len();
+        let bound = png_size_bound(width as usize, height as usize, text_bytes_bound(&prompt, ""));
+        assert!(written <= bound, "{written} > {bound}");
+        assert!(written * 2 > bound, "the bound should not be absurdly loose: {written} vs {bound}");
+    }
+
+    /// The compare grid's bound holds with the widest labels it can have, at the smallest cells.
+    #[test]
+    fn grid_bound_covers_the_widest_labels() {
+        let columns: Vec<String> = ["multidiffusion", "entropy"].map(String::from).to_vec();
+        let rows: Vec<String> = ["seed 4294967295", "seed 0"].map(String::from).to_vec();
+        let layout = crate::grid::Layout::new(64, 64, &columns, &rows);
+        let (width, height) = layout.size();
+        assert!(layout.left as usize <= GRID_BAND_BOUND && layout.top as usize <= GRID_BAND_BOUND, "{layout:?}");
+        assert!(grid_png_bound(2, 2, 64, 64, "") >= png_size_bound(width as usize, height as usize, 0));
+    }
+
+    #[test]
+    fn disk_space_is_checked_per_filesystem_before_folders_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let free = available_bytes(dir.path()).unwrap();
+        let later = dir.path().join("not/yet/there.png");
+        assert!(check_disk_space([(later.clone(), free / 4), (dir.path().join("b.png"), free / 4)]).is_ok());
+        // Three quarters each: fine alone, too much together (both on one filesystem).
+        let err = check_disk_space([(later, free / 4 * 3), (dir.path().join("b.png"), free / 4 * 3)]).unwrap_err();
+        let err = err.to_string();
+        assert!(err.starts_with("not enough disk space: 2 file(s)") && err.contains("free"), "{err}");
+        assert!(!dir.path().join("not").exists(), "checking creates nothing");
+        assert_eq!((human_bytes(999), human_bytes(1234)), ("999 bytes".to_string(), "1.2 kB".to_string()));
+        assert_eq!(human_bytes(48_000_000), "48.0 MB");
     }
 }

@@ -70,3 +70,80 @@ impl TrainingSize {
         Self { pixels, ..self }
     }
 }
+
+/// The smallest side accepted, in pixels (8 latent pixels).
+pub const MIN_SIDE: usize = 64;
+/// The largest side accepted: at 4096 px the top UNet level already attends over 262,144 tokens.
+pub const MAX_SIDE: usize = 4096;
+
+/// Refuses a side that is not a multiple of 8 in `MIN_SIDE..=MAX_SIDE`; `name` names it ("--width").
+pub fn check_side(name: &str, value: usize) -> anyhow::Result<()> {
+    if !value.is_multiple_of(8) || value < MIN_SIDE {
+        // Clamped first: rounding usize::MAX up to a multiple of 8 would overflow.
+        let suggestion = value.clamp(MIN_SIDE, MAX_SIDE).div_ceil(8) * 8;
+        anyhow::bail!("{name} {value} must be a multiple of 8 and at least {MIN_SIDE} (e.g. {suggestion})");
+    }
+    if value > MAX_SIDE {
+        anyhow::bail!("{name} {value} is larger than {MAX_SIDE}");
+    }
+    Ok(())
+}
+
+/// One size as `--sizes` writes it: `N` (N×N) or `WxH` (`x` or `X`), each side checked.
+pub fn parse_size(flag: &str, text: &str) -> anyhow::Result<PixelSize> {
+    let text = text.trim();
+    let (width, height) = match text.split_once(['x', 'X']) {
+        None => (text, text),
+        Some((width, height)) => (width.trim(), height.trim()),
+    };
+    let side = |side: &str| side.parse::<usize>().ok();
+    let (Some(width), Some(height)) = (side(width), side(height)) else {
+        anyhow::bail!("{flag} {text:?}: expected a size as N or WIDTHxHEIGHT, e.g. 512 or 768x512");
+    };
+    check_side(&format!("{flag} width"), width)?;
+    check_side(&format!("{flag} height"), height)?;
+    Ok(PixelSize::new(width, height))
+}
+
+/// A comma-separated list of sizes (`224,512,768x512`), in the order given; a size listed twice is
+/// refused (it would make the same images twice).
+pub fn parse_sizes(flag: &str, text: &str) -> anyhow::Result<Vec<PixelSize>> {
+    let mut sizes: Vec<PixelSize> = Vec::new();
+    for item in text.split(',') {
+        let size = parse_size(flag, item)?;
+        if sizes.contains(&size) {
+            anyhow::bail!("{flag}: {size} is listed twice");
+        }
+        sizes.push(size);
+    }
+    Ok(sizes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_lists_take_n_and_wxh_and_check_every_side() {
+        let sizes = parse_sizes("--sizes", "224, 512x768 ,64X64").unwrap();
+        assert_eq!(sizes, [PixelSize::new(224, 224), PixelSize::new(512, 768), PixelSize::new(64, 64)]);
+        for (bad, needle) in [
+            ("100", "--sizes width 100 must be a multiple of 8"),
+            ("224,", "expected a size"),
+            ("224x", "expected a size"),
+            ("8192", "larger than 4096"),
+            ("224,224", "224x224 is listed twice"),
+            ("-64", "expected a size"),
+        ] {
+            let err = parse_sizes("--sizes", bad).unwrap_err().to_string();
+            assert!(err.contains(needle), "{bad}: {err}");
+        }
+    }
+
+    /// Found by tests/fuzz.rs: the suggestion for an odd usize::MAX side overflowed.
+    #[test]
+    fn side_suggestion_for_usize_max_does_not_overflow() {
+        let err = check_side("--width", usize::MAX).unwrap_err().to_string();
+        assert!(err.contains("e.g. 4096"), "{err}");
+    }
+}

@@ -102,7 +102,10 @@ impl ClipTokenizer {
     /// Readable text for ids, as CLIPTokenizer decodes: byte-level decode, `</w>` → space.
     fn decode(&self, ids: &[u32]) -> Result<String> {
         let text = self.tokenizer.decode(ids, true).map_err(anyhow::Error::from_boxed)?;
-        Ok(text.replace("</w>", " ").split_whitespace().collect::<Vec<_>>().join(" "))
+        let text = text.replace("</w>", " ").split_whitespace().collect::<Vec<_>>().join(" ");
+        // Shown in a warning on the terminal: a prompt's control characters (escape sequences) are
+        // written out, not sent.
+        Ok(crate::output::printable(&text))
     }
 }
 

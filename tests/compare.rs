@@ -192,3 +192,37 @@ fn html_page_shows_every_image_and_rates_in_a_real_browser() {
         shot.save(keep).unwrap();
     }
 }
+
+/// Issue 15: a prompt that tries to end or hide the page's script (`</script>`, `<!--<script>`) changes
+/// nothing: the page still runs its script, loads every image and rates, and the embedded settings
+/// still hold the prompt exactly.
+#[test]
+fn html_page_survives_a_prompt_that_tries_to_break_its_script() {
+    let Some(browser) = chromium() else {
+        eprintln!("SKIPPED html_page_survives_a_prompt_that_tries_to_break_its_script: no chromium on PATH (apt-get install -y chromium; .ci/run installs it)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // No `-->` after `<!--<script>`: that would close the escape state and hide the bug this pins.
+    let prompt = "a corgi <!--<script> </script><script>document.title='owned'</script> & \"quotes\"";
+    let lines = run_compare(dir.path(), &["--html", "--prompt", prompt, "--modes", "default,entropy"]);
+    assert_eq!(lines.last().unwrap(), "out/corgi-96.html");
+    let page = dir.path().join("out/corgi-96.html").canonicalize().unwrap();
+    let text = std::fs::read_to_string(&page).unwrap();
+    let script = &text[text.find("const SETTINGS = ").unwrap()..];
+    let settings_line = script.lines().next().unwrap();
+    assert!(!settings_line[1..].contains(['<', '>', '&']), "raw markup in the script: {settings_line}");
+
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("file://{}#selftest", page.display());
+    let result = run_chromium(&browser, profile.path(), &["--dump-dom".into()], &url);
+    let dom = String::from_utf8_lossy(&result.stdout);
+    assert!(result.status.success(), "chromium failed: {}", String::from_utf8_lossy(&result.stderr));
+    assert!(dom.contains("data-images-loaded=\"4/4\"") && dom.contains("data-all-images-loaded=\"true\""), "{dom}");
+    assert_eq!(dom.matches("data-loaded=\"96x96\"").count(), 4);
+    assert!(dom.contains("data-selftest=\"ok\""), "the page's script did not run to the end: {dom}");
+    assert!(!dom.contains("<title>owned</title>"), "the prompt ran as script");
+    // The exported settings carry the prompt exactly (the DOM dump escapes it as text).
+    let exported = "a corgi &lt;!--&lt;script&gt; &lt;/script&gt;&lt;script&gt;document.title='owned'&lt;/script&gt; &amp; \\\"quotes\\\"\"";
+    assert!(dom.contains(exported), "the exported settings lost the prompt: {dom}");
+}

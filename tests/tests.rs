@@ -11,6 +11,7 @@ mod entropy;
 mod eval;
 mod families;
 mod full_size;
+mod fuzz;
 mod images;
 mod multidiffusion;
 mod real_layout;

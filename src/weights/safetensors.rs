@@ -7,6 +7,7 @@
 //! is only indexed; a tensor is read (and its dtype checked) when the network asks for it by name, so
 //! tensors nobody uses are never read, whatever their dtype.
 
+use crate::output::printable_error;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -79,7 +80,7 @@ impl SafetensorsFile {
             "F64" => Tensor::from_vec(self.read_values::<f64>(entry)?, shape, &Device::Cpu)?.to_dtype(DType::F32)?,
             other => {
                 return Err(candle_core::Error::Msg(format!(
-                    "{}: tensor {name} is stored as {other}, but the model needs it as floats (F32, F16, BF16 or F64); \
+                    "{}: tensor {name:?} is stored as {other:?}, but the model needs it as floats (F32, F16, BF16 or F64); \
                      re-save the file with float weights",
                     self.path.display()
                 )))
@@ -108,7 +109,9 @@ impl SafetensorsFile {
 }
 
 /// Parses and checks the header: its length, every entry's shape against its byte range, every range
-/// inside the file. Unknown dtypes are kept (their size cannot be checked; reading one fails).
+/// inside the file and overlapping no other, every name once. Unknown dtypes are kept (their size cannot
+/// be checked; reading one fails). Everything is decided from the header before anything is allocated
+/// for the data: a header cannot announce more than the file holds.
 fn read_header(file: &std::fs::File) -> Result<HashMap<String, TensorEntry>> {
     #[derive(serde::Deserialize)]
     struct RawEntry {
@@ -120,30 +123,86 @@ fn read_header(file: &std::fs::File) -> Result<HashMap<String, TensorEntry>> {
     let mut size = [0u8; 8];
     file.read_exact_at(&mut size, 0).context("shorter than a safetensors header")?;
     let header_len = u64::from_le_bytes(size);
-    if header_len > MAX_HEADER_BYTES || 8 + header_len > file_len {
-        bail!("bad safetensors header length {header_len} for a {file_len}-byte file");
+    if header_len > MAX_HEADER_BYTES {
+        bail!(
+            "its header announces {header_len} bytes, over the {MAX_HEADER_BYTES}-byte limit of a safetensors header"
+        );
+    }
+    if 8 + header_len > file_len {
+        bail!("its header announces {header_len} bytes, but the file has only {file_len}");
     }
     let mut header = vec![0u8; header_len as usize];
     file.read_exact_at(&mut header, 8)?;
-    let mut raw: HashMap<String, serde_json::Value> = serde_json::from_slice(&header)?;
-    raw.remove("__metadata__");
+    let HeaderEntries(raw) = serde_json::from_slice(&header).map_err(printable_error)?;
     let data_start = 8 + header_len;
     let mut tensors = HashMap::with_capacity(raw.len());
     for (name, value) in raw {
-        let RawEntry { dtype, shape, data_offsets: (start, end) } =
-            serde_json::from_value(value).with_context(|| format!("tensor {name}: malformed header entry"))?;
+        if name == "__metadata__" {
+            continue;
+        }
+        let RawEntry { dtype, shape, data_offsets: (start, end) } = serde_json::from_value(value)
+            .map_err(printable_error)
+            .with_context(|| format!("tensor {name:?}: malformed header entry"))?;
         if end < start || data_start.checked_add(end).is_none_or(|e| e > file_len) {
-            bail!("tensor {name}: its data ({start}..{end}) does not fit the file (truncated?)");
+            bail!(
+                "tensor {name:?}: its data ({start}..{end}) does not fit the {} data bytes of the file (truncated?)",
+                file_len - data_start
+            );
+        }
+        // A zero dimension makes any shape hold no bytes; the others must still multiply without
+        // overflow, or candle's strides for the tensor overflow (found by tests/fuzz.rs).
+        if shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d.max(1) as u64)).is_none() {
+            bail!("tensor {name:?}: shape {shape:?} has more elements than any file can hold");
         }
         if let Some(size) = element_size(&dtype) {
             let elements = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
             if elements.and_then(|n| n.checked_mul(size)) != Some(end - start) {
-                bail!("tensor {name}: shape {shape:?} of {dtype} does not match its {} data bytes", end - start);
+                bail!("tensor {name:?}: shape {shape:?} of {dtype:?} does not match its {} data bytes", end - start);
             }
         }
-        tensors.insert(name, TensorEntry { dtype, shape, start: data_start + start, end: data_start + end });
+        let entry = TensorEntry { dtype, shape, start: data_start + start, end: data_start + end };
+        if tensors.contains_key(&name) {
+            bail!("tensor {name:?} is listed twice in the header");
+        }
+        tensors.insert(name, entry);
+    }
+    // The format gives every byte of data to one tensor; overlapping ranges mean a corrupt or crafted file.
+    let mut ranges: Vec<(u64, u64, &str)> =
+        tensors.iter().filter(|(_, e)| e.end > e.start).map(|(n, e)| (e.start, e.end, n.as_str())).collect();
+    ranges.sort_unstable();
+    for pair in ranges.windows(2) {
+        let ((_, end, first), (start, _, second)) = (pair[0], pair[1]);
+        if start < end {
+            bail!("tensors {first:?} and {second:?} claim overlapping data");
+        }
     }
     Ok(tensors)
+}
+
+/// The header's top-level entries in file order, duplicates kept (a map would silently keep the last).
+struct HeaderEntries(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for HeaderEntries {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = HeaderEntries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object of tensors")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<HeaderEntries, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(HeaderEntries(entries))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
 }
 
 /// A candle `VarBuilder` backend over a safetensors file, optionally seeing it through a name map
@@ -172,6 +231,20 @@ impl Backend {
             Some(map) => map.get(name).map(|source| (source.name.as_str(), source.chunk)),
         }
     }
+
+    /// The shape `name` will have, from the header alone (None when it cannot be known).
+    fn header_shape(&self, name: &str) -> Option<Vec<usize>> {
+        let (stored, chunk) = self.resolve(name)?;
+        let mut dims = self.file.entry(stored)?.shape.clone();
+        if let Some((_, count)) = chunk {
+            let rows = dims.first_mut()?;
+            if count == 0 || !rows.is_multiple_of(count) {
+                return None;
+            }
+            *rows /= count;
+        }
+        Some(dims)
+    }
 }
 
 impl candle_nn::var_builder::SimpleBackend for Backend {
@@ -183,6 +256,14 @@ impl candle_nn::var_builder::SimpleBackend for Backend {
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<Tensor> {
+        // Checked against the header first, so a mis-shaped tensor is refused without reading it.
+        if let Some(dims) = self.header_shape(name).filter(|dims| dims.as_slice() != shape.dims()) {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: shape,
+                got: dims.into(),
+            });
+        }
         let tensor = self.get_unchecked(name, dtype, device)?;
         if tensor.shape() != &shape {
             return Err(candle_core::Error::UnexpectedShape {
@@ -264,7 +345,7 @@ mod tests {
         assert_eq!(file.read("weight").unwrap().to_vec2::<f32>().unwrap(), [[1.0, 2.0], [3.0, 4.0]]);
         assert_eq!(file.read("double").unwrap().to_vec1::<f32>().unwrap(), [0.5, -2.0]);
         let err = file.read("position_ids").unwrap_err().to_string();
-        assert!(err.contains("position_ids is stored as I64"), "{err}");
+        assert!(err.contains("\"position_ids\" is stored as \"I64\""), "{err}");
         assert_eq!(file.entry("exotic").unwrap().dtype, "F4");
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -294,5 +375,88 @@ mod tests {
         assert_eq!(v.to_vec1::<f32>().unwrap(), [4., 5.]);
         assert!(!backend.contains_tensor("in_proj"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Writes `header` (raw JSON) and `data` as a safetensors file; `header_len` overrides its length.
+    fn write_raw(path: &Path, header: &str, header_len: Option<u64>, data: &[u8]) {
+        let mut bytes = header_len.unwrap_or(header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    fn open_error(header: &str, header_len: Option<u64>, data: &[u8]) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.safetensors");
+        write_raw(&path, header, header_len, data);
+        format!("{:#}", SafetensorsFile::open(&path).err().expect("refused"))
+    }
+
+    /// A header that announces a 100 GB tensor in a small file is refused from the header alone.
+    #[test]
+    fn a_100_gb_tensor_is_refused_before_allocating() {
+        let header = r#"{"w":{"dtype":"F32","shape":[25000000000],"data_offsets":[0,100000000000]}}"#;
+        let err = open_error(header, None, &[0; 16]);
+        assert!(err.contains("tensor \"w\": its data (0..100000000000) does not fit the 16 data bytes"), "{err}");
+    }
+
+    #[test]
+    fn absurd_header_lengths_are_refused_naming_the_limit() {
+        let err = open_error("{}", Some(u64::MAX), &[]);
+        assert!(err.contains("announces 18446744073709551615 bytes, over the 104857600-byte limit"), "{err}");
+        let err = open_error("{}", Some(1 << 20), &[]);
+        assert!(err.contains("announces 1048576 bytes, but the file has only 10"), "{err}");
+    }
+
+    /// A map would keep the second entry silently; which tensor the file meant is unknowable.
+    #[test]
+    fn duplicate_tensor_names_are_refused() {
+        let entry = r#"{"dtype":"U8","shape":[2],"data_offsets":[0,2]}"#;
+        let err = open_error(&format!(r#"{{"w":{entry},"w":{entry}}}"#), None, &[1, 2]);
+        assert!(err.contains("tensor \"w\" is listed twice"), "{err}");
+    }
+
+    #[test]
+    fn overlapping_tensors_are_refused() {
+        let header = r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[2],"data_offsets":[2,4]},"e":{"dtype":"U8","shape":[0],"data_offsets":[2,2]}}"#;
+        let err = open_error(header, None, &[0; 4]);
+        assert!(err.contains("tensors \"a\" and \"b\" claim overlapping data"), "{err}");
+    }
+
+    /// Names and dtypes from the file are quoted: a newline in a name cannot split the message.
+    #[test]
+    fn names_from_the_file_stay_on_one_line() {
+        let err = open_error(r#"{"a\nb":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#, None, &[0; 4]);
+        assert!(err.contains(r#"tensor "a\nb": shape [2] of "F32" does not match its 4 data bytes"#), "{err}");
+        let err = open_error("{\"\u{1b}\": 1, \"\u{1b}\": 1}", None, &[]);
+        assert!(!err.chars().any(char::is_control), "{err}");
+    }
+
+    /// Asked for another shape, a tensor is refused from its header entry, before its data is read.
+    #[test]
+    fn a_wrong_shape_is_refused_from_the_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        write(&path, &[("w", "F32", vec![2, 2], f32_bytes(&[1.0, 2.0, 3.0, 4.0]))]);
+        let backend = Backend::new(std::sync::Arc::new(SafetensorsFile::open(&path).unwrap()), None);
+        // Truncate the data away: a read would now fail, so only the header can refuse the shape.
+        let len = std::fs::metadata(&path).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 16).unwrap();
+        use candle_nn::var_builder::SimpleBackend;
+        let err = backend.get((4, 1).into(), "w", candle_nn::Init::Const(0.), DType::F32, &Device::Cpu).unwrap_err();
+        assert!(err.to_string().contains("shape mismatch for w"), "{err}");
+    }
+
+    /// Found by `fuzz_safetensors_header`: `[0, 2, 2^63]` holds no bytes, so it passed the byte check,
+    /// and candle's stride computation then overflowed reading it.
+    #[test]
+    fn a_zero_dimension_does_not_hide_an_overflowing_shape() {
+        let header = r#"{"w":{"dtype":"F32","shape":[0,2,9223372036854775808],"data_offsets":[0,0]}}"#;
+        let err = open_error(header, None, &[]);
+        assert!(err.contains("has more elements than any file can hold"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("empty.safetensors");
+        write_raw(&path, r#"{"w":{"dtype":"F32","shape":[0,3],"data_offsets":[0,0]}}"#, None, &[]);
+        assert_eq!(SafetensorsFile::open(&path).unwrap().read("w").unwrap().dims(), [0, 3]);
     }
 }
