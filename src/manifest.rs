@@ -3,7 +3,8 @@
 //!
 //! A record is appended before its PNG is published. A process killed between the two leaves a
 //! record whose file is missing; `--skip-existing` then makes the image again and appends a second
-//! record for the same path. Readers keep the last record per path whose file exists.
+//! record for the same path. `sdscale eval` keeps the last record per path and refuses a record
+//! whose image is missing (an unfinished shard).
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};

@@ -687,6 +687,8 @@ fn check_request(request: &GenRequest) -> Result<(), TestCaseError> {
             width: image.width.unwrap_or(512),
             height: image.height.unwrap_or(512),
             prompt: &image.prompt,
+            prompt_index: image.prompt_index,
+            image: image.image_index,
         });
         let components: Vec<Component> = path.components().collect();
         prop_assert!(matches!(components[..], [Component::Normal(_)]), "escapes its folder: {path:?}");
@@ -801,6 +803,12 @@ fn a1111_round_trip(long: bool) {
             device: "cpu".into(),
             train_size: (512, 512),
             render_size: None,
+            md_views: None,
+            circular: false,
+            seconds: None,
+            peak_device_mib: None,
+            family: None,
+            eta: 0.0,
         };
         let parsed = A1111::parse(&meta.a1111_parameters()).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
         prop_assert_eq!(&parsed.prompt, &meta.prompt);
@@ -963,7 +971,16 @@ fn template_property(
         Ok(template) => template,
         Err(err) => return refused(err),
     };
-    let path = template.render(&Fields { index, seed, mode, width: side, height: side, prompt: &prompt });
+    let path = template.render(&Fields {
+        index,
+        seed,
+        mode,
+        width: side,
+        height: side,
+        prompt: &prompt,
+        prompt_index: index,
+        image: 0,
+    });
     let rendered = path.to_str().unwrap();
     // Values never add a folder, a parent step or a control character: only the template's own text can.
     prop_assert_eq!(rendered.matches('/').count(), text.matches('/').count(), "{:?}", rendered);

@@ -64,8 +64,18 @@ pub fn read(manifest: &Path) -> Result<Vec<Record>> {
             continue;
         }
         let place = || format!("{} line {}", manifest.display(), number + 1);
-        let line: Line = serde_json::from_str(line)
-            .with_context(|| format!("{}: not a manifest record (path, prompt, width, height, mode)", place()))?;
+        let line: Line = match serde_json::from_str(line) {
+            Ok(line) => line,
+            // A record cut short by a killed `gen` (which starts its next record on a new line).
+            Err(err) if err.is_eof() => {
+                eprintln!("sdscale: {}: skipping a record cut short (its image is remade on resume)", place());
+                continue;
+            }
+            Err(err) => {
+                return Err(err)
+                    .with_context(|| format!("{}: not a manifest record (path, prompt, width, height, mode)", place()))
+            }
+        };
         if line.width == 0 || line.height == 0 {
             bail!("{}: size {}x{} is empty", place(), line.width, line.height);
         }
@@ -128,6 +138,10 @@ mod tests {
         let two = dir.path().join("two.jsonl");
         std::fs::write(&two, "{\"path\": \"a.png\", \"prompt\": \"p\", \"width\": 8, \"height\": 8, \"mode\": \"default\", \"seconds\": 2}\n")
             .unwrap();
+        // A line cut short by a kill is skipped.
+        let mut text = std::fs::read_to_string(&two).unwrap();
+        text.push_str("{\"path\": \"b.png\", \"prom\n");
+        std::fs::write(&two, text).unwrap();
         let records = read_all(&[one, two]).unwrap();
         assert_eq!(records.len(), 1);
         assert_eq!(records[0].seconds, Some(2.0));
