@@ -625,17 +625,18 @@ impl TryFrom<GenArgs> for GenRequest {
         }
         let mut images = Vec::new();
         for (prompt_index, (location, line)) in lines.into_iter().enumerate() {
-            let line_sizes = if line.width.is_some() || line.height.is_some() || sizes.is_empty() {
-                let settings = line.clone().over(&defaults);
+            let (own_size, own_mode) = (line.width.is_some() || line.height.is_some(), line.mode.is_some());
+            let settings = line.over(&defaults);
+            let line_sizes = if own_size || sizes.is_empty() {
                 vec![(settings.width, settings.height)]
             } else {
                 sizes.iter().map(|&(w, h)| (Some(w), Some(h))).collect()
             };
-            let line_modes: Vec<Mode> = match (&line.mode, args.modes.is_empty()) {
-                (None, false) => args.modes.clone(),
-                _ => vec![line.clone().over(&defaults).mode.as_deref().and_then(Mode::parse).unwrap_or(Mode::Default)],
+            let line_modes: Vec<Mode> = if own_mode || args.modes.is_empty() {
+                vec![settings.mode.as_deref().and_then(Mode::parse).unwrap_or(Mode::Default)]
+            } else {
+                args.modes.clone()
             };
-            let settings = line.over(&defaults);
             let context = |e: anyhow::Error| if location.is_empty() { e } else { e.context(location.clone()) };
             let prompt = settings.prompt.clone().ok_or_else(|| anyhow!("no prompt")).map_err(context)?;
             let base_seed = seed_or_random(settings.seed);

@@ -70,9 +70,6 @@ impl DeviceMemoryMeter {
 #[cfg(feature = "cuda")]
 impl CudaMeter {
     fn start(context: Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>) -> Option<Self> {
-        let used = |context: &candle_core::cuda_backend::cudarc::driver::CudaContext| {
-            context.mem_get_info().ok().map(|(free, total)| total.saturating_sub(free))
-        };
         let baseline = used(&context)?;
         let peak = Arc::new(AtomicUsize::new(baseline));
         let stop = Arc::new(AtomicBool::new(false));
@@ -92,8 +89,14 @@ impl CudaMeter {
     }
 
     fn used(&self) -> Option<usize> {
-        self.context.mem_get_info().ok().map(|(free, total)| total.saturating_sub(free))
+        used(&self.context)
     }
+}
+
+/// Device memory in use now (total − free), in bytes.
+#[cfg(feature = "cuda")]
+fn used(context: &candle_core::cuda_backend::cudarc::driver::CudaContext) -> Option<usize> {
+    context.mem_get_info().ok().map(|(free, total)| total.saturating_sub(free))
 }
 
 #[cfg(feature = "cuda")]
