@@ -155,11 +155,20 @@ pub struct Switches {
     pub cuda_conv: bool,
     pub cuda_graph: bool,
     pub no_mallopt: bool,
+    /// Weights are the mapped file's pages (weights/mapped.rs); off reads them into fresh buffers.
+    pub map_weights: bool,
 }
 
 impl Default for Switches {
     fn default() -> Self {
-        Self { profile: false, flash_attention: false, cuda_conv: true, cuda_graph: true, no_mallopt: false }
+        Self {
+            profile: false,
+            flash_attention: false,
+            cuda_conv: true,
+            cuda_graph: true,
+            no_mallopt: false,
+            map_weights: true,
+        }
     }
 }
 
@@ -182,6 +191,7 @@ impl Switches {
             cuda_conv: switch("SDSCALE_CUDA_CONV", defaults.cuda_conv)?,
             cuda_graph: switch("SDSCALE_CUDA_GRAPH", defaults.cuda_graph)?,
             no_mallopt: switch("SDSCALE_NO_MALLOPT", defaults.no_mallopt)?,
+            map_weights: switch("SDSCALE_MAP_WEIGHTS", defaults.map_weights)?,
         })
     }
 }
@@ -217,13 +227,15 @@ mod tests {
             "SDSCALE_CUDA_CONV",
             "SDSCALE_CUDA_GRAPH",
             "SDSCALE_NO_MALLOPT",
+            "SDSCALE_MAP_WEIGHTS",
         ] {
             let get = |s: Switches| match name {
                 "SDSCALE_PROFILE" => s.profile,
                 "SDSCALE_FLASH_ATTENTION" => s.flash_attention,
                 "SDSCALE_CUDA_CONV" => s.cuda_conv,
                 "SDSCALE_CUDA_GRAPH" => s.cuda_graph,
-                _ => s.no_mallopt,
+                "SDSCALE_NO_MALLOPT" => s.no_mallopt,
+                _ => s.map_weights,
             };
             let default = get(Switches::default());
             for on in ["1", "true", "ON", " yes "] {

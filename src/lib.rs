@@ -36,6 +36,10 @@ pub mod tokenizer;
 pub mod unet_step;
 pub mod weights;
 
+/// The system allocator, aware of weights whose memory is their mapped file (see [`weights::mapped`]).
+#[global_allocator]
+static ALLOCATOR: weights::mapped::MappingAwareAllocator = weights::mapped::MappingAwareAllocator;
+
 /// Keeps freed tensor buffers in the process for reuse instead of returning each to the kernel.
 ///
 /// glibc serves large allocations with a fresh `mmap` and unmaps them on free, so every op's output

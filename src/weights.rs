@@ -11,6 +11,7 @@
 //! `*.safetensors` file; in f16/bf16 the `*.fp16.safetensors` variant (half the bytes), falling back to
 //! the full file. From the Hub only those files and the small configs are downloaded.
 
+pub mod mapped;
 mod safetensors;
 pub mod single_file;
 
