@@ -9,6 +9,8 @@ pub use crate::backend::AttentionBackend;
 use crate::kernels::cpu::attention as cpu;
 #[cfg(feature = "cuda")]
 use crate::kernels::cuda::flash_attention as flash;
+#[cfg(feature = "flash-attn")]
+use crate::kernels::cuda::flash_attn2;
 use crate::size::LatentSize;
 use candle_core::{DType, Result, Tensor, D};
 use std::ops::Range;
@@ -50,11 +52,13 @@ impl AttentionScale {
 
 /// The backend for a layer whose logits and softmax must be computed in f32 (diffusers'
 /// `upcast_attention`, which SD 2.1 at 768 needs in half precision): the half-precision GPU paths give
-/// way to the f32 chunked one; the f32 paths are kept as they are.
+/// way to the f32 chunked one; the f32 paths are kept as they are, and so is FlashAttention-2, whose
+/// logits and softmax never leave f32 registers (as with diffusers' default SDPA processor, which
+/// ignores `upcast_attention`).
 pub fn upcast(backend: AttentionBackend) -> AttentionBackend {
     match backend {
         AttentionBackend::GpuHalf | AttentionBackend::FusedCuda => AttentionBackend::Chunked,
-        AttentionBackend::CpuBlocks | AttentionBackend::Chunked => backend,
+        AttentionBackend::CpuBlocks | AttentionBackend::Chunked | AttentionBackend::FlashAttn2 => backend,
     }
 }
 
@@ -156,7 +160,11 @@ pub fn scaled_dot_product_attention(
 ) -> Result<Tensor> {
     match backend {
         AttentionBackend::CpuBlocks => cpu::attention(q, k, v, scale, None),
-        AttentionBackend::GpuHalf | AttentionBackend::FusedCuda => {
+        #[cfg(feature = "flash-attn")]
+        AttentionBackend::FlashAttn2 if flash_attn2::supports(q.dim(2)?, q.dtype()) => {
+            flash_attn2::attention(q, k, v, 1, scale)
+        }
+        AttentionBackend::GpuHalf | AttentionBackend::FusedCuda | AttentionBackend::FlashAttn2 => {
             half_precision_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK_GPU)
         }
         AttentionBackend::Chunked => chunked_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK, None),
@@ -177,6 +185,10 @@ pub fn multi_head_attention(
     #[cfg(feature = "cuda")]
     if backend == AttentionBackend::FusedCuda && flash::fits(q, heads) {
         return flash::attention(q, k, v, heads, scale);
+    }
+    #[cfg(feature = "flash-attn")]
+    if backend == AttentionBackend::FlashAttn2 && flash_attn2::supports(q.dim(2)? / heads, q.dtype()) {
+        return flash_attn2::attention(q, k, v, heads, scale);
     }
     let (b, n, _) = q.dims3()?;
     let (q, k, v) = (split_heads(q, heads)?, split_heads(k, heads)?, split_heads(v, heads)?);
@@ -318,7 +330,10 @@ mod tests {
     #[test]
     fn upcast_attention_never_computes_logits_in_half_precision() {
         use AttentionBackend::*;
-        assert_eq!([GpuHalf, FusedCuda, CpuBlocks, Chunked].map(upcast), [Chunked, Chunked, CpuBlocks, Chunked]);
+        assert_eq!(
+            [GpuHalf, FusedCuda, FlashAttn2, CpuBlocks, Chunked].map(upcast),
+            [Chunked, Chunked, FlashAttn2, CpuBlocks, Chunked]
+        );
         // The path upcast layers take converts to f32 whatever comes in, and returns the input dtype.
         let (q, k, v) = random_qkv(2, 9, 7).unwrap();
         let half = |t: &Tensor| t.to_dtype(DType::F16).unwrap();

@@ -11,7 +11,9 @@
 //! | variable                   | default | what                                                          |
 //! |----------------------------|---------|---------------------------------------------------------------|
 //! | `SDSCALE_PROFILE`          | off     | per-block and per-op-kind timings of every UNet step (profile.rs) |
+//! | `SDSCALE_FLASH_ATTN2`      | on      | FlashAttention-2 for f16/bf16 attention on CUDA, in builds with the `flash-attn` feature |
 //! | `SDSCALE_FLASH_ATTENTION`  | off     | sdscale's fused CUDA attention for f16 heads of 64             |
+//! | `SDSCALE_MAP_WEIGHTS`      | on      | weights are their mapped file's pages (weights/mapped.rs)      |
 //! | `SDSCALE_CUDA_CONV`        | on      | sdscale's im2col + cuBLAS convolution on CUDA (off: candle's)  |
 //! | `SDSCALE_CUDA_GRAPH`       | on      | replay the UNet step as a CUDA graph (unet_step.rs)            |
 //! | `SDSCALE_NO_MALLOPT`       | off     | leave glibc's allocator thresholds alone (lib.rs)              |
@@ -26,6 +28,9 @@ pub enum AttentionBackend {
     CpuBlocks,
     /// f16/bf16 on a GPU: cuBLAS GEMMs around candle's fused softmax, in the inputs' precision.
     GpuHalf,
+    /// f16/bf16 on CUDA in builds with the `flash-attn` feature: FlashAttention-2's kernels
+    /// (kernels/cuda/flash_attn2.rs) for head sizes they cover, [`AttentionBackend::GpuHalf`] for others.
+    FlashAttn2,
     /// f16 on CUDA with `SDSCALE_FLASH_ATTENTION=1`: sdscale's fused kernel (kernels/cuda/
     /// flash_attention.rs) for layers with heads of 64, [`AttentionBackend::GpuHalf`] for the others.
     FusedCuda,
@@ -94,6 +99,9 @@ impl Backends {
         let attention = |dtype: DType| match dtype {
             DType::F32 if cpu => AttentionBackend::CpuBlocks,
             DType::F16 if cuda && switches.flash_attention => AttentionBackend::FusedCuda,
+            DType::F16 | DType::BF16 if cuda && switches.flash_attn2 && cfg!(feature = "flash-attn") => {
+                AttentionBackend::FlashAttn2
+            }
             DType::F16 | DType::BF16 if !cpu => AttentionBackend::GpuHalf,
             _ => AttentionBackend::Chunked,
         };
@@ -152,6 +160,8 @@ impl std::fmt::Display for Backends {
 pub struct Switches {
     pub profile: bool,
     pub flash_attention: bool,
+    /// FlashAttention-2 where the binary has it (the `flash-attn` feature); off: cuBLAS + softmax.
+    pub flash_attn2: bool,
     pub cuda_conv: bool,
     pub cuda_graph: bool,
     pub no_mallopt: bool,
@@ -164,6 +174,7 @@ impl Default for Switches {
         Self {
             profile: false,
             flash_attention: false,
+            flash_attn2: true,
             cuda_conv: true,
             cuda_graph: true,
             no_mallopt: false,
@@ -188,6 +199,7 @@ impl Switches {
         Ok(Self {
             profile: switch("SDSCALE_PROFILE", defaults.profile)?,
             flash_attention: switch("SDSCALE_FLASH_ATTENTION", defaults.flash_attention)?,
+            flash_attn2: switch("SDSCALE_FLASH_ATTN2", defaults.flash_attn2)?,
             cuda_conv: switch("SDSCALE_CUDA_CONV", defaults.cuda_conv)?,
             cuda_graph: switch("SDSCALE_CUDA_GRAPH", defaults.cuda_graph)?,
             no_mallopt: switch("SDSCALE_NO_MALLOPT", defaults.no_mallopt)?,
@@ -224,6 +236,7 @@ mod tests {
         for name in [
             "SDSCALE_PROFILE",
             "SDSCALE_FLASH_ATTENTION",
+            "SDSCALE_FLASH_ATTN2",
             "SDSCALE_CUDA_CONV",
             "SDSCALE_CUDA_GRAPH",
             "SDSCALE_NO_MALLOPT",
@@ -232,6 +245,7 @@ mod tests {
             let get = |s: Switches| match name {
                 "SDSCALE_PROFILE" => s.profile,
                 "SDSCALE_FLASH_ATTENTION" => s.flash_attention,
+                "SDSCALE_FLASH_ATTN2" => s.flash_attn2,
                 "SDSCALE_CUDA_CONV" => s.cuda_conv,
                 "SDSCALE_CUDA_GRAPH" => s.cuda_graph,
                 "SDSCALE_NO_MALLOPT" => s.no_mallopt,

@@ -2,3 +2,5 @@
 
 pub mod conv;
 pub mod flash_attention;
+#[cfg(feature = "flash-attn")]
+pub mod flash_attn2;
