@@ -3,6 +3,9 @@
 #
 #   scripts/bench_cpu.sh                     # the fixture model: whole `gen` + stages at 192²
 #   SDSCALE_BENCH_MODEL=~/.cache/sdscale/sd21-random SDSCALE_BENCH_SIZES=224,512 SDSCALE_BENCH_SKIP_GEN=1 scripts/bench_cpu.sh
+#   SDSCALE_BENCH_UNET_ONLY=1 SDSCALE_BENCH_MODEL=~/.cache/sdscale/ldm-random SDSCALE_BENCH_SIZES=256,512 \
+#     SDSCALE_BENCH_SKIP_GEN=1 scripts/bench_cpu.sh     # any family: the guided UNet step alone
+#     (full-size SD 1.5 / LDM-256 folders: scripts/make_full_family.py)
 #
 # Needs the reference Python environment (scripts/requirements.txt) as $PYTHON (default: python3).
 # The full-size random model comes from `python scripts/make_fixtures.py --full ~/.cache/sdscale/sd21-random`.
@@ -16,6 +19,8 @@ RUNS=${SDSCALE_BENCH_RUNS:-3}
 GEN_SIZE=${SDSCALE_BENCH_GEN_SIZE:-192}
 GEN_STEPS=${SDSCALE_BENCH_GEN_STEPS:-4}
 STAGES=${SDSCALE_BENCH_STAGES:-load,tokenizer,text,unet,vae}
+UNET_ONLY=()
+if [ -n "${SDSCALE_BENCH_UNET_ONLY:-}" ]; then STAGES=unet; UNET_ONLY=(--unet-only); fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
@@ -42,7 +47,7 @@ echo
 echo "## stages (median of $RUNS after a warm-up), ms"
 SDSCALE_BENCH_MODEL="$MODEL" SDSCALE_BENCH_SIZES="$SIZES" SDSCALE_BENCH_RUNS="$RUNS" SDSCALE_BENCH_STAGES="$STAGES" \
   cargo bench --bench stages --quiet 2>/dev/null > "$out/sdscale.tsv"
-"$PYTHON" scripts/bench_diffusers.py --model "$MODEL" --sizes "$SIZES" --runs "$RUNS" 2>/dev/null > "$out/diffusers.tsv"
+"$PYTHON" scripts/bench_diffusers.py --model "$MODEL" --sizes "$SIZES" --runs "$RUNS" "${UNET_ONLY[@]}" 2>/dev/null > "$out/diffusers.tsv"
 awk -F'\t' 'NR == FNR { d[$1 FS $2 FS $3] = $4; next }
   FNR == 1 { printf "%-16s %-10s %-8s %12s %12s %8s\n", "stage", "size", "mode", "sdscale", "diffusers", "ratio" }
   { key = $1 FS $2 FS $3; if (key in d) printf "%-16s %-10s %-8s %12.1f %12.1f %7.2fx\n", $1, $2, $3, $4, d[key], $4 / d[key] }' \

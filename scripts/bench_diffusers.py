@@ -3,6 +3,7 @@ same tab-separated format (stage, size, mode, median_ms, runs), or one whole `ge
 
     python scripts/bench_diffusers.py --model DIR --sizes 224,512 --runs 3
     python scripts/bench_diffusers.py --model DIR --gen --width 192 --height 192 --steps 4 --seed 42 --mode entropy --out x.png
+    python scripts/bench_diffusers.py --model DIR --unet-only --sizes 256,512   # any family: one guided UNet step
 
 Uses the environment of scripts/requirements.txt. fp32 on CPU, torch's default thread count (all cores),
 the entropy mode through make_fixtures.py's attention processor (the same one the fixtures were made with).
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
 from make_fixtures import load_pipeline, set_attention_mode  # noqa: E402
 
 
@@ -32,6 +34,24 @@ def time_ms(fn, runs: int) -> float:
 
 def report(stage, size, mode, ms, runs):
     print(f"{stage}\t{size}\t{mode}\t{ms:.2f}\t{runs}", flush=True)
+
+
+@torch.no_grad()
+def unet_only(args):
+    """One guided UNet step (batch 2) of any family's UNet, on random text embeddings of its width: the
+    UNet alone is loaded, so SD 1.x, SD 2.x and LDM-256 folders all work."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(Path(args.model) / "unet", use_safetensors=True).eval()
+    unet.set_attn_processor(AttnProcessor2_0())
+    width = unet.config.cross_attention_dim
+    embeddings = torch.randn((2, 77, width), generator=torch.Generator("cpu").manual_seed(3))
+    for size in args.sizes:
+        latent = size // 8
+        sample = torch.randn((1, 4, latent, latent), generator=torch.Generator("cpu").manual_seed(1))
+        batch = torch.cat([sample, sample])
+        ms = time_ms(lambda: unet(batch, 981, encoder_hidden_states=embeddings), args.runs)
+        report("unet_step_cfg", f"{size}x{size}", "default", ms, args.runs)
 
 
 @torch.no_grad()
@@ -113,6 +133,7 @@ def main():
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[192])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--gen", action="store_true", help="run one whole pipeline instead of the stages")
+    parser.add_argument("--unet-only", action="store_true", help="only the guided UNet step, for any family's folder")
     parser.add_argument("--prompt", default="a corgi on a beach")
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--width", type=int, default=512)
@@ -126,7 +147,12 @@ def main():
     parser.add_argument("--device", default="cpu", help="cpu or cuda (--gen only)")
     parser.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"], help="--gen only (f16 on the CPU is slow but works)")
     args = parser.parse_args()
-    gen(args) if args.gen else stages(args)
+    if args.gen:
+        gen(args)
+    elif args.unet_only:
+        unet_only(args)
+    else:
+        stages(args)
 
 
 if __name__ == "__main__":
