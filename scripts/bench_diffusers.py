@@ -98,9 +98,18 @@ def gen(args):
     sync()
     loaded = time.perf_counter()
 
+    first_step = []
+
+    def on_step_end(_pipe, _index, _timestep, kwargs):
+        if not first_step:
+            sync()
+            first_step.append(time.perf_counter())
+        return kwargs
+
     def generate():
         return pipe(
             args.prompt,
+            callback_on_step_end=on_step_end,
             negative_prompt=args.negative_prompt,
             width=args.width,
             height=args.height,
@@ -122,6 +131,8 @@ def gen(args):
     image.save(args.out)
     # Parseable lines on stdout for scripts; the human one on stderr.
     print(f"generate_seconds\t{generated - loaded:.3f}")
+    # From the start of loading to the end of the first denoising step (weights ready, prompt encoded).
+    print(f"load_to_first_step_seconds\t{first_step[0] - start:.3f}")
     if warm:
         print(f"warm_seconds\t{sorted(warm)[len(warm) // 2]:.3f}")
     print(f"diffusers: load {loaded - start:.2f} s, generate {generated - loaded:.2f} s, warm {warm}", file=sys.stderr)
