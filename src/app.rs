@@ -167,7 +167,13 @@ fn check_negative_prompts<'a>(files: &ModelFiles, mut negatives: impl Iterator<I
 
 fn load_model(request: &ModelRequest, files: &ModelFiles, training: TrainingSize) -> Result<Model> {
     let started = Instant::now();
-    let pipeline = Pipeline::load(files, &request.device, request.dtype).map_err(load_failure)?;
+    let pipeline = Pipeline::load(files, &request.device, request.dtype)
+        .map_err(|err| match &files.config_hint {
+            // Built-in configs that do not fit the file: say which flag picks the right ones.
+            Some(hint) if !is_machine_failure(&err) => err.context(hint.clone()),
+            _ => err,
+        })
+        .map_err(load_failure)?;
     eprintln!("sdscale: loaded {} in {:.2?}", request.source.display_name(), started.elapsed());
     let revision = match &request.source {
         ModelSource::Dir(_) | ModelSource::File { .. } => None,

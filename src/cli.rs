@@ -85,7 +85,8 @@ pub struct ModelArgs {
     pub revision: Option<String>,
 
     /// For a single-file checkpoint (--model FILE.safetensors): the diffusers folder or Hub repo id whose
-    /// configs and tokenizer apply [default: SD 2.1-base's, built in, for SD 2.x checkpoints].
+    /// configs and tokenizer apply [default: built in, by the file's shapes: SD 2.1-base's for SD 2.x,
+    /// SD 1.5's for SD 1.x].
     #[arg(long, value_name = "DIR|REPO")]
     pub config: Option<String>,
 

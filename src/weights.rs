@@ -162,6 +162,9 @@ pub struct ModelFiles {
     pub tokenizer_dir: PathBuf,
     /// What the user should know about how the files were chosen (printed once on stderr).
     pub notes: Vec<String>,
+    /// For a single file read with built-in configs: what an error loading its weights should add (the
+    /// configs may not be this model's).
+    pub config_hint: Option<String>,
 }
 
 /// The configs of a model, without its weights.
@@ -212,6 +215,7 @@ impl ModelFiles {
                 let file = SafetensorsFile::open(path)?;
                 let kind = single_file::kind(&file)?;
                 let mut notes = Vec::new();
+                let mut config_hint = None;
                 let configs = match config.as_deref() {
                     Some(ModelSource::Dir(dir)) => configs_from_dir(dir)?,
                     Some(ModelSource::Hub { repo, revision }) => Hub::new(repo, revision.as_deref())?.configs()?,
@@ -219,11 +223,20 @@ impl ModelFiles {
                     None => {
                         let builtin = builtin::Builtin::for_kind(kind);
                         notes.push(format!("{}: no --config given; {}", path.display(), builtin.note()));
+                        config_hint = Some(format!(
+                            "{}: the built-in {} configs do not fit its tensors; pass --config with the diffusers \
+                             folder or Hub id of its model",
+                            path.display(),
+                            builtin.name()
+                        ));
                         configs_from_dir(&builtin.dir()?)?
                     }
                 };
                 let part = |part| Weights::SingleFile { path: path.clone(), part };
-                Ok(Self::assemble(configs, part(Part::Unet), part(Part::TextEncoder), part(Part::Vae), notes))
+                let mut files =
+                    Self::assemble(configs, part(Part::Unet), part(Part::TextEncoder), part(Part::Vae), notes);
+                files.config_hint = config_hint;
+                Ok(files)
             }
         }
     }
@@ -240,6 +253,7 @@ impl ModelFiles {
             scheduler_config: configs.scheduler,
             tokenizer_dir: configs.tokenizer_dir,
             notes,
+            config_hint: None,
         }
     }
 }
@@ -471,6 +485,13 @@ pub mod builtin {
             match kind {
                 Kind::Sd2 => Builtin::Sd21Base,
                 Kind::Sd1 => Builtin::Sd15,
+            }
+        }
+
+        pub fn name(self) -> &'static str {
+            match self {
+                Builtin::Sd21Base => "SD 2.1-base",
+                Builtin::Sd15 => "SD 1.5",
             }
         }
 

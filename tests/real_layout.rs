@@ -245,6 +245,8 @@ fn single_file_without_config_uses_the_built_in_sd21_base_configs() {
     let message = stderr(&result);
     assert!(message.contains("SD 2.1-base's configs") && message.contains("--config"), "{message}");
     assert_eq!(result.status.code(), Some(2), "{message}");
+    let error = message.lines().last().unwrap();
+    assert!(error.contains("built-in SD 2.1-base configs do not fit") && error.contains("--config"), "{message}");
     assert!(message.lines().last().unwrap().starts_with("sdscale: error:"), "{message}");
     assert!(!message.contains("panicked") && !message.contains("backtrace"), "{message}");
     assert!(!dir.path().join("x.png").exists());
@@ -274,6 +276,8 @@ fn sd15_single_file_without_config_uses_the_built_in_sd15_configs() {
     assert_eq!(result.status.code(), Some(2), "{message}");
     let errors: Vec<&str> = message.lines().filter(|line| line.starts_with("sdscale: error:")).collect();
     assert_eq!(errors.len(), 1, "{message}");
+    assert!(errors[0].contains("built-in SD 1.5 configs do not fit") && errors[0].contains("--config"), "{message}");
+    assert!(errors[0].contains("shape mismatch"), "the cause stays on the line: {message}");
     assert!(message.lines().last().unwrap().starts_with("sdscale: error:"), "{message}");
     assert!(!message.contains("panicked") && !message.contains("backtrace"), "{message}");
     assert!(!dir.path().join("x.png").exists());
