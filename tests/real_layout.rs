@@ -295,7 +295,8 @@ fn sd15_single_file_without_config_uses_the_built_in_sd15_configs() {
 
 /// With --config the SD 1.x file renders the folder's image: in f16 both hold the same f16 weights
 /// (the file's, and the folder's f32 ones rounded at load), so the images are bit-identical; in f32 the
-/// file loads too and stays near diffusers' image of the f32 folder.
+/// file loads too and stays near diffusers' image of the f32 folder, the distance being the weights'
+/// f16 rounding (measured: mean |Δ| 0.16, max |Δ| 2; bound: mean 0.5, max 8).
 #[test]
 fn sd15_single_file_with_config_renders_the_folders_image() {
     let dir = tempfile::tempdir().unwrap();
@@ -320,7 +321,7 @@ fn sd15_single_file_with_config_renders_the_folders_image() {
     let reference = fixtures().join("reference/families/sd15/wide160x96_entropy.png");
     let (mean, max) = image_diff(&from_file, &reference);
     eprintln!("f16-stored single file in f32 vs diffusers' f32 folder: mean |Δ| {mean:.4}, max |Δ| {max}");
-    assert!(mean <= 3.0 && max <= 32, "mean |Δ| {mean:.4}, max |Δ| {max}");
+    assert!(mean <= 0.5 && max <= 8, "mean |Δ| {mean:.4}, max |Δ| {max}");
 }
 
 #[test]
