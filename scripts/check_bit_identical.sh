@@ -39,9 +39,11 @@ subprocess.run([bin, "gen", *common, "--prompt", "a red boat", "--width", "192",
 subprocess.run([bin, "gen", *common, "--prompt", "a red boat", "--num-images", "3", "--batch-size", "2",
                 "--width", "96", "--height", "160", "--mode", "entropy", "-o", f"{out}/batch-{{index}}.png"],
                check=True, capture_output=True)
+# --train-size 512x512: diffusers' 64-latent windows on the 128-px fixture (the window is the training size).
 for name, extra in [("md-576x512", ["--width", "512", "--height", "576", "--view-batch", "2"]),
                     ("md-original-224", ["--width", "224", "--height", "224", "--md-views", "original"])]:
     subprocess.run([bin, "gen", *common, "--prompt", "a red boat", "--mode", "multidiffusion", *extra,
+                    "--train-size", "512x512",
                     "-o", f"{out}/{name}.png"], check=True, capture_output=True)
 subprocess.run([bin, "compare", "--model", model, "--steps", "3", "--seeds", "5,6", "--prompt", "a red boat",
                 "--width", "160", "--height", "160",

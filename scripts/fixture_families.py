@@ -16,6 +16,8 @@ processor, rendering) are make_fixtures.py's, passed in as `mf`.
               with `upcast_attention: true` and its own `sample_size`, a DDIMScheduler config with
               `prediction_type: "v_prediction"`.
   tiny-ldm    CompVis/ldm-text2im-large-256 (see make_ldm).
+  tiny-sd15-single-file.safetensors   (`--only sd15-single-file`) tiny-sd15's weights, read back from the
+              committed folder, as one original-LDM checkpoint in f16 (see make_sd15_single_file).
 
 eta > 0: StableDiffusionPipeline hands its `generator` to DDIMScheduler.step, so the step noise comes
 from the same seeded torch.Generator, right after the initial latents; the references with eta use
@@ -528,5 +530,51 @@ def make_ldm(mf) -> None:
                                                "tokens": tokens})
 
 
+# --------------------------------------------------------------------------------------------
+# SD 1.5 as one single-file checkpoint
+# --------------------------------------------------------------------------------------------
+
+SD15_SINGLE_FILE = "tiny-sd15-single-file.safetensors"
+
+
+def hf_clip_state(mf, text_encoder) -> dict[str, torch.Tensor]:
+    """The text encoder as SD 1's FrozenCLIPEmbedder stores it: a transformers CLIPTextModel under
+    `cond_stage_model.transformer.`, in the 2022 transformers names (`text_model.…`, with the int64
+    `position_ids` buffer [1, 77]; make_fixtures' real_state_dict)."""
+    state = mf.real_state_dict("text_encoder", text_encoder)
+    return {f"cond_stage_model.transformer.{k}": v for k, v in state.items()}
+
+
+def make_sd15_single_file(mf) -> None:
+    """`--only sd15-single-file`: the weights of the committed tiny-sd15/ (loaded back, never
+    regenerated) as one checkpoint in the layout of the real repo's v1-5-pruned-emaonly.safetensors:
+    the UNet and VAE mapped by make_fixtures' own LDM names (as for SD 2's single file; SD 1's conv
+    proj_in/proj_out keep their 4-D shapes), the text encoder by hf_clip_state, plus the LDM schedule
+    buffers. Stored in f16, as many SD 1.x files are, to halve the committed bytes (1.6 MB): the tests
+    compare it with the folder in f16, where both hold the very same f16 values. Checked with diffusers'
+    own converter: StableDiffusionPipeline.from_single_file(file, config=tiny-sd15/) must load exactly
+    the folder's weights rounded to f16."""
+    folder = mf.FIXTURES / "tiny-sd15"
+    out = mf.FIXTURES / SD15_SINGLE_FILE
+    pipe = mf.load_pipeline(folder)
+    parts = (mf.ldm_unet_state(pipe.unet), mf.ldm_vae_state(pipe.vae), hf_clip_state(mf, pipe.text_encoder),
+             mf.ldm_schedule_buffers(SD15_SCHEDULER))
+    state = {k: v for part in parts for k, v in part.items()}
+    assert len(state) == sum(len(part) for part in parts), "two weights mapped to one LDM name"
+    mf.save_safetensors(mf.fp16_variant(state), out)
+    print(f"wrote {out.relative_to(mf.REPO)} ({out.stat().st_size} bytes)")
+
+    single = mf.StableDiffusionPipeline.from_single_file(
+        str(out), config=str(folder), local_files_only=True, safety_checker=None, feature_extractor=None,
+        dtype=torch.float32,
+    )
+    for name in ("unet", "vae", "text_encoder"):
+        rounded = {k: v.half().float() if v.is_floating_point() else v
+                   for k, v in getattr(pipe, name).state_dict().items()}
+        mf.assert_same_weights(getattr(single, name), rounded, f"single-file {name}")
+    assert single.unet.config.cross_attention_dim == pipe.unet.config.cross_attention_dim
+    print("single file: from_single_file unet/vae/text_encoder == the folder's weights in f16 (torch.equal)")
+
+
 def main(mf, only: str) -> None:
-    {"sd15": make_sd15, "sd21v": make_sd21v, "ldm": make_ldm}[only](mf)
+    {"sd15": make_sd15, "sd21v": make_sd21v, "ldm": make_ldm, "sd15-single-file": make_sd15_single_file}[only](mf)

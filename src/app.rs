@@ -14,7 +14,7 @@ use crate::metadata::{self, GridCell, GridMetadata, ImageMetadata, TOOL, VERSION
 use crate::mode::{Denoiser, Mode};
 use crate::output::{self, Fields};
 use crate::pipeline::{self, Event, GenerateRequest, Interrupted, Pipeline};
-use crate::plan::{self, PlannedImage};
+use crate::plan::{self, ModelDefaults, PlannedImage};
 use crate::scheduler;
 use crate::size::{PixelSize, TrainingSize};
 use crate::weights::{ModelFiles, ModelSource};
@@ -146,6 +146,12 @@ fn resolve_model(model: &ModelRequest) -> Result<(ModelFiles, TrainingSize)> {
     Ok((files, training))
 }
 
+/// What an image takes from the model when its settings leave it open: its training size and its
+/// family's guidance (7.5 for Stable Diffusion, 1 for LDM-256).
+fn model_defaults(files: &ModelFiles, training: TrainingSize) -> ModelDefaults {
+    ModelDefaults { size: training.pixels, rules: files.family.rules() }
+}
+
 /// A negative prompt for a family without one (LDM's unconditional text is always "") is refused
 /// before any work.
 fn check_negative_prompts<'a>(files: &ModelFiles, mut negatives: impl Iterator<Item = &'a str>) -> Result<()> {
@@ -161,7 +167,13 @@ fn check_negative_prompts<'a>(files: &ModelFiles, mut negatives: impl Iterator<I
 
 fn load_model(request: &ModelRequest, files: &ModelFiles, training: TrainingSize) -> Result<Model> {
     let started = Instant::now();
-    let pipeline = Pipeline::load(files, &request.device, request.dtype).map_err(load_failure)?;
+    let pipeline = Pipeline::load(files, &request.device, request.dtype)
+        .map_err(|err| match &files.config_hint {
+            // Built-in configs that do not fit the file: say which flag picks the right ones.
+            Some(hint) if !is_machine_failure(&err) => err.context(hint.clone()),
+            _ => err,
+        })
+        .map_err(load_failure)?;
     eprintln!("sdscale: loaded {} in {:.2?}", request.source.display_name(), started.elapsed());
     let revision = match &request.source {
         ModelSource::Dir(_) | ModelSource::File { .. } => None,
@@ -210,7 +222,7 @@ fn image_metadata(planned: &PlannedImage, model: &Model, eta: f64) -> ImageMetad
         width: planned.size.width,
         height: planned.size.height,
         steps: planned.spec.steps,
-        guidance: planned.spec.guidance,
+        guidance: planned.guidance,
         mode: planned.spec.mode,
         sampler: scheduler::SAMPLER.into(),
         model: model.name.clone(),
@@ -458,7 +470,7 @@ fn gen(args: GenArgs) -> Result<()> {
     check_negative_prompts(&files, request.images.iter().map(|spec| spec.negative_prompt.as_str()))?;
     let plan = plan::plan(
         request.images.iter().cloned(),
-        training.pixels,
+        model_defaults(&files, training),
         scale_training(&request.model, training),
         request.mode_options,
         |index, spec, size| {
@@ -523,7 +535,7 @@ fn gen(args: GenArgs) -> Result<()> {
                 width: planned.size.width,
                 height: planned.size.height,
                 steps: planned.spec.steps,
-                guidance: planned.spec.guidance,
+                guidance: planned.guidance,
                 mode: planned.spec.mode,
                 model: model.name.clone(),
                 seconds: cost.seconds,
@@ -575,6 +587,7 @@ fn compare(args: CompareArgs) -> Result<()> {
     check_negative_prompts(&files, std::iter::once(request.negative_prompt.as_str()))?;
     let width = request.width.unwrap_or(training.pixels.width);
     let height = request.height.unwrap_or(training.pixels.height);
+    let guidance = request.guidance.unwrap_or(files.family.rules().default_guidance);
 
     let grid_path = request.output.clone().unwrap_or_else(|| {
         PathBuf::from(format!("{}-{width}x{height}-compare.png", output::slug(&request.prompt, output::SLUG_LEN)))
@@ -595,11 +608,12 @@ fn compare(args: CompareArgs) -> Result<()> {
             width: Some(width),
             height: Some(height),
             steps: request.steps,
-            guidance: request.guidance,
+            guidance: Some(guidance),
             mode,
         })
     });
-    let plan = plan::plan(specs, training.pixels, scale_training(&request.model, training), options, |_, spec, _| {
+    let defaults = model_defaults(&files, training);
+    let plan = plan::plan(specs, defaults, scale_training(&request.model, training), options, |_, spec, _| {
         folder.join(format!("{stem}.{}.seed{}.png", spec.mode.as_str(), spec.seed))
     });
     check_plan(&plan)?;
@@ -655,7 +669,7 @@ fn compare(args: CompareArgs) -> Result<()> {
         width,
         height,
         steps: request.steps,
-        guidance: request.guidance,
+        guidance,
         model: model.name.clone(),
         revision: model.revision.clone(),
         dtype: model.dtype.clone(),
@@ -696,6 +710,7 @@ fn entropy(args: EntropyArgs) -> Result<()> {
 
     let (files, training) = resolve_model(&request.model)?;
     check_negative_prompts(&files, std::iter::once(request.negative_prompt.as_str()))?;
+    let guidance = request.guidance.unwrap_or(files.family.rules().default_guidance);
     let model = load_model(&request.model, &files, training)?;
     let (pipeline, training) = (&model.pipeline, model.training);
     let train_size = (training.pixels.width, training.pixels.height);
@@ -721,7 +736,7 @@ fn entropy(args: EntropyArgs) -> Result<()> {
                 negative_prompt: request.negative_prompt.clone(),
                 plan: mode.plan(PixelSize::new(width, height), training, Default::default()),
                 steps: request.steps,
-                guidance_scale: request.guidance,
+                guidance_scale: guidance,
                 seed: request.seed,
             };
             eprintln!("sdscale: measuring {width}x{height}, mode {}", mode.as_str());
@@ -746,7 +761,7 @@ fn entropy(args: EntropyArgs) -> Result<()> {
             request.prompt,
             request.seed,
             request.steps,
-            request.guidance,
+            guidance,
             train_size.0,
             train_size.1
         );

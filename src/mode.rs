@@ -5,7 +5,7 @@
 //! mode is one variant and one arm of that match (MultiDiffusion is `Denoiser::Views`).
 
 use crate::attention::AttentionScale;
-use crate::size::{PixelSize, TrainingSize};
+use crate::size::{LatentSize, PixelSize, TrainingSize};
 use serde::{Deserialize, Serialize};
 
 /// The same words name the mode everywhere: `--mode`, `--modes`, file names, metadata, JSON.
@@ -20,7 +20,8 @@ pub enum Mode {
     /// aspect, then resize to the target size with Lanczos3.
     Resize,
     /// The paper's other baseline (Bar-Tal et al. 2023), as diffusers' panorama pipeline: denoise
-    /// 64×64-latent windows with stride 8 and average them every step.
+    /// windows of the training size (64×64 latents for SD's 512²) with stride 8 and average them every
+    /// step.
     Multidiffusion,
 }
 
@@ -28,12 +29,12 @@ pub enum Mode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ViewRule {
-    /// diffusers' `get_views`: a side of at most 64 latents is one window (so at 512² and below
-    /// MultiDiffusion is the plain pipeline).
+    /// diffusers' `get_views`: a side of at most a window's side is one window (so at the training size
+    /// and below MultiDiffusion is the plain pipeline).
     #[default]
     Diffusers,
     /// The original MultiDiffusion code's `get_views` (omerbt/MultiDiffusion), which has no such guard:
-    /// below 64 latents it makes windows with negative offsets, sliced as Python slices them. This is
+    /// below a window's side it makes windows with negative offsets, sliced as Python slices them. This is
     /// the setting behind the paper's MD row at 224²; for reproducing it, not a recommendation.
     Original,
 }
@@ -47,9 +48,14 @@ pub struct ModeOptions {
 }
 
 /// MultiDiffusion's windows, in latent pixels, as diffusers' panorama pipeline lays them out.
+///
+/// A window is one training-size image: the UNet only ever sees the size it was trained at, which is
+/// MultiDiffusion's whole idea. diffusers' `StableDiffusionPanoramaPipeline` hard-codes `window_size=64`,
+/// SD's 512² (`sample_size` 64); here it is the model's training latent size (`sample_size`, or
+/// `--train-size`): the same 64 for SD 1.5 and 2.1-base, 96 for SD 2.1 at 768², 32 for LDM-256.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Views {
-    pub window: usize,
+    pub window: LatentSize,
     pub stride: usize,
     pub rule: ViewRule,
     pub circular: bool,
@@ -76,9 +82,10 @@ pub struct Window {
 impl Views {
     /// The windows over (height, width) latents, in diffusers' (row-major) order.
     pub fn windows(&self, height: usize, width: usize) -> Vec<Window> {
-        let (window, stride) = (self.window as i64, self.stride as i64);
+        let (window_height, window_width, stride) =
+            (self.window.height as i64, self.window.width as i64, self.stride as i64);
         let (h, w) = (height as i64, width as i64);
-        let blocks = |side: i64, circular: bool| -> i64 {
+        let blocks = |side: i64, window: i64, circular: bool| -> i64 {
             match self.rule {
                 ViewRule::Diffusers if side <= window => 1,
                 ViewRule::Diffusers if circular => side / stride,
@@ -86,14 +93,14 @@ impl Views {
                 _ => (side - window).div_euclid(stride) + 1,
             }
         };
-        let (rows, cols) = (blocks(h, false), blocks(w, self.circular));
+        let (rows, cols) = (blocks(h, window_height, false), blocks(w, window_width, self.circular));
         let total = rows * cols;
         // Python's slice bounds: a negative index counts from the end, then both clamp to the side.
         let clamp = |i: i64, side: i64| if i < 0 { (i + side).max(0) } else { i.min(side) } as usize;
         (0..total.max(0))
             .map(|i| {
                 let (row_start, col_start) = (floor_div(i, cols) * stride, (i - cols * floor_div(i, cols)) * stride);
-                let (row_end, col_end) = (row_start + window, col_start + window);
+                let (row_end, col_end) = (row_start + window_height, col_start + window_width);
                 let rows = (clamp(row_start, h), clamp(row_end, h));
                 let cols = if self.circular {
                     (col_start as usize, col_end as usize)
@@ -134,11 +141,12 @@ impl RenderPlan {
             // diffusers' circular value extraction indexes each window with its own row offsets,
             // which is only right for one row of windows; so is ours, by the same rule.
             let latent_rows = self.render.height.div_ceil(8);
-            if views.circular && latent_rows > views.window {
+            if views.circular && latent_rows > views.window.height {
                 anyhow::bail!(
-                    "--circular wraps one row of MultiDiffusion windows: the height ({} px) must be at most {} px",
+                    "--circular wraps one row of MultiDiffusion windows: the height ({} px) must be at most {} px \
+                     (the model's training height)",
                     self.render.height,
-                    views.window * 8
+                    views.window.height * 8
                 );
             }
         }
@@ -181,7 +189,7 @@ impl Mode {
                 render: target,
                 attention: AttentionScale::Default,
                 denoiser: Denoiser::Views(Views {
-                    window: 64,
+                    window: training.latent(),
                     stride: 8,
                     rule: options.views,
                     circular: options.circular,
@@ -256,7 +264,7 @@ mod tests {
     }
 
     fn windows(rule: ViewRule, circular: bool, height: usize, width: usize) -> Vec<((usize, usize), (usize, usize))> {
-        let views = Views { window: 64, stride: 8, rule, circular };
+        let views = Views { window: LatentSize { height: 64, width: 64 }, stride: 8, rule, circular };
         views.windows(height, width).into_iter().map(|w| (w.rows, w.cols)).collect()
     }
 
@@ -293,5 +301,37 @@ mod tests {
         assert!(err.contains("\"fast\" is not a mode; use default, entropy, resize, multidiffusion"), "{err}");
         assert!(parse_modes("--modes", "resize,resize").unwrap_err().to_string().contains("resize is listed twice"));
         assert!(parse_modes("--modes", "").is_err());
+    }
+
+    /// The window is the training latent size: SD's 512² gives diffusers' 64, 768² gives 96, LDM's 256²
+    /// gives 32; a non-square `--train-size` gives a non-square window. Windows per side: 1 up to the
+    /// window, else (side − window) // 8 + 1.
+    #[test]
+    fn the_window_is_one_training_size_image() {
+        let window_of = |training: PixelSize| {
+            let training = TrainingSize { pixels: training, vae_scale_factor: 8 };
+            match Mode::Multidiffusion.plan(px(1024, 768), training, ModeOptions::default()).denoiser {
+                Denoiser::Views(views) => views,
+                Denoiser::Whole => panic!("MultiDiffusion denoises windows"),
+            }
+        };
+        for (side, window) in [(512, 64), (768, 96), (256, 32)] {
+            assert_eq!(window_of(px(side, side)).window, LatentSize { height: window, width: window });
+        }
+        // 768² at 256² training: 96 latents a side, (96 − 32) // 8 + 1 = 9 windows a side.
+        let ldm = window_of(px(256, 256));
+        assert_eq!(ldm.windows(96, 96).len(), 9 * 9);
+        assert!(ldm.windows(96, 96).iter().all(|w| w.rows.1 - w.rows.0 == 32 && w.cols.1 - w.cols.0 == 32));
+        // Non-square: 64 rows × 80 columns of window over 96×128 latents: 5 × 7.
+        let wide = window_of(px(640, 512));
+        assert_eq!((wide.window.height, wide.window.width), (64, 80));
+        assert_eq!(wide.windows(96, 128).len(), 5 * 7);
+        // Circular panoramas are one row of windows: at most the training height.
+        let plan = Mode::Multidiffusion.plan(
+            px(1024, 320),
+            TrainingSize { pixels: px(256, 256), vae_scale_factor: 8 },
+            ModeOptions { circular: true, ..ModeOptions::default() },
+        );
+        assert!(plan.check().unwrap_err().to_string().contains("at most 256 px"));
     }
 }

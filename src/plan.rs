@@ -3,6 +3,7 @@
 //! configs, before anything slow happens. Sharding and evaluation slice and reuse this list.
 
 use crate::cli::ImageSpec;
+use crate::family::Rules;
 use crate::mode::{Denoiser, ModeOptions, RenderPlan};
 use crate::pipeline::{BatchKey, GenerateRequest};
 use crate::size::{PixelSize, TrainingSize};
@@ -14,6 +15,10 @@ pub struct PlannedImage {
     /// Position in the run (`{index}` in output names), from 0.
     pub index: usize,
     pub spec: ImageSpec,
+    /// The guidance scale: the spec's, else the family's default. Batching, cost and metadata use this.
+    pub guidance: f64,
+    /// Whether `guidance` runs two UNet branches, by the family's rule.
+    pub guided: bool,
     /// The size of the image written.
     pub size: PixelSize,
     /// How the spec's mode renders it.
@@ -29,7 +34,7 @@ impl PlannedImage {
             negative_prompt: self.spec.negative_prompt.clone(),
             plan: self.render,
             steps: self.spec.steps,
-            guidance_scale: self.spec.guidance,
+            guidance_scale: self.guidance,
             seed: self.spec.seed,
         }
     }
@@ -47,7 +52,7 @@ impl PlannedImage {
                 windows.iter().map(|w| call(((w.rows.1 - w.rows.0) * (w.cols.1 - w.cols.0)) as f64)).sum()
             }
         };
-        let guided = if self.spec.guidance > 1.0 { 2.0 } else { 1.0 };
+        let guided = if self.guided { 2.0 } else { 1.0 };
         self.spec.steps as f64 * guided * per_step
     }
 }
@@ -57,7 +62,7 @@ impl PlannedImage {
 pub fn batches(plan: &[PlannedImage], batch_size: usize) -> Vec<Vec<&PlannedImage>> {
     let mut groups: Vec<(BatchKey, Vec<&PlannedImage>)> = Vec::new();
     for planned in plan {
-        let key = BatchKey::new(&planned.render, planned.spec.steps, planned.spec.guidance);
+        let key = BatchKey::new(&planned.render, planned.spec.steps, planned.guidance);
         match groups.iter_mut().find(|(k, _)| *k == key) {
             Some((_, members)) => members.push(planned),
             None => groups.push((key, vec![planned])),
@@ -66,11 +71,20 @@ pub fn batches(plan: &[PlannedImage], batch_size: usize) -> Vec<Vec<&PlannedImag
     groups.iter().flat_map(|(_, members)| members.chunks(batch_size.max(1)).map(<[_]>::to_vec)).collect()
 }
 
-/// Plans `specs` in order. A spec without a size gets `default_size` (the model's own training size);
-/// each mode plans against `training` (which `--train-size` may override); `path` names each image.
+/// What an image takes from the model where its spec leaves a setting unset.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelDefaults {
+    /// The model's own training size, for a spec without a size.
+    pub size: PixelSize,
+    /// The family's guidance rules: its default scale, and which scales run two branches.
+    pub rules: Rules,
+}
+
+/// Plans `specs` in order. A spec without a size or guidance takes the model's (`defaults`); each
+/// mode plans against `training` (which `--train-size` may override); `path` names each image.
 pub fn plan(
     specs: impl IntoIterator<Item = ImageSpec>,
-    default_size: PixelSize,
+    defaults: ModelDefaults,
     training: TrainingSize,
     options: ModeOptions,
     mut path: impl FnMut(usize, &ImageSpec, PixelSize) -> PathBuf,
@@ -80,10 +94,12 @@ pub fn plan(
         .enumerate()
         .map(|(index, spec)| {
             let size =
-                PixelSize::new(spec.width.unwrap_or(default_size.width), spec.height.unwrap_or(default_size.height));
+                PixelSize::new(spec.width.unwrap_or(defaults.size.width), spec.height.unwrap_or(defaults.size.height));
+            let guidance = spec.guidance.unwrap_or(defaults.rules.default_guidance);
+            let guided = defaults.rules.guided(guidance);
             let render = spec.mode.plan(size, training, options);
             let path = path(index, &spec, size);
-            PlannedImage { index, spec, size, render, path }
+            PlannedImage { index, spec, guidance, guided, size, render, path }
         })
         .collect()
 }
@@ -91,7 +107,12 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::family::Family;
     use crate::mode::Mode;
+
+    fn defaults(training: TrainingSize) -> ModelDefaults {
+        ModelDefaults { size: training.pixels, rules: Family::StableDiffusion.rules() }
+    }
 
     fn spec(mode: Mode, width: Option<usize>) -> ImageSpec {
         ImageSpec {
@@ -103,7 +124,7 @@ mod tests {
             width,
             height: width,
             steps: 4,
-            guidance: 7.5,
+            guidance: Some(7.5),
             mode,
         }
     }
@@ -112,7 +133,7 @@ mod tests {
     fn images_are_planned_in_order_with_sizes_from_the_model_and_modes() {
         let training = TrainingSize { pixels: PixelSize::new(128, 128), vae_scale_factor: 8 };
         let specs = [spec(Mode::Default, None), spec(Mode::Resize, Some(192)), spec(Mode::Entropy, Some(64))];
-        let planned = plan(specs, training.pixels, training, ModeOptions::default(), |index, spec, size| {
+        let planned = plan(specs, defaults(training), training, ModeOptions::default(), |index, spec, size| {
             PathBuf::from(format!("{index}-{}-{size}.png", spec.mode.as_str()))
         });
         let summary: Vec<_> = planned.iter().map(|p| (p.index, p.size, p.render.render, p.path.clone())).collect();
@@ -138,9 +159,38 @@ mod tests {
             spec(Mode::Entropy, Some(64)),
         ];
         let planned =
-            plan(specs, training.pixels, training, ModeOptions::default(), |i, _, _| PathBuf::from(i.to_string()));
+            plan(specs, defaults(training), training, ModeOptions::default(), |i, _, _| PathBuf::from(i.to_string()));
         let indices: Vec<Vec<usize>> =
             batches(&planned, 2).iter().map(|batch| batch.iter().map(|p| p.index).collect()).collect();
         assert_eq!(indices, [vec![0, 2], vec![3], vec![1, 4]]);
+    }
+
+    /// An unset guidance takes the family's default (SD 7.5, LDM-256 1), and batching and cost follow
+    /// the resolved value by the family's rule: LDM guides at 0.5 (two branches), SD does not.
+    #[test]
+    fn unset_guidance_takes_the_familys_default_and_rule() {
+        let training = TrainingSize { pixels: PixelSize::new(64, 64), vae_scale_factor: 8 };
+        let plan_for = |family: Family, guidance: Option<f64>| {
+            let spec = ImageSpec { guidance, ..spec(Mode::Default, None) };
+            let defaults = ModelDefaults { size: training.pixels, rules: family.rules() };
+            plan([spec], defaults, training, ModeOptions::default(), |_, _, _| PathBuf::new()).remove(0)
+        };
+        let sd = plan_for(Family::StableDiffusion, None);
+        let ldm = plan_for(Family::LatentDiffusion, None);
+        assert_eq!((sd.guidance, sd.guided, ldm.guidance, ldm.guided), (7.5, true, 1.0, false));
+        assert_eq!(ldm.generate_request().guidance_scale, 1.0);
+        assert_eq!(sd.cost(), 2.0 * ldm.cost(), "one UNet branch instead of two");
+        let (sd_half, ldm_half) =
+            (plan_for(Family::StableDiffusion, Some(0.5)), plan_for(Family::LatentDiffusion, Some(0.5)));
+        assert_eq!((sd_half.guided, ldm_half.guided), (false, true));
+        assert_eq!(ldm_half.cost(), sd.cost());
+
+        // An explicit 1 and the LDM default batch together; 7.5 does not.
+        let specs = [None, Some(1.0), Some(7.5)].map(|guidance| ImageSpec { guidance, ..spec(Mode::Default, None) });
+        let defaults = ModelDefaults { size: training.pixels, rules: Family::LatentDiffusion.rules() };
+        let planned = plan(specs, defaults, training, ModeOptions::default(), |i, _, _| PathBuf::from(i.to_string()));
+        let indices: Vec<Vec<usize>> =
+            batches(&planned, 4).iter().map(|batch| batch.iter().map(|p| p.index).collect()).collect();
+        assert_eq!(indices, [vec![0, 1], vec![2]]);
     }
 }

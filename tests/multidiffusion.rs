@@ -3,6 +3,10 @@
 //! directions, a ragged edge no window covers, a circular one-row panorama, a negative prompt, and the
 //! original MultiDiffusion window rule at 224² (the paper's setting). Tolerance as for every image test:
 //! mean |Δ| ≤ 0.1 and max |Δ| ≤ 4 levels of 255.
+//!
+//! sdscale's window is one training-size image; diffusers hard-codes 64 latents, SD's 512². The fixture
+//! model is "trained" at 128 px, so the reference renders pass `--train-size 512x512` (with default
+//! attention it changes only the window) to get diffusers' 64-latent windows.
 
 use crate::util::{image_diff, read_json, reference, sdscale, stderr, tiny_model};
 use std::path::{Path, PathBuf};
@@ -26,6 +30,7 @@ fn render(dir: &Path, case: &serde_json::Value, extra: &[&str]) -> PathBuf {
         args.push("--circular".into());
     }
     args.extend(["--md-views".into(), case["views"].as_str().unwrap_or("diffusers").into()]);
+    args.extend(["--train-size".into(), "512x512".into()]);
     args.extend(extra.iter().map(|s| s.to_string()));
     args.extend(["-o".into(), output.display().to_string()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -75,7 +80,8 @@ fn the_original_rule_at_224_reproduces_the_papers_setting() {
     check("md_original", &[]);
 }
 
-/// At most 64 latents a side is one window: MultiDiffusion is then the plain pipeline, bit for bit.
+/// At most the training size (128 px here) is one window: MultiDiffusion is then the plain pipeline,
+/// bit for bit.
 #[test]
 fn one_window_is_the_plain_pipeline() {
     let dir = tempfile::tempdir().unwrap();
@@ -89,9 +95,9 @@ fn one_window_is_the_plain_pipeline() {
             "--prompt",
             "a corgi",
             "--width",
-            "192",
+            "128",
             "--height",
-            "160",
+            "120",
             "--steps",
             "3",
             "--seed",
@@ -114,7 +120,8 @@ fn circular_needs_one_row_and_md_flags_need_the_mode() {
     let model = tiny_model().display().to_string();
     let base = ["gen", "--model", &model, "--prompt", "x", "--steps", "1", "--seed", "1", "-o", "x.png"];
     for (extra, needle) in [
-        (&["--mode", "multidiffusion", "--circular", "--height", "576", "--width", "1024"][..], "at most 512 px"),
+        // One row of windows: at most the training height (the fixture's 128 px).
+        (&["--mode", "multidiffusion", "--circular", "--height", "136", "--width", "1024"][..], "at most 128 px"),
         (&["--circular"][..], "applies to --mode multidiffusion only"),
         (&["--md-views", "original"][..], "applies to --mode multidiffusion only"),
     ] {
@@ -161,8 +168,9 @@ fn compare_takes_all_four_modes() {
     assert!(page.contains("multidiffusion"));
 }
 
-/// The window rule and wrap-around are stored with the image, so `gen --from` remakes it exactly; the
-/// PNG also says what it cost (without a manifest, which keeps that instead).
+/// The window rule, wrap-around and training size (which sizes the windows) are stored with the image,
+/// so `gen --from` remakes it exactly; the PNG also says what it cost (without a manifest, which keeps
+/// that instead).
 #[test]
 fn from_remakes_md_images_with_their_window_rule() {
     use sdscale::metadata::{read_image_metadata, Found};
@@ -171,7 +179,7 @@ fn from_remakes_md_images_with_their_window_rule() {
         let dir = tempfile::tempdir().unwrap();
         let mut args = vec!["gen", "--model", &model, "--prompt", "a panorama", "--mode", "multidiffusion"];
         args.extend(["--md-views", rule, "--width", size, "--height", "64", "--steps", "2", "--seed", "3"]);
-        args.extend(["-o", "first.png"]);
+        args.extend(["--train-size", "512x512", "-o", "first.png"]);
         if circular {
             args.push("--circular");
         }
@@ -180,7 +188,7 @@ fn from_remakes_md_images_with_their_window_rule() {
         let first = dir.path().join("first.png");
         let Found::Sdscale(meta) = read_image_metadata(&first).unwrap() else { panic!("no sdscale chunk") };
         assert_eq!(serde_json::to_value(meta.md_views).unwrap(), rule);
-        assert_eq!(meta.circular, circular);
+        assert_eq!((meta.circular, meta.train_size), (circular, (512, 512)));
         assert!(meta.seconds.is_some_and(|s| s > 0.0), "{rule}: no seconds in the PNG");
 
         let result = sdscale(dir.path(), &["gen", "--from", "first.png", "-o", "again.png", "--manifest", "m.jsonl"]);

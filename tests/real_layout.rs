@@ -245,9 +245,83 @@ fn single_file_without_config_uses_the_built_in_sd21_base_configs() {
     let message = stderr(&result);
     assert!(message.contains("SD 2.1-base's configs") && message.contains("--config"), "{message}");
     assert_eq!(result.status.code(), Some(2), "{message}");
+    let error = message.lines().last().unwrap();
+    assert!(error.contains("built-in SD 2.1-base configs do not fit") && error.contains("--config"), "{message}");
     assert!(message.lines().last().unwrap().starts_with("sdscale: error:"), "{message}");
     assert!(!message.contains("panicked") && !message.contains("backtrace"), "{message}");
     assert!(!dir.path().join("x.png").exists());
+}
+
+// ---- SD 1.x single files (issue #11) ---------------------------------------------------------------
+
+/// tiny-sd15's weights as one LDM-layout checkpoint in f16 (`make_fixtures.py --only sd15-single-file`,
+/// checked there with diffusers' `from_single_file`): text encoder under `cond_stage_model.transformer.`.
+fn sd15_single_file() -> PathBuf {
+    fixtures().join("tiny-sd15-single-file.safetensors")
+}
+
+/// Without --config an SD 1.x file takes SD 1.5's built-in configs and says so; the tiny file's shapes
+/// do not fit them, which is one error line (exit 2), not a panic. The configs land in the cache folder,
+/// tokenizer included (padding with <|endoftext|>, id 49407, as SD 1.5's).
+#[test]
+fn sd15_single_file_without_config_uses_the_built_in_sd15_configs() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = sd15_single_file().display().to_string();
+    let result = sdscale(dir.path(), &["gen", "--model", &file, "--prompt", "x", "--steps", "1", "-o", "x.png"]);
+    let message = stderr(&result);
+    assert!(
+        message.contains("an SD 1.x checkpoint: using SD 1.5's configs") && message.contains("--config"),
+        "{message}"
+    );
+    assert_eq!(result.status.code(), Some(2), "{message}");
+    let errors: Vec<&str> = message.lines().filter(|line| line.starts_with("sdscale: error:")).collect();
+    assert_eq!(errors.len(), 1, "{message}");
+    assert!(errors[0].contains("built-in SD 1.5 configs do not fit") && errors[0].contains("--config"), "{message}");
+    assert!(errors[0].contains("shape mismatch"), "the cause stays on the line: {message}");
+    assert!(message.lines().last().unwrap().starts_with("sdscale: error:"), "{message}");
+    assert!(!message.contains("panicked") && !message.contains("backtrace"), "{message}");
+    assert!(!dir.path().join("x.png").exists());
+
+    let cache = dir.path().join("cache/sdscale");
+    let builtin = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect::<Vec<_>>();
+    assert_eq!(builtin.len(), 1, "{builtin:?}");
+    assert!(builtin[0].file_name().unwrap().to_string_lossy().starts_with("builtin-sd-1-5-"), "{builtin:?}");
+    let tokenizer = sdscale::tokenizer::ClipTokenizer::load(&builtin[0].join("tokenizer")).unwrap();
+    let ids = tokenizer.encode("a corgi").unwrap().ids;
+    assert_eq!((ids[0], ids[ids.len() - 1]), (49406, 49407), "SD 1.5 pads with <|endoftext|>");
+    let unet: serde_json::Value = json(&builtin[0].join("unet/config.json"));
+    assert_eq!(unet["cross_attention_dim"], 768);
+}
+
+/// With --config the SD 1.x file renders the folder's image: in f16 both hold the same f16 weights
+/// (the file's, and the folder's f32 ones rounded at load), so the images are bit-identical; in f32 the
+/// file loads too and stays near diffusers' image of the f32 folder, the distance being the weights'
+/// f16 rounding (measured: mean |Δ| 0.16, max |Δ| 2; bound: mean 0.5, max 8).
+#[test]
+fn sd15_single_file_with_config_renders_the_folders_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = sd15_single_file().display().to_string();
+    let folder = fixtures().join("tiny-sd15").display().to_string();
+    let run = |model: &[&str], dtype: &str| {
+        let out = dir.path().join(format!("{}-{dtype}.png", model.len()));
+        let mut args = vec!["gen", "--prompt", "a corgi on a beach", "--width", "160", "--height", "96"];
+        args.extend(["--steps", "4", "--seed", "7", "--mode", "entropy", "--device", "cpu", "--dtype", dtype]);
+        args.extend(model);
+        args.extend(["-o", out.to_str().unwrap()]);
+        let result = sdscale(dir.path(), &args);
+        assert!(result.status.success(), "{model:?} {dtype}: {}", stderr(&result));
+        assert!(!stderr(&result).contains("built in"), "--config given: no built-in configs");
+        out
+    };
+    let from_file = run(&["--model", &file, "--config", &folder], "f16");
+    let from_folder = run(&["--model", &folder], "f16");
+    assert_eq!(image_diff(&from_file, &from_folder), (0.0, 0), "the same f16 weights must give the same image");
+
+    let from_file = run(&["--model", &file, "--config", &folder], "f32");
+    let reference = fixtures().join("reference/families/sd15/wide160x96_entropy.png");
+    let (mean, max) = image_diff(&from_file, &reference);
+    eprintln!("f16-stored single file in f32 vs diffusers' f32 folder: mean |Δ| {mean:.4}, max |Δ| {max}");
+    assert!(mean <= 0.5 && max <= 8, "mean |Δ| {mean:.4}, max |Δ| {max}");
 }
 
 #[test]

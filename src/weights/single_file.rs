@@ -34,7 +34,10 @@ pub enum Kind {
     Sd1,
 }
 
-/// Recognises an LDM-layout Stable Diffusion checkpoint, or says what is missing.
+/// Recognises an LDM-layout Stable Diffusion checkpoint, or says what is missing. The UNet's
+/// cross-attention width is the text encoder's hidden size: 768 (CLIP ViT-L) is SD 1.x, 1024 (OpenCLIP
+/// ViT-H) SD 2.x. Any other width (a tiny test model, an unknown architecture) leaves it to the text
+/// encoder's layout.
 pub fn kind(file: &SafetensorsFile) -> Result<Kind> {
     let has_prefix = |prefix: &str| file.names().any(|n| n.starts_with(prefix));
     if !has_prefix(UNET) || !has_prefix(VAE) {
@@ -44,12 +47,26 @@ pub fn kind(file: &SafetensorsFile) -> Result<Kind> {
             file.path().display()
         );
     }
-    if has_prefix(OPEN_CLIP) {
-        Ok(Kind::Sd2)
+    let by_layout = if has_prefix(OPEN_CLIP) {
+        Kind::Sd2
     } else if has_prefix(HF_CLIP) {
-        Ok(Kind::Sd1)
+        Kind::Sd1
     } else {
         bail!("{}: no text encoder in the checkpoint (no {OPEN_CLIP}* or {HF_CLIP}* tensors)", file.path().display())
+    };
+    Ok(match cross_attention_width(file) {
+        Some(768) => Kind::Sd1,
+        Some(1024) => Kind::Sd2,
+        _ => by_layout,
+    })
+}
+
+/// The input width of the UNet's cross-attention keys (`…attn2.to_k.weight` is (inner, width)).
+fn cross_attention_width(file: &SafetensorsFile) -> Option<usize> {
+    let name = file.names().filter(|n| n.starts_with(UNET) && n.ends_with(".attn2.to_k.weight")).min()?;
+    match file.entry(name)?.shape.as_slice() {
+        [_, width] => Some(*width),
+        _ => None,
     }
 }
 
@@ -327,5 +344,48 @@ mod tests {
         assert_eq!(qkv[1], ("text_model.encoder.layers.22.self_attn.k_proj.bias".to_string(), Some((1, 3))));
         assert!(open_clip_names("text_projection").is_empty());
         assert_eq!(open_clip_names("positional_embedding")[0].0, "text_model.embeddings.position_embedding.weight");
+    }
+
+    /// A file holding only the named tensors (zeros; shapes as given).
+    fn file_with(tensors: &[(&str, &[usize])]) -> (tempfile::TempDir, SafetensorsFile) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let tensors: HashMap<String, candle_core::Tensor> = tensors
+            .iter()
+            .map(|(name, shape)| {
+                (
+                    name.to_string(),
+                    candle_core::Tensor::zeros(*shape, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+                )
+            })
+            .collect();
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let file = SafetensorsFile::open(&path).unwrap();
+        (dir, file)
+    }
+
+    /// The cross-attention width decides where it is a real model's (768 SD 1.x, 1024 SD 2.x); other
+    /// widths leave it to the text encoder's layout.
+    #[test]
+    fn the_kind_comes_from_the_cross_attention_width_then_the_layout() {
+        let to_k = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight";
+        let vae = "first_stage_model.decoder.conv_in.weight";
+        let hf_clip = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight";
+        let open_clip = "cond_stage_model.model.token_embedding.weight";
+        let kind_of = |width: usize, text: &str| {
+            let (_dir, file) = file_with(&[(to_k, &[8, width]), (vae, &[1, 1, 1, 1]), (text, &[2, 2])]);
+            kind(&file).unwrap()
+        };
+        assert_eq!(kind_of(768, hf_clip), Kind::Sd1);
+        assert_eq!(kind_of(1024, open_clip), Kind::Sd2);
+        assert_eq!(kind_of(768, open_clip), Kind::Sd1, "the UNet's shapes win over the text encoder's layout");
+        assert_eq!(kind_of(1024, hf_clip), Kind::Sd2);
+        assert_eq!(kind_of(4, hf_clip), Kind::Sd1, "a tiny model: its text encoder's layout decides");
+        assert_eq!(kind_of(16, open_clip), Kind::Sd2);
+
+        let (_dir, file) = file_with(&[(to_k, &[8, 768]), (vae, &[1, 1, 1, 1])]);
+        assert!(kind(&file).unwrap_err().to_string().contains("no text encoder"));
+        let (_dir, file) = file_with(&[(hf_clip, &[2, 2])]);
+        assert!(kind(&file).unwrap_err().to_string().contains("not a Stable Diffusion single-file checkpoint"));
     }
 }
