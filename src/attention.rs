@@ -164,10 +164,13 @@ pub fn scaled_dot_product_attention(
         AttentionBackend::FlashAttn2 if flash_attn2::supports(q.dim(2)?, q.dtype()) => {
             flash_attn2::attention(q, k, v, 1, scale)
         }
-        AttentionBackend::GpuHalf | AttentionBackend::FusedCuda | AttentionBackend::FlashAttn2 => {
+        AttentionBackend::GpuHalf | AttentionBackend::FusedCuda => {
             half_precision_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK_GPU)
         }
-        AttentionBackend::Chunked => chunked_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK, None),
+        // A head size FlashAttention-2 lacks takes the f32 path: right for `upcast_attention` layers too.
+        AttentionBackend::FlashAttn2 | AttentionBackend::Chunked => {
+            chunked_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK, None)
+        }
     }
 }
 

@@ -29,7 +29,8 @@ pub enum AttentionBackend {
     /// f16/bf16 on a GPU: cuBLAS GEMMs around candle's fused softmax, in the inputs' precision.
     GpuHalf,
     /// f16/bf16 on CUDA in builds with the `flash-attn` feature: FlashAttention-2's kernels
-    /// (kernels/cuda/flash_attn2.rs) for head sizes they cover, [`AttentionBackend::GpuHalf`] for others.
+    /// (kernels/cuda/flash_attn2.rs) for head sizes they cover (every SD and LDM layer), the f32 chunked
+    /// path for others.
     FlashAttn2,
     /// f16 on CUDA with `SDSCALE_FLASH_ATTENTION=1`: sdscale's fused kernel (kernels/cuda/
     /// flash_attention.rs) for layers with heads of 64, [`AttentionBackend::GpuHalf`] for the others.
