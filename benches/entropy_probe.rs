@@ -41,6 +41,7 @@ fn main() -> Result<()> {
         negative_prompt: String::new(),
         plan: Mode::Default.plan(PixelSize::new(size, size), pipeline.training(), Default::default()),
         steps,
+        sampler: sdscale::sampler::SamplerSpec::ddim(),
         guidance_scale: 7.5,
         seed: 1,
     };

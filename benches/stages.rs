@@ -94,6 +94,7 @@ fn main() -> Result<()> {
         negative_prompt: String::new(),
         plan: RenderPlan { render: PixelSize::new(size, size), attention, denoiser: Denoiser::Whole, resize_to: None },
         steps: 50,
+        sampler: sdscale::sampler::SamplerSpec::ddim(),
         guidance_scale: 7.5,
         seed: 1,
     };

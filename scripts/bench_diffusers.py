@@ -4,6 +4,8 @@ same tab-separated format (stage, size, mode, median_ms, runs), or one whole `ge
     python scripts/bench_diffusers.py --model DIR --sizes 224,512 --runs 3
     python scripts/bench_diffusers.py --model DIR --gen --width 192 --height 192 --steps 4 --seed 42 --mode entropy --out x.png
     python scripts/bench_diffusers.py --model DIR --unet-only --sizes 256,512   # any family: one guided UNet step
+    python scripts/bench_diffusers.py --model DIR --sampler-steps --sizes 256 --steps 20   # each scheduler's own cost
+    python scripts/bench_diffusers.py --model DIR --gen --sampler dpmpp_2m --schedule karras --steps 20 ...
 
 Uses the environment of scripts/requirements.txt. fp32 on CPU, torch's default thread count (all cores),
 the entropy mode through make_fixtures.py's attention processor (the same one the fixtures were made with).
@@ -54,6 +56,62 @@ def unet_only(args):
         report("unet_step_cfg", f"{size}x{size}", "default", ms, args.runs)
 
 
+# sdscale's sampler words -> (diffusers class name, extra constructor arguments).
+SAMPLERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "uni_pc": ("UniPCMultistepScheduler", {}),
+}
+
+
+def make_scheduler(model: str, sampler: str, schedule: str | None):
+    """Class.from_config(the model's own scheduler_config.json, **overrides), as sdscale builds its
+    samplers (not from the pipeline's DDIM, whose config already has DDIM's defaults filled in)."""
+    import diffusers
+
+    config = diffusers.DDIMScheduler.load_config(Path(model) / "scheduler")
+    name, extra = SAMPLERS[sampler]
+    overrides = dict(extra)
+    if schedule == "karras":
+        overrides["use_karras_sigmas"] = True
+    elif schedule == "exponential":
+        overrides["use_exponential_sigmas"] = True
+    return getattr(diffusers, name).from_config(config, **overrides)
+
+
+@torch.no_grad()
+def sampler_steps(args):
+    """Each scheduler's own cost per UNet call (scale_model_input + step, the UNet replaced by a fixed
+    tensor), on one image's latents: what a sampler adds to a denoising step."""
+    for size in args.sizes:
+        latent = size // 8
+        for sampler in SAMPLERS:
+            for schedule in [None, "karras"] if sampler in ("dpmpp_2m", "euler") else [None]:
+                scheduler = make_scheduler(args.model, sampler, schedule)
+                generator = torch.Generator("cpu").manual_seed(1)
+                sample = torch.randn((1, 4, latent, latent), generator=generator)
+                output = torch.randn((1, 4, latent, latent), generator=generator) * 0.1
+
+                def run():
+                    scheduler.set_timesteps(args.steps)
+                    x = sample * scheduler.init_noise_sigma
+                    for t in scheduler.timesteps:
+                        x_in = scheduler.scale_model_input(x, t)
+                        x = scheduler.step(output + 0 * x_in, t, x, generator=generator).prev_sample
+
+                ms = time_ms(run, args.runs)
+                scheduler.set_timesteps(args.steps)
+                per_call = ms / len(scheduler.timesteps)
+                label = sampler + (f"_{schedule}" if schedule else "")
+                report("sampler_call", f"{size}x{size}", label, per_call, args.runs)
+
+
 @torch.no_grad()
 def stages(args):
     start = time.perf_counter()
@@ -91,6 +149,8 @@ def stages(args):
 def gen(args):
     start = time.perf_counter()
     pipe = load_pipeline(Path(args.model))
+    if args.sampler:
+        pipe.scheduler = make_scheduler(args.model, args.sampler, args.schedule)
     if args.device != "cpu" or args.dtype != "f32":
         pipe = pipe.to(args.device, {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[args.dtype])
     set_attention_mode(pipe.unet, pipe.vae, args.mode)
@@ -145,6 +205,9 @@ def main():
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--gen", action="store_true", help="run one whole pipeline instead of the stages")
     parser.add_argument("--unet-only", action="store_true", help="only the guided UNet step, for any family's folder")
+    parser.add_argument("--sampler-steps", action="store_true", help="each scheduler's cost per UNet call, UNet left out")
+    parser.add_argument("--sampler", choices=list(SAMPLERS), help="--gen: the scheduler (default: the pipeline's DDIM)")
+    parser.add_argument("--schedule", choices=["karras", "exponential"], help="--gen: the sigma schedule")
     parser.add_argument("--prompt", default="a corgi on a beach")
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--width", type=int, default=512)
@@ -162,6 +225,8 @@ def main():
         gen(args)
     elif args.unet_only:
         unet_only(args)
+    elif args.sampler_steps:
+        sampler_steps(args)
     else:
         stages(args)
 

@@ -15,7 +15,7 @@ use crate::mode::{Denoiser, Mode};
 use crate::output::{self, Fields};
 use crate::pipeline::{self, Event, GenerateRequest, Interrupted, Pipeline};
 use crate::plan::{self, ModelDefaults, PlannedImage};
-use crate::scheduler;
+use crate::sampler::{SamplerSpec, SchedulerConfig};
 use crate::size::{PixelSize, TrainingSize};
 use crate::weights::{ModelFiles, ModelSource};
 use anyhow::{anyhow, Context, Result};
@@ -148,8 +148,9 @@ fn resolve_model(model: &ModelRequest) -> Result<(ModelFiles, TrainingSize)> {
 
 /// What an image takes from the model when its settings leave it open: its training size and its
 /// family's guidance (7.5 for Stable Diffusion, 1 for LDM-256).
-fn model_defaults(files: &ModelFiles, training: TrainingSize) -> ModelDefaults {
-    ModelDefaults { size: training.pixels, rules: files.family.rules() }
+fn model_defaults(files: &ModelFiles, training: TrainingSize) -> Result<ModelDefaults> {
+    let scheduler = SchedulerConfig::load(&files.scheduler_config).map_err(bad_input)?;
+    Ok(ModelDefaults { size: training.pixels, rules: files.family.rules(), scheduler })
 }
 
 /// A negative prompt for a family without one (LDM's unconditional text is always "") is refused
@@ -224,7 +225,8 @@ fn image_metadata(planned: &PlannedImage, model: &Model, eta: f64) -> ImageMetad
         steps: planned.spec.steps,
         guidance: planned.guidance,
         mode: planned.spec.mode,
-        sampler: scheduler::SAMPLER.into(),
+        sampler: planned.sampler.kind.a1111_name().into(),
+        sampler_settings: Some(planned.sampler),
         model: model.name.clone(),
         revision: model.revision.clone(),
         dtype: model.dtype.clone(),
@@ -470,7 +472,7 @@ fn gen(args: GenArgs) -> Result<()> {
     check_negative_prompts(&files, request.images.iter().map(|spec| spec.negative_prompt.as_str()))?;
     let plan = plan::plan(
         request.images.iter().cloned(),
-        model_defaults(&files, training),
+        &model_defaults(&files, training)?,
         scale_training(&request.model, training),
         request.mode_options,
         |index, spec, size| {
@@ -483,9 +485,11 @@ fn gen(args: GenArgs) -> Result<()> {
                 prompt: &spec.prompt,
                 prompt_index: spec.prompt_index,
                 image: spec.image_index,
+                sampler: spec.sampler.kind.map_or("model", |kind| kind.as_str()),
             })
         },
-    );
+    )
+    .map_err(bad_input)?;
     // The whole run is checked in every shard, so all shards refuse the same mistakes.
     check_plan(&plan)?;
     let plan = match &request.shard {
@@ -537,6 +541,9 @@ fn gen(args: GenArgs) -> Result<()> {
                 steps: planned.spec.steps,
                 guidance: planned.guidance,
                 mode: planned.spec.mode,
+                sampler: planned.sampler.kind,
+                schedule: planned.sampler.schedule,
+                timestep_spacing: planned.sampler.spacing,
                 model: model.name.clone(),
                 seconds: cost.seconds,
                 peak_device_mib: cost.peak_device_mib,
@@ -578,7 +585,8 @@ fn compare(args: CompareArgs) -> Result<()> {
     let sampler = args.sampler.clone();
     let request = CompareRequest::try_from(args).map_err(bad_input)?;
     let options = multidiffusion.options(&request.modes).map_err(bad_input)?;
-    let eta = sampler.eta(&request.modes, None).map_err(bad_input)?;
+    let sampler_choice = sampler.choice.choice().map_err(bad_input)?;
+    let eta = sampler.eta(&request.modes, &[sampler_choice], None).map_err(bad_input)?;
     let view_batch = multidiffusion.view_batch;
     if let Some(seed) = request.random_seed {
         eprintln!("sdscale: seeds {seed}, {}, {} (pass --seeds to choose)", seed + 1, seed + 2);
@@ -610,12 +618,15 @@ fn compare(args: CompareArgs) -> Result<()> {
             steps: request.steps,
             guidance: Some(guidance),
             mode,
+            sampler: sampler_choice,
         })
     });
-    let defaults = model_defaults(&files, training);
-    let plan = plan::plan(specs, defaults, scale_training(&request.model, training), options, |_, spec, _| {
+    let defaults = model_defaults(&files, training)?;
+    let plan = plan::plan(specs, &defaults, scale_training(&request.model, training), options, |_, spec, _| {
         folder.join(format!("{stem}.{}.seed{}.png", spec.mode.as_str(), spec.seed))
-    });
+    })
+    .map_err(bad_input)?;
+    let sampler_spec: Option<SamplerSpec> = plan.first().map(|planned| planned.sampler);
     check_plan(&plan)?;
     let grid_bytes = output::grid_png_bound(request.modes.len(), request.seeds.len(), width, height, &request.prompt);
     output::check_disk_space(plan.iter().map(output::planned_png).chain([(grid_path.clone(), grid_bytes)]))
@@ -677,6 +688,8 @@ fn compare(args: CompareArgs) -> Result<()> {
         seeds: request.seeds.clone(),
         modes: request.modes.clone(),
         cells: grid_cells,
+        sampler: sampler_spec.map_or("DDIM".into(), |spec| spec.kind.a1111_name().to_string()),
+        sampler_settings: sampler_spec,
     };
     output::write_png(&grid_path, &grid_image, &metadata.text_chunks(), request.overwrite)?;
     output::print_path(&grid_path)?;
@@ -719,7 +732,10 @@ fn entropy(args: EntropyArgs) -> Result<()> {
         sizes.push(train_size);
     }
     sizes.sort_by_key(|&(width, height)| (width * height, width));
-    let steps: Vec<usize> = request.at.iter().map(|&at| entropy::step_index(at, request.steps)).collect();
+    // The probe counts UNet calls (Heun makes 2N−1, PNDM N+1): fractions fall on the sampler's calls.
+    let sampler = pipeline.scheduler_config().resolve(&request.sampler).map_err(bad_input)?;
+    let timesteps = pipeline.scheduler_config().build(&sampler, request.steps, 0.0)?.timesteps().to_vec();
+    let steps: Vec<usize> = request.at.iter().map(|&at| entropy::step_index(at, timesteps.len())).collect();
 
     let mut runs: Vec<Run> = Vec::new();
     for &(width, height) in &sizes {
@@ -736,6 +752,7 @@ fn entropy(args: EntropyArgs) -> Result<()> {
                 negative_prompt: request.negative_prompt.clone(),
                 plan: mode.plan(PixelSize::new(width, height), training, Default::default()),
                 steps: request.steps,
+                sampler,
                 guidance_scale: guidance,
                 seed: request.seed,
             };
@@ -748,7 +765,6 @@ fn entropy(args: EntropyArgs) -> Result<()> {
         }
     }
 
-    let timesteps = pipeline.scheduler(request.steps)?.timesteps;
     let train_latent = training.latent();
     let lines =
         entropy::measurements(&runs, &request.at, &timesteps, |level| train_latent.tokens_at_level(level), train_size);

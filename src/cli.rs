@@ -9,6 +9,7 @@ use crate::metadata::{self, Found};
 use crate::mode::{Mode, ModeOptions, ViewRule};
 use crate::output::{check_png_name, Template};
 use crate::prompts::{self, Settings};
+use crate::sampler::{self, SamplerChoice, SamplerKind, Schedule, Spacing};
 use crate::shard::Shard;
 use crate::weights::ModelSource;
 use anyhow::{anyhow, bail, Context, Result};
@@ -113,9 +114,53 @@ pub struct BatchArgs {
     pub batch_size: usize,
 }
 
-/// DDIM's stochasticity: for the subcommands that render images.
+/// Which sampler, with which schedule and spacing: for every subcommand that denoises.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SamplerChoiceArgs {
+    /// Sampler: ddim, pndm, euler, euler_ancestral, heun, lms, dpmpp_2m, dpmpp_2m_sde, uni_pc, or model
+    /// (the class the model's scheduler_config.json names: PNDM for SD 1.5/2.1, Euler for SDXL)
+    /// [default: ddim, or what a `gen --from` image stored].
+    #[arg(long, value_name = "NAME")]
+    pub sampler: Option<String>,
+
+    /// Sigma schedule for the samplers with sigmas (euler, heun, lms, dpmpp_2m, dpmpp_2m_sde, uni_pc):
+    /// karras or exponential [default: the sampler's own spacing].
+    #[arg(long, value_name = "SCHEDULE")]
+    pub schedule: Option<String>,
+
+    /// Timestep spacing: leading, linspace or trailing [default: the model's scheduler config, else
+    /// the sampler's: leading for ddim and pndm, linspace for the rest].
+    #[arg(long, value_name = "SPACING")]
+    pub timestep_spacing: Option<String>,
+}
+
+impl SamplerChoiceArgs {
+    /// The flags as settings (the layer under prompt-file lines).
+    fn settings(&self) -> Settings {
+        Settings {
+            sampler: self.sampler.clone(),
+            schedule: self.schedule.clone(),
+            timestep_spacing: self.timestep_spacing.clone(),
+            ..Settings::default()
+        }
+    }
+
+    /// The choice of commands without prompt files (compare, entropy), checked.
+    pub fn choice(&self) -> Result<SamplerChoice> {
+        let settings = self.settings();
+        settings.validate(|key| format!("--{}", key.replace('_', "-")))?;
+        let choice = settings.sampler_choice();
+        sampler::check_choice(&choice, "--schedule")?;
+        Ok(choice)
+    }
+}
+
+/// The sampler and its settings: for the subcommands that render images.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SamplerArgs {
+    #[command(flatten)]
+    pub choice: SamplerChoiceArgs,
+
     /// DDIM eta, 0 to 1: 0 is deterministic; above 0 every step adds noise, drawn from the image's
     /// seeded generator right after its initial latents (as diffusers' StableDiffusionPipeline hands its
     /// generator to the scheduler). Not with --mode multidiffusion.
@@ -126,8 +171,8 @@ pub struct SamplerArgs {
 
 impl SamplerArgs {
     /// The eta (`stored`, from `--from`, when the flag is absent), checked against its range and the
-    /// modes it would apply to.
-    pub fn eta(&self, modes: &[Mode], stored: Option<f64>) -> Result<f64> {
+    /// modes and samplers it would apply to.
+    pub fn eta(&self, modes: &[Mode], samplers: &[SamplerChoice], stored: Option<f64>) -> Result<f64> {
         let eta = self.eta.or(stored).unwrap_or(0.0);
         if !(0.0..=1.0).contains(&eta) {
             bail!("--eta {eta} is out of range; use 0 (deterministic DDIM) to 1");
@@ -135,8 +180,13 @@ impl SamplerArgs {
         if eta > 0.0 && modes.contains(&Mode::Multidiffusion) {
             bail!("--eta applies to the default, entropy and resize modes; MultiDiffusion runs with --eta 0");
         }
+        if let Some(other) = samplers.iter().find(|choice| choice.kind != Some(SamplerKind::Ddim)).filter(|_| eta > 0.0) {
+            let name = other.kind.map_or("model", SamplerKind::as_str);
+            bail!("--eta is DDIM's; --sampler {name} takes no eta (drop --eta, or use --sampler ddim)");
+        }
         Ok(eta)
     }
+
 }
 
 /// Options of `--mode multidiffusion`.
@@ -239,6 +289,11 @@ pub struct GenArgs {
     /// mode keeps it).
     #[arg(long, value_enum, value_delimiter = ',', value_name = "LIST", conflicts_with_all = ["mode", "entropy_scale"])]
     pub modes: Vec<Mode>,
+
+    /// Every image with each of these samplers, e.g. ddim,dpmpp_2m,euler_ancestral (a prompt-file line
+    /// that sets its own sampler keeps it; --schedule and --timestep-spacing apply to each).
+    #[arg(long, value_delimiter = ',', value_name = "LIST", conflicts_with = "sampler")]
+    pub samplers: Vec<String>,
 
     /// Output PNG path or template: {index} (the image's number in the run, from 0), {seed}, {mode},
     /// {width}, {height}, {prompt} (a file-name-safe slug), {prompt_index} (its prompt's line among
@@ -398,6 +453,9 @@ pub struct EntropyArgs {
 
     #[command(flatten)]
     pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub sampler: SamplerChoiceArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -438,6 +496,8 @@ pub struct ImageSpec {
     /// `None`: the family's default, known once the model's files are found.
     pub guidance: Option<f64>,
     pub mode: Mode,
+    /// As chosen; resolved against the model's scheduler config when planned.
+    pub sampler: SamplerChoice,
 }
 
 /// A validated `gen` request: every image of the run, in `{index}` order.
@@ -499,7 +559,22 @@ impl Settings {
             steps: self.steps.or(base.steps),
             guidance: self.guidance.or(base.guidance),
             mode: self.mode.or_else(|| base.mode.clone()),
+            sampler: self.sampler.or_else(|| base.sampler.clone()),
+            schedule: self.schedule.or_else(|| base.schedule.clone()),
+            timestep_spacing: self.timestep_spacing.or_else(|| base.timestep_spacing.clone()),
             ..Settings::default()
+        }
+    }
+
+    /// The sampler these (validated) settings choose: DDIM unless set.
+    fn sampler_choice(&self) -> SamplerChoice {
+        SamplerChoice {
+            kind: match self.sampler.as_deref() {
+                None => Some(SamplerKind::Ddim),
+                Some(name) => sampler::parse_sampler_name(name, "").unwrap_or(Some(SamplerKind::Ddim)),
+            },
+            schedule: self.schedule.as_deref().and_then(Schedule::parse),
+            spacing: self.timestep_spacing.as_deref().and_then(Spacing::parse),
         }
     }
 
@@ -526,6 +601,19 @@ impl Settings {
         if let Some(mode) = &self.mode {
             if Mode::parse(mode).is_none() {
                 bail!("{} {mode:?} is not a mode; use default, entropy or resize", flag("mode"));
+            }
+        }
+        if let Some(name) = &self.sampler {
+            sampler::parse_sampler_name(name, &flag("sampler"))?;
+        }
+        if let Some(schedule) = &self.schedule {
+            if Schedule::parse(schedule).is_none() {
+                bail!("{} {schedule:?} is not a schedule; use karras or exponential", flag("schedule"));
+            }
+        }
+        if let Some(spacing) = &self.timestep_spacing {
+            if Spacing::parse(spacing).is_none() {
+                bail!("{} {spacing:?} is not a spacing; use leading, linspace or trailing", flag("timestep_spacing"));
             }
         }
         if self.prompt.as_deref().is_some_and(str::is_empty) {
@@ -565,9 +653,17 @@ impl TryFrom<GenArgs> for GenRequest {
             steps: args.steps,
             guidance: args.guidance,
             mode: if args.entropy_scale { Some("entropy".into()) } else { args.mode.map(|m| m.as_str().into()) },
-            ..Settings::default()
+            ..args.sampler.choice.settings()
         };
         flags.validate(|key| format!("--{}", key.replace('_', "-")))?;
+        let mut grid_samplers: Vec<String> = Vec::new();
+        for name in &args.samplers {
+            sampler::parse_sampler_name(name, "--samplers")?;
+            if grid_samplers.contains(name) {
+                bail!("--samplers: {name} is listed twice");
+            }
+            grid_samplers.push(name.clone());
+        }
 
         // --from: the stored settings under the flags.
         let mut model_name = args.model.model.clone();
@@ -595,7 +691,13 @@ impl TryFrom<GenArgs> for GenRequest {
                 from.settings
             }
         };
-        let defaults = flags.over(&base);
+        let mut defaults = flags.clone().over(&base);
+        // A stored schedule and spacing belong to the stored sampler: a --sampler or --samplers flag
+        // that replaces it drops them (unless flags set them too).
+        if flags.sampler.is_some() || !args.samplers.is_empty() {
+            defaults.schedule = flags.schedule.clone();
+            defaults.timestep_spacing = flags.timestep_spacing.clone();
+        }
         if let Some(path) = &args.from {
             // The flags are valid, so anything wrong here came from the image's metadata.
             defaults.validate(str::to_string).with_context(|| {
@@ -634,6 +736,7 @@ impl TryFrom<GenArgs> for GenRequest {
         let mut images = Vec::new();
         for (prompt_index, (location, line)) in lines.into_iter().enumerate() {
             let (own_size, own_mode) = (line.width.is_some() || line.height.is_some(), line.mode.is_some());
+            let own_sampler = line.sampler.is_some();
             let settings = line.over(&defaults);
             let line_sizes = if own_size || sizes.is_empty() {
                 vec![(settings.width, settings.height)]
@@ -646,6 +749,17 @@ impl TryFrom<GenArgs> for GenRequest {
                 args.modes.clone()
             };
             let context = |e: anyhow::Error| if location.is_empty() { e } else { e.context(location.clone()) };
+            let line_samplers: Vec<SamplerChoice> = if own_sampler || grid_samplers.is_empty() {
+                vec![settings.sampler_choice()]
+            } else {
+                grid_samplers
+                    .iter()
+                    .map(|name| Settings { sampler: Some(name.clone()), ..settings.clone() }.sampler_choice())
+                    .collect()
+            };
+            for choice in &line_samplers {
+                sampler::check_choice(choice, "--schedule").map_err(context)?;
+            }
             let prompt = settings.prompt.clone().ok_or_else(|| anyhow!("no prompt")).map_err(context)?;
             let base_seed = seed_or_random(settings.seed);
             for image_index in 0..args.num_images {
@@ -654,7 +768,7 @@ impl TryFrom<GenArgs> for GenRequest {
                     .with_context(|| format!("seed {base_seed} + image {image_index} (--num-images) passes 4294967295"))
                     .map_err(context)?;
                 for &(width, height) in &line_sizes {
-                    for &mode in &line_modes {
+                    for (&mode, &sampler) in line_modes.iter().flat_map(|m| line_samplers.iter().map(move |s| (m, s))) {
                         images.push(ImageSpec {
                             prompt: prompt.clone(),
                             negative_prompt: settings.negative_prompt.clone().unwrap_or_default(),
@@ -666,6 +780,7 @@ impl TryFrom<GenArgs> for GenRequest {
                             steps: settings.steps.unwrap_or(DEFAULT_STEPS),
                             guidance: settings.guidance,
                             mode,
+                            sampler,
                         });
                     }
                 }
@@ -680,8 +795,12 @@ impl TryFrom<GenArgs> for GenRequest {
 
         let output = match &args.output {
             Some(text) => Template::parse(text).with_context(|| format!("-o {text}"))?,
-            None if sizes.len() > 1 => Template::parse("{prompt}-{seed}-{width}x{height}-{mode}.png").expect("valid"),
-            None => Template::parse("{prompt}-{seed}-{mode}.png").expect("valid"),
+            None => {
+                // Each grid axis with several values names itself in the default file name.
+                let size = if sizes.len() > 1 { "-{width}x{height}" } else { "" };
+                let sampler = if grid_samplers.len() > 1 { "-{sampler}" } else { "" };
+                Template::parse(&format!("{{prompt}}-{{seed}}{size}-{{mode}}{sampler}.png")).expect("valid")
+            }
         };
         let shard = Shard::choose(args.shard.as_deref(), args.shards, |name| std::env::var(name).ok())?;
         let manifest = match (args.manifest, &shard) {
@@ -699,7 +818,8 @@ impl TryFrom<GenArgs> for GenRequest {
         };
         let modes: Vec<Mode> = images.iter().map(|spec| spec.mode).collect();
         let mode_options = multidiffusion.options(&modes)?;
-        let eta = args.sampler.eta(&modes, stored_eta)?;
+        let samplers: Vec<SamplerChoice> = images.iter().map(|spec| spec.sampler).collect();
+        let eta = args.sampler.eta(&modes, &samplers, stored_eta)?;
         let model = model_request(&args.model, args.batch.batch_size, model_name, revision, train_size)?;
         Ok(Self {
             images,
@@ -744,6 +864,10 @@ fn settings_from_image(path: &Path) -> Result<FromImage> {
                 steps: Some(meta.steps),
                 guidance: Some(meta.guidance),
                 mode: Some(meta.mode.as_str().into()),
+                // Files from before samplers (no sampler_settings) were made with DDIM.
+                sampler: Some(meta.sampler_settings.map_or("ddim", |s| s.kind.as_str()).into()),
+                schedule: meta.sampler_settings.and_then(|s| s.schedule).map(|s| s.as_str().into()),
+                timestep_spacing: meta.sampler_settings.map(|s| s.spacing.as_str().into()),
                 ..Settings::default()
             },
             model: Some(meta.model),
@@ -760,6 +884,8 @@ fn settings_from_image(path: &Path) -> Result<FromImage> {
                 steps: params.steps,
                 guidance: params.guidance,
                 mode: params.mode.map(|m| m.as_str().into()),
+                sampler: params.sampler.map(|kind| kind.as_str().into()),
+                schedule: params.schedule.map(|schedule| schedule.as_str().into()),
                 ..Settings::default()
             },
             model: params.model,
@@ -851,6 +977,7 @@ pub struct EntropyRequest {
     pub json: bool,
     pub plot: Option<PathBuf>,
     pub overwrite: bool,
+    pub sampler: SamplerChoice,
     pub model: ModelRequest,
 }
 
@@ -861,6 +988,7 @@ impl TryFrom<EntropyArgs> for EntropyRequest {
         let sizes = parse_size_list("--sizes", &args.sizes)?;
         let flags = Settings { steps: Some(args.steps), guidance: args.guidance, ..Settings::default() };
         flags.validate(|key| format!("--{key}"))?;
+        let sampler = args.sampler.choice()?;
         let mut at = Vec::new();
         let mut steps_seen = Vec::new();
         for &fraction in &args.at {
@@ -895,6 +1023,7 @@ impl TryFrom<EntropyArgs> for EntropyRequest {
             seed_is_random,
             json: args.json,
             plot: args.plot,
+            sampler,
             overwrite: args.overwrite,
             model,
         })
@@ -1113,7 +1242,7 @@ mod tests {
             let mut argv = vec!["sdscale", "gen", "--prompt", "x"];
             argv.extend_from_slice(extra);
             let Command::Gen(args) = Cli::try_parse_from(argv).unwrap().command else { unreachable!() };
-            args.sampler.eta(modes, None)
+            args.sampler.eta(modes, &[SamplerChoice::default()], None)
         };
         assert_eq!(eta(&[], &[Mode::Default]).unwrap(), 0.0);
         assert_eq!(eta(&["--eta", "0.3"], &[Mode::Entropy, Mode::Resize]).unwrap(), 0.3);

@@ -124,7 +124,8 @@ pub struct Measurement {
     pub t: usize,
     pub at: f64,
     pub step: usize,
-    pub timestep: usize,
+    /// The UNet's timestep there (fractional for the Euler family).
+    pub timestep: f64,
     /// Mean and standard deviation of Ent(A_i) over heads and query rows.
     pub entropy: f64,
     pub std: f64,
@@ -162,7 +163,7 @@ impl Measurement {
             t: usize,
             at: f64,
             step: usize,
-            timestep: usize,
+            timestep: f64,
             entropy: f64,
             std: f64,
             log_n: f64,
@@ -201,7 +202,7 @@ impl Measurement {
 pub fn measurements(
     runs: &[Run],
     at: &[f64],
-    timesteps: &[usize],
+    timesteps: &[f64],
     train_tokens: impl Fn(usize) -> usize,
     train_size: (usize, usize),
 ) -> Vec<Measurement> {
@@ -267,7 +268,7 @@ pub fn write_table(out: &mut dyn Write, lines: &[Measurement], steps: usize) -> 
     writeln!(out, "Ent: mean over heads and query rows of -Σ_j A_ij log A_ij (text-conditioned branch).")?;
     writeln!(out, "Ent/log N: 1 = uniform attention; train = its value at the training size.")?;
     writeln!(out, "Eq.5: the paper's prediction log N - σ²/2, σ² = variance of the scaled logits over keys.")?;
-    let mut ats: Vec<(f64, usize, usize)> = Vec::new();
+    let mut ats: Vec<(f64, usize, f64)> = Vec::new();
     for line in lines {
         if !ats.iter().any(|&(at, _, _)| at == line.at) {
             ats.push((line.at, line.step, line.timestep));
@@ -423,10 +424,10 @@ mod tests {
             samples: vec![sample(0, n, entropy - 1.0), sample(1, n, entropy)],
         };
         let runs = [run(128, Mode::Default, 256, 5.0), run(256, Mode::Default, 1024, 6.0)];
-        let lines = measurements(&runs, &[1.0], &[981, 1], |_| 256, (128, 128));
+        let lines = measurements(&runs, &[1.0], &[981.0, 1.0], |_| 256, (128, 128));
         assert_eq!(lines.len(), 2);
         let big = &lines[1];
-        assert_eq!((big.width, big.n, big.t, big.step, big.timestep), (256, 1024, 256, 1, 1));
+        assert_eq!((big.width, big.n, big.t, big.step, big.timestep), (256, 1024, 256, 1, 1.0));
         assert!((big.normalized().unwrap() - 6.0 / 1024f64.ln()).abs() < 1e-12);
         assert!((big.train_normalized.unwrap() - 5.0 / 256f64.ln()).abs() < 1e-12);
         assert!((big.eq5() - (1024f64.ln() - 0.25)).abs() < 1e-12);

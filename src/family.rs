@@ -15,7 +15,7 @@ use crate::models::clip::{ClipTextConfig, ClipTextTransformer};
 use crate::models::ldm_bert::{LdmBertConfig, LdmBertModel};
 use crate::models::unet::{PerBlock, UNetConfig, UNetConfigFile};
 use crate::models::vae::{VaeConfig, VaeDecoder};
-use crate::scheduler::DdimConfig;
+use crate::sampler::SchedulerConfig;
 use crate::tokenizer::{ClipTokenizer, Tokens, WordPieceTokenizer};
 use crate::weights::{read_json, ModelFiles, Weights};
 use anyhow::{anyhow, bail, Context, Result};
@@ -122,9 +122,9 @@ impl Family {
         match self {
             Family::StableDiffusion => {
                 let text: ClipTextConfig = read_json(&files.text_encoder_config)?;
-                let scheduler = DdimConfig::load(&files.scheduler_config)?;
+                let scheduler = SchedulerConfig::load(&files.scheduler_config)?;
                 let version = if text.hidden_act == "quick_gelu" { "SD 1.x" } else { "SD 2.x" };
-                Ok(match scheduler.prediction_type.as_str() {
+                Ok(match scheduler.prediction_type.as_deref().unwrap_or("epsilon") {
                     "v_prediction" => format!("{version} v-prediction"),
                     _ => version.to_string(),
                 })

@@ -29,7 +29,7 @@ pub mod plan;
 pub mod profile;
 pub mod prompts;
 pub mod rng;
-pub mod scheduler;
+pub mod sampler;
 pub mod shard;
 pub mod size;
 pub mod tokenizer;

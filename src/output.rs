@@ -192,6 +192,7 @@ enum Field {
     Prompt,
     PromptIndex,
     Image,
+    Sampler,
 }
 
 /// The values one image gives a template.
@@ -205,6 +206,8 @@ pub struct Fields<'a> {
     /// The prompt's position among the run's prompts, and the image's among that prompt's images.
     pub prompt_index: usize,
     pub image: usize,
+    /// The sampler's word (`ddim`, `dpmpp_2m`, …).
+    pub sampler: &'a str,
 }
 
 impl Template {
@@ -238,11 +241,12 @@ impl Template {
                         "prompt" => Field::Prompt,
                         "prompt_index" => Field::PromptIndex,
                         "image" => Field::Image,
-                        _ => bail!("unknown placeholder {{{spec}}}; use {{index}}, {{seed}}, {{mode}}, {{width}}, {{height}}, {{prompt}}, {{prompt_index}} or {{image}} (write {{{{ for a literal brace)"),
+                        "sampler" => Field::Sampler,
+                        _ => bail!("unknown placeholder {{{spec}}}; use {{index}}, {{seed}}, {{mode}}, {{sampler}}, {{width}}, {{height}}, {{prompt}}, {{prompt_index}} or {{image}} (write {{{{ for a literal brace)"),
                     };
                     let width = match width {
                         "" => 0,
-                        _ if matches!(field, Field::Mode | Field::Prompt) => {
+                        _ if matches!(field, Field::Mode | Field::Prompt | Field::Sampler) => {
                             bail!("{{{spec}}}: only numbers take a width")
                         }
                         w => w.parse().ok().filter(|&w| w <= 20).with_context(|| {
@@ -276,6 +280,7 @@ impl Template {
                         Field::Prompt => slug(fields.prompt, SLUG_LEN),
                         Field::PromptIndex => number(fields.prompt_index as u64),
                         Field::Image => number(fields.image as u64),
+                        Field::Sampler => fields.sampler.to_string(),
                     });
                 }
             }
@@ -422,6 +427,7 @@ mod tests {
             prompt: "A corgi, on a beach!",
             prompt_index: 3,
             image: 1,
+            sampler: "dpmpp_2m",
         }
     }
 

@@ -13,7 +13,7 @@ use crate::family::{self, LatentDecoder, Rules, TextEncoder};
 use crate::mode::{Denoiser, RenderPlan, Views, Window};
 use crate::models::unet::UNet2DConditionModel;
 use crate::rng::{randn, TorchGenerator};
-use crate::scheduler::{DdimConfig, DdimScheduler};
+use crate::sampler::{DdimScheduler, Sampler, SamplerSpec, SchedulerConfig};
 use crate::size::{PixelSize, TrainingSize};
 use crate::unet_step::UNetStepper;
 use crate::weights::ModelFiles;
@@ -30,6 +30,8 @@ pub struct GenerateRequest {
     /// What the mode decided: render size, attention scale, denoiser, resize.
     pub plan: RenderPlan,
     pub steps: usize,
+    /// The sampler, resolved against the model's scheduler config.
+    pub sampler: SamplerSpec,
     pub guidance_scale: f64,
     pub seed: u32,
 }
@@ -41,16 +43,18 @@ pub struct BatchKey {
     attention: AttentionScale,
     denoiser: Denoiser,
     steps: usize,
+    sampler: SamplerSpec,
     guidance_bits: u64,
 }
 
 impl BatchKey {
-    pub fn new(plan: &RenderPlan, steps: usize, guidance_scale: f64) -> Self {
+    pub fn new(plan: &RenderPlan, steps: usize, sampler: SamplerSpec, guidance_scale: f64) -> Self {
         BatchKey {
             render: plan.render,
             attention: plan.attention,
             denoiser: plan.denoiser,
             steps,
+            sampler,
             guidance_bits: guidance_scale.to_bits(),
         }
     }
@@ -58,7 +62,7 @@ impl BatchKey {
 
 impl GenerateRequest {
     pub fn batch_key(&self) -> BatchKey {
-        BatchKey::new(&self.plan, self.steps, self.guidance_scale)
+        BatchKey::new(&self.plan, self.steps, self.sampler, self.guidance_scale)
     }
 }
 
@@ -92,7 +96,7 @@ pub fn training_size_of(files: &ModelFiles) -> Result<TrainingSize> {
 /// What `generate` reports while it runs; the caller decides how (or whether) to show it.
 pub enum Event<'a> {
     Warning(String),
-    Step { index: usize, total: usize, timestep: usize },
+    Step { index: usize, total: usize, timestep: f64 },
     Stage(&'a str, std::time::Duration),
 }
 
@@ -100,7 +104,7 @@ pub struct Pipeline {
     text_encoder: Box<dyn TextEncoder>,
     unet: UNet2DConditionModel,
     decoder: Box<dyn LatentDecoder>,
-    scheduler_config: DdimConfig,
+    scheduler_config: SchedulerConfig,
     /// The family's guidance and unconditional-text rules.
     rules: Rules,
     /// What metadata calls the model ("SD 1.x", "SD 2.x v-prediction", …).
@@ -119,7 +123,7 @@ impl Pipeline {
         if crate::profile::enabled() {
             eprintln!("sdscale: profile backends {backends}");
         }
-        let scheduler_config = DdimConfig::load(&files.scheduler_config)?;
+        let scheduler_config = SchedulerConfig::load(&files.scheduler_config)?;
         let training = training_size_of(files)?;
         let family = files.family;
         let text_encoder = family.load_text_encoder(files, device, dtype, &backends)?;
@@ -215,7 +219,7 @@ impl Pipeline {
         let first = requests.first().context("an empty batch")?;
         ensure!(
             requests.iter().all(|r| r.batch_key() == first.batch_key()),
-            "a batch must share size, steps, attention and guidance"
+            "a batch must share size, steps, sampler, attention and guidance"
         );
         let factor = self.decoder.scale_factor();
         let size = first.plan.render;
@@ -236,9 +240,11 @@ impl Pipeline {
         self.device.synchronize()?;
         on_event(Event::Stage("text encoder", started.elapsed()));
 
-        // 2. the initial noise, each image from its own seed (so it does not depend on its batch). Each
-        // image keeps its generator: with eta > 0 the steps' noise continues its stream, as diffusers'
-        // StableDiffusionPipeline hands its generator to DDIMScheduler.step.
+        // 2. the initial noise, each image from its own seed (so it does not depend on its batch), times
+        // the sampler's init_noise_sigma. Each image keeps its generator: stochastic samplers (DDIM with
+        // eta > 0, Euler a, DPM++ 2M SDE) continue its stream every step, as diffusers' pipeline hands
+        // its generator to `scheduler.step`.
+        let mut sampler = self.scheduler_config.build(&first.sampler, first.steps, eta)?;
         let (latent_width, latent_height) = (size.width / factor, size.height / factor);
         let mut generators: Vec<TorchGenerator> = requests.iter().map(|r| TorchGenerator::new(r.seed)).collect();
         let latents = generators
@@ -246,13 +252,24 @@ impl Pipeline {
             .map(|generator| self.draw_noise(generator, latent_width, latent_height))
             .collect::<Result<Vec<_>>>()?;
         let mut latents = Tensor::cat(&latents, 0)?; // (B, 4, h, w)
+        let init_noise_sigma = sampler.init_noise_sigma();
+        if init_noise_sigma != 1.0 {
+            latents = (latents * init_noise_sigma as f64)?;
+        }
+        let mut draw_step_noise = || -> Result<Tensor> {
+            let noise = generators
+                .iter_mut()
+                .map(|generator| self.draw_noise(generator, latent_width, latent_height))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&noise, 0)?)
+        };
 
-        // 3. the denoising loop
+        // 3. the denoising loop: the sampler says which timesteps, what the UNet sees, and what comes next.
         let started = std::time::Instant::now();
-        let scheduler = DdimScheduler::new(&self.scheduler_config, first.steps)?;
-        let total = scheduler.timesteps.len();
+        let timesteps = sampler.timesteps().to_vec();
+        let total = timesteps.len();
         let mut view_layout: Option<ViewLayout> = None;
-        for (index, &timestep) in scheduler.timesteps.iter().enumerate() {
+        for (index, &timestep) in timesteps.iter().enumerate() {
             if cancel.load(Ordering::Relaxed) {
                 return Err(Interrupted.into());
             }
@@ -262,26 +279,27 @@ impl Pipeline {
             let probe = probe.and_then(|probe| probe.at_step(index, batch_entry)).map(|p| p as &dyn AttentionObserver);
             latents = match first.plan.denoiser {
                 Denoiser::Whole => {
-                    let noise =
-                        self.guided_noise(stepper, &latents, timestep, &prompt_embeds, first, probe, on_event)?;
-                    let variance_noise = if eta > 0.0 {
-                        let noise = generators
-                            .iter_mut()
-                            .map(|generator| self.draw_noise(generator, latent_width, latent_height))
-                            .collect::<Result<Vec<_>>>()?;
-                        Some(Tensor::cat(&noise, 0)?)
-                    } else {
-                        None
-                    };
-                    scheduler.step_with_noise(&noise, timestep, &latents, eta, variance_noise.as_ref())?
+                    let latent_model_input = sampler.scale_model_input(&latents, index)?;
+                    let noise_pred = self.guided_noise(
+                        stepper,
+                        &latent_model_input,
+                        timestep,
+                        &prompt_embeds,
+                        first,
+                        probe,
+                        on_event,
+                    )?;
+                    sampler.step(&noise_pred, index, &latents, &mut draw_step_noise)?
                 }
                 Denoiser::Views(views) => {
-                    // The windows, their coverage and the repeated embeddings are the same every step.
+                    // The windows, their coverage, the repeated embeddings and one sampler state per
+                    // window group are made once.
                     if view_layout.is_none() {
-                        view_layout = Some(ViewLayout::new(views, &latents, &prompt_embeds, guided, view_batch)?);
+                        view_layout =
+                            Some(ViewLayout::new(views, &latents, &prompt_embeds, guided, view_batch, sampler.as_ref())?);
                     }
-                    let layout = view_layout.as_ref().expect("set just above");
-                    self.multidiffusion_step(stepper, &scheduler, &latents, layout, timestep, first, on_event)?
+                    let layout = view_layout.as_mut().expect("set just above");
+                    self.multidiffusion_step(stepper, &latents, layout, index, timestep, first, &mut draw_step_noise, on_event)?
                 }
             };
             on_event(Event::Step { index, total, timestep });
@@ -337,7 +355,7 @@ impl Pipeline {
         &self,
         stepper: &mut UNetStepper,
         latents: &Tensor,
-        timestep: usize,
+        timestep: f64,
         prompt_embeds: &Tensor,
         request: &GenerateRequest,
         probe: Option<&dyn AttentionObserver>,
@@ -349,7 +367,7 @@ impl Pipeline {
         let noise_pred = stepper.step(
             &self.unet,
             &latent_model_input,
-            timestep as f64,
+            timestep,
             prompt_embeds,
             request.plan.attention,
             probe,
@@ -365,26 +383,40 @@ impl Pipeline {
 
     /// One MultiDiffusion step, as diffusers' `StableDiffusionPanoramaPipeline`: for each window (in
     /// its order, `view_batch` windows per UNet call) crop the latents, run the guided UNet and the
-    /// scheduler step on the crop, add the result into a running sum and a count; then latents =
-    /// sum / count, in f32. Latents no window covers (a ragged edge) stay 0, as in diffusers.
+    /// sampler step on the crop with that window group's own sampler state (diffusers saves and
+    /// restores the scheduler's `__dict__` per view batch), add the result into a running sum and a
+    /// count; then latents = sum / count, in f32. Latents no window covers (a ragged edge) stay 0, as
+    /// in diffusers.
+    ///
+    /// diffusers' saved states start as one shared dict, so at the first step the multistep samplers'
+    /// history lists are shared between windows; with second-order solvers each window's first output is
+    /// shifted out before a second-order step reads it, so independent states give the same numbers.
     #[allow(clippy::too_many_arguments)]
     fn multidiffusion_step(
         &self,
         stepper: &mut UNetStepper,
-        scheduler: &DdimScheduler,
         latents: &Tensor,
-        layout: &ViewLayout,
-        timestep: usize,
+        layout: &mut ViewLayout,
+        index: usize,
+        timestep: f64,
         request: &GenerateRequest,
+        draw_step_noise: &mut dyn FnMut() -> Result<Tensor>,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Tensor> {
         let batch = latents.dim(0)?;
         let mut value = latents.zeros_like()?.to_dtype(DType::F32)?;
-        for (group, embeds) in layout.groups.iter().zip(&layout.embeds) {
+        for ((group, embeds), sampler) in layout.groups.iter().zip(&layout.embeds).zip(layout.samplers.iter_mut()) {
             let crops = group.iter().map(|w| crop(latents, w)).collect::<Result<Vec<_>>>()?;
             let crops = Tensor::cat(&crops, 0)?; // (views·B, c, window, window), view-major
-            let noise = self.guided_noise(stepper, &crops, timestep, embeds, request, None, on_event)?;
-            let denoised = scheduler.step(&noise, timestep, &crops)?.to_dtype(DType::F32)?;
+            let latent_model_input = sampler.scale_model_input(&crops, index)?;
+            let noise = self.guided_noise(stepper, &latent_model_input, timestep, embeds, request, None, on_event)?;
+            // A stochastic sampler draws each window's noise from the images' generators, in window order.
+            let views = group.len();
+            let mut draw = || -> Result<Tensor> {
+                let parts = (0..views).map(|_| draw_step_noise()).collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&parts, 0)?)
+            };
+            let denoised = sampler.step(&noise, index, &crops, &mut draw)?.to_dtype(DType::F32)?;
             for (k, window) in group.iter().enumerate() {
                 let view = denoised.narrow(0, k * batch, batch)?;
                 add_window(&mut value, window, &view)?;
@@ -395,7 +427,7 @@ impl Pipeline {
     }
 
     /// `torch.randn((1, c, h, w), generator=torch.Generator("cpu").manual_seed(seed))`, then moved to the
-    /// compute device and dtype (DDIM's init_noise_sigma is 1).
+    /// compute device and dtype (before the sampler's init_noise_sigma).
     pub fn prepare_latents(&self, seed: u32, latent_width: usize, latent_height: usize) -> Result<Tensor> {
         self.draw_noise(&mut TorchGenerator::new(seed), latent_width, latent_height)
     }
@@ -442,6 +474,10 @@ impl Pipeline {
     pub fn scheduler(&self, steps: usize) -> Result<DdimScheduler> {
         DdimScheduler::new(&self.scheduler_config, steps)
     }
+    /// The model's scheduler config, which resolves `--sampler model` and every sampler's settings.
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler_config
+    }
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -453,6 +489,8 @@ impl Pipeline {
 struct ViewLayout {
     groups: Vec<Vec<Window>>,
     embeds: Vec<Tensor>,
+    /// Each group's sampler state.
+    samplers: Vec<Box<dyn Sampler>>,
     /// Latents some window covers; the rest stay at their running sum, 0, as in diffusers.
     covered: Tensor,
     /// The coverage count, with 1 where nothing covers (those entries are not used).
@@ -460,7 +498,14 @@ struct ViewLayout {
 }
 
 impl ViewLayout {
-    fn new(views: Views, latents: &Tensor, prompt_embeds: &Tensor, guided: bool, view_batch: usize) -> Result<Self> {
+    fn new(
+        views: Views,
+        latents: &Tensor,
+        prompt_embeds: &Tensor,
+        guided: bool,
+        view_batch: usize,
+        sampler: &dyn Sampler,
+    ) -> Result<Self> {
         let (batch, _, height, width) = latents.dims4()?;
         let shape = |w: &Window| (w.rows.1 - w.rows.0, window_columns(w, width).iter().map(|c| c.len()).sum::<usize>());
         let mut groups: Vec<Vec<Window>> = Vec::new();
@@ -480,7 +525,8 @@ impl ViewLayout {
             let ones = crop(&count, window)?.ones_like()?;
             add_window(&mut count, window, &ones)?;
         }
-        Ok(Self { groups, embeds, covered: count.gt(0f64)?, count_at_least_one: count.maximum(1f64)? })
+        let samplers = groups.iter().map(|_| sampler.box_clone()).collect();
+        Ok(Self { groups, embeds, samplers, covered: count.gt(0f64)?, count_at_least_one: count.maximum(1f64)? })
     }
 }
 
@@ -558,7 +604,8 @@ impl Session<'_> {
     }
 
     /// DDIM's eta (0 by default: deterministic). With eta > 0 every step adds noise drawn from each
-    /// image's seeded generator, continuing after its initial latents (see `denoise_batch`).
+    /// image's seeded generator, continuing after its initial latents (see `denoise_batch`). Other
+    /// samplers ignore it.
     pub fn with_eta(mut self, eta: f64) -> Self {
         self.eta = eta;
         self

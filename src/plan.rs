@@ -6,6 +6,8 @@ use crate::cli::ImageSpec;
 use crate::family::Rules;
 use crate::mode::{Denoiser, ModeOptions, RenderPlan};
 use crate::pipeline::{BatchKey, GenerateRequest};
+use crate::sampler::{SamplerSpec, SchedulerConfig};
+use anyhow::Result;
 use crate::size::{PixelSize, TrainingSize};
 use std::path::PathBuf;
 
@@ -19,6 +21,8 @@ pub struct PlannedImage {
     pub guidance: f64,
     /// Whether `guidance` runs two UNet branches, by the family's rule.
     pub guided: bool,
+    /// The spec's sampler, resolved against the model's scheduler config.
+    pub sampler: SamplerSpec,
     /// The size of the image written.
     pub size: PixelSize,
     /// How the spec's mode renders it.
@@ -34,6 +38,7 @@ impl PlannedImage {
             negative_prompt: self.spec.negative_prompt.clone(),
             plan: self.render,
             steps: self.spec.steps,
+            sampler: self.sampler,
             guidance_scale: self.guidance,
             seed: self.spec.seed,
         }
@@ -53,7 +58,7 @@ impl PlannedImage {
             }
         };
         let guided = if self.guided { 2.0 } else { 1.0 };
-        self.spec.steps as f64 * guided * per_step
+        self.sampler.kind.unet_calls(self.spec.steps) as f64 * guided * per_step
     }
 }
 
@@ -62,7 +67,7 @@ impl PlannedImage {
 pub fn batches(plan: &[PlannedImage], batch_size: usize) -> Vec<Vec<&PlannedImage>> {
     let mut groups: Vec<(BatchKey, Vec<&PlannedImage>)> = Vec::new();
     for planned in plan {
-        let key = BatchKey::new(&planned.render, planned.spec.steps, planned.guidance);
+        let key = BatchKey::new(&planned.render, planned.spec.steps, planned.sampler, planned.guidance);
         match groups.iter_mut().find(|(k, _)| *k == key) {
             Some((_, members)) => members.push(planned),
             None => groups.push((key, vec![planned])),
@@ -72,23 +77,25 @@ pub fn batches(plan: &[PlannedImage], batch_size: usize) -> Vec<Vec<&PlannedImag
 }
 
 /// What an image takes from the model where its spec leaves a setting unset.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ModelDefaults {
     /// The model's own training size, for a spec without a size.
     pub size: PixelSize,
     /// The family's guidance rules: its default scale, and which scales run two branches.
     pub rules: Rules,
+    /// The model's scheduler config: `--sampler model` and every sampler's settings come from it.
+    pub scheduler: SchedulerConfig,
 }
 
 /// Plans `specs` in order. A spec without a size or guidance takes the model's (`defaults`); each
 /// mode plans against `training` (which `--train-size` may override); `path` names each image.
 pub fn plan(
     specs: impl IntoIterator<Item = ImageSpec>,
-    defaults: ModelDefaults,
+    defaults: &ModelDefaults,
     training: TrainingSize,
     options: ModeOptions,
     mut path: impl FnMut(usize, &ImageSpec, PixelSize) -> PathBuf,
-) -> Vec<PlannedImage> {
+) -> Result<Vec<PlannedImage>> {
     specs
         .into_iter()
         .enumerate()
@@ -98,8 +105,16 @@ pub fn plan(
             let guidance = spec.guidance.unwrap_or(defaults.rules.default_guidance);
             let guided = defaults.rules.guided(guidance);
             let render = spec.mode.plan(size, training, options);
+            let sampler = defaults.scheduler.resolve(&spec.sampler)?;
+            // The spec now names what runs (`--sampler model` made concrete), as names and records show it.
+            let mut spec = spec;
+            spec.sampler = crate::sampler::SamplerChoice {
+                kind: Some(sampler.kind),
+                schedule: sampler.schedule,
+                spacing: Some(sampler.spacing),
+            };
             let path = path(index, &spec, size);
-            PlannedImage { index, spec, guidance, guided, size, render, path }
+            Ok(PlannedImage { index, spec, guidance, guided, sampler, size, render, path })
         })
         .collect()
 }
@@ -111,7 +126,11 @@ mod tests {
     use crate::mode::Mode;
 
     fn defaults(training: TrainingSize) -> ModelDefaults {
-        ModelDefaults { size: training.pixels, rules: Family::StableDiffusion.rules() }
+        ModelDefaults {
+            size: training.pixels,
+            rules: Family::StableDiffusion.rules(),
+            scheduler: serde_json::from_str(r#"{"_class_name": "PNDMScheduler", "skip_prk_steps": true}"#).unwrap(),
+        }
     }
 
     fn spec(mode: Mode, width: Option<usize>) -> ImageSpec {
@@ -126,6 +145,7 @@ mod tests {
             steps: 4,
             guidance: Some(7.5),
             mode,
+            sampler: Default::default(),
         }
     }
 
@@ -133,9 +153,10 @@ mod tests {
     fn images_are_planned_in_order_with_sizes_from_the_model_and_modes() {
         let training = TrainingSize { pixels: PixelSize::new(128, 128), vae_scale_factor: 8 };
         let specs = [spec(Mode::Default, None), spec(Mode::Resize, Some(192)), spec(Mode::Entropy, Some(64))];
-        let planned = plan(specs, defaults(training), training, ModeOptions::default(), |index, spec, size| {
+        let planned = plan(specs, &defaults(training), training, ModeOptions::default(), |index, spec, size| {
             PathBuf::from(format!("{index}-{}-{size}.png", spec.mode.as_str()))
-        });
+        })
+        .unwrap();
         let summary: Vec<_> = planned.iter().map(|p| (p.index, p.size, p.render.render, p.path.clone())).collect();
         assert_eq!(
             summary,
@@ -158,8 +179,10 @@ mod tests {
             spec(Mode::Default, Some(64)),
             spec(Mode::Entropy, Some(64)),
         ];
-        let planned =
-            plan(specs, defaults(training), training, ModeOptions::default(), |i, _, _| PathBuf::from(i.to_string()));
+        let planned = plan(specs, &defaults(training), training, ModeOptions::default(), |i, _, _| {
+            PathBuf::from(i.to_string())
+        })
+        .unwrap();
         let indices: Vec<Vec<usize>> =
             batches(&planned, 2).iter().map(|batch| batch.iter().map(|p| p.index).collect()).collect();
         assert_eq!(indices, [vec![0, 2], vec![3], vec![1, 4]]);
@@ -172,8 +195,8 @@ mod tests {
         let training = TrainingSize { pixels: PixelSize::new(64, 64), vae_scale_factor: 8 };
         let plan_for = |family: Family, guidance: Option<f64>| {
             let spec = ImageSpec { guidance, ..spec(Mode::Default, None) };
-            let defaults = ModelDefaults { size: training.pixels, rules: family.rules() };
-            plan([spec], defaults, training, ModeOptions::default(), |_, _, _| PathBuf::new()).remove(0)
+            let defaults = ModelDefaults { rules: family.rules(), ..defaults(training) };
+            plan([spec], &defaults, training, ModeOptions::default(), |_, _, _| PathBuf::new()).unwrap().remove(0)
         };
         let sd = plan_for(Family::StableDiffusion, None);
         let ldm = plan_for(Family::LatentDiffusion, None);
@@ -187,8 +210,9 @@ mod tests {
 
         // An explicit 1 and the LDM default batch together; 7.5 does not.
         let specs = [None, Some(1.0), Some(7.5)].map(|guidance| ImageSpec { guidance, ..spec(Mode::Default, None) });
-        let defaults = ModelDefaults { size: training.pixels, rules: Family::LatentDiffusion.rules() };
-        let planned = plan(specs, defaults, training, ModeOptions::default(), |i, _, _| PathBuf::from(i.to_string()));
+        let defaults = ModelDefaults { rules: Family::LatentDiffusion.rules(), ..defaults(training) };
+        let planned =
+            plan(specs, &defaults, training, ModeOptions::default(), |i, _, _| PathBuf::from(i.to_string())).unwrap();
         let indices: Vec<Vec<usize>> =
             batches(&planned, 4).iter().map(|batch| batch.iter().map(|p| p.index).collect()).collect();
         assert_eq!(indices, [vec![0, 1], vec![2]]);

@@ -32,6 +32,10 @@ pub struct Settings {
     pub steps: Option<usize>,
     pub guidance: Option<f64>,
     pub mode: Option<String>,
+    /// The sampler's name (or "model"), `--schedule` and `--timestep-spacing` for this line.
+    pub sampler: Option<String>,
+    pub schedule: Option<String>,
+    pub timestep_spacing: Option<String>,
     // `gen --json` output keys, accepted and ignored so its output can be fed back as input. Never used:
     // a line cannot choose where its image is written.
     #[serde(default, rename = "path")]

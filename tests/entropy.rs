@@ -29,6 +29,7 @@ fn request(size: usize, attention: AttentionScale, guidance: f64) -> GenerateReq
         negative_prompt: String::new(),
         plan: RenderPlan { render, attention, denoiser: Denoiser::Whole, resize_to: None },
         steps: 3,
+        sampler: sdscale::sampler::SamplerSpec::ddim(),
         guidance_scale: guidance,
         seed: 1,
     }

@@ -689,6 +689,7 @@ fn check_request(request: &GenRequest) -> Result<(), TestCaseError> {
             prompt: &image.prompt,
             prompt_index: image.prompt_index,
             image: image.image_index,
+            sampler: image.sampler.kind.map_or("model", |kind| kind.as_str()),
         });
         let components: Vec<Component> = path.components().collect();
         prop_assert!(matches!(components[..], [Component::Normal(_)]), "escapes its folder: {path:?}");
@@ -797,6 +798,7 @@ fn a1111_round_trip(long: bool) {
             guidance,
             mode,
             sampler: "DDIM".into(),
+            sampler_settings: None,
             model: "owner/name".into(),
             revision: None,
             dtype: "f32".into(),
@@ -980,6 +982,7 @@ fn template_property(
         prompt: &prompt,
         prompt_index: index,
         image: 0,
+        sampler: "ddim",
     });
     let rendered = path.to_str().unwrap();
     // Values never add a folder, a parent step or a control character: only the template's own text can.

@@ -4,7 +4,7 @@ use crate::util::{clip, load_tensors, max_abs_diff, pipeline, read_json, vae};
 use candle_core::{DType, Device, Tensor};
 use sdscale::attention::AttentionScale;
 use sdscale::rng::{randn, TorchGenerator};
-use sdscale::scheduler::{DdimConfig, DdimScheduler};
+use sdscale::sampler::{DdimScheduler, SchedulerConfig};
 
 /// `pipe.tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids` for ~40
 /// prompts: punctuation, digits, unicode, emoji, literal special tokens, very long.
@@ -50,14 +50,15 @@ fn seeded_noise_matches_torch() {
 #[test]
 fn ddim_timesteps_and_alphas_match_diffusers() {
     let reference = read_json("scheduler.json");
-    let base: DdimConfig = serde_json::from_value(reference["config"].clone()).unwrap();
+    let base: SchedulerConfig = serde_json::from_value(reference["config"].clone()).unwrap();
     let want_alphas: Vec<f64> = serde_json::from_value(reference["alphas_cumprod"].clone()).unwrap();
     let scheduler = DdimScheduler::new(&base, 50).unwrap();
     for (t, (got, want)) in scheduler.alphas_cumprod.iter().zip(&want_alphas).enumerate() {
         assert!((*got as f64 - want).abs() <= 1e-7, "alphas_cumprod[{t}]: {got} vs {want}");
     }
     for case in reference["cases"].as_array().unwrap() {
-        let config = DdimConfig { timestep_spacing: case["timestep_spacing"].as_str().unwrap().into(), ..base.clone() };
+        let config =
+            SchedulerConfig { timestep_spacing: Some(case["timestep_spacing"].as_str().unwrap().into()), ..base.clone() };
         let steps = case["num_inference_steps"].as_u64().unwrap() as usize;
         let want: Vec<usize> = serde_json::from_value(case["timesteps"].clone()).unwrap();
         assert_eq!(DdimScheduler::new(&config, steps).unwrap().timesteps, want, "{case}");

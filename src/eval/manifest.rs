@@ -17,6 +17,8 @@ pub struct Record {
     pub width: usize,
     pub height: usize,
     pub mode: String,
+    /// The sampler as a label ("ddim", "dpmpp_2m karras"); records from before samplers are DDIM's.
+    pub sampler: String,
     pub seconds: Option<f64>,
     /// None on the CPU.
     pub peak_device_mib: Option<f64>,
@@ -29,6 +31,10 @@ struct Line {
     width: usize,
     height: usize,
     mode: String,
+    #[serde(default)]
+    sampler: Option<String>,
+    #[serde(default)]
+    schedule: Option<String>,
     #[serde(default)]
     seconds: Option<f64>,
     #[serde(default)]
@@ -85,6 +91,11 @@ pub fn read(manifest: &Path) -> Result<Vec<Record>> {
             width: line.width,
             height: line.height,
             mode: line.mode,
+            sampler: match (line.sampler, line.schedule) {
+                (Some(sampler), Some(schedule)) => format!("{sampler} {schedule}"),
+                (Some(sampler), None) => sampler,
+                (None, _) => "ddim".into(),
+            },
             seconds: line.seconds,
             peak_device_mib: line.peak_device_mib,
         });

@@ -194,10 +194,16 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let request = EvalRequest::try_from(args).map_err(bad_input)?;
     let mut notes = Vec::new();
 
-    // Rows: (size, mode) → the indices of its records.
+    // Rows: (size, mode) → the indices of its records; when the run mixes samplers, each sampler is a
+    // row of its own, named after the mode ("entropy · dpmpp_2m karras").
+    let mixed_samplers = request.records.iter().any(|r| r.sampler != request.records[0].sampler);
     let mut groups: BTreeMap<(usize, usize, String), Vec<usize>> = BTreeMap::new();
     for (i, record) in request.records.iter().enumerate() {
-        groups.entry((record.width, record.height, record.mode.clone())).or_default().push(i);
+        let row = match mixed_samplers {
+            true => format!("{} · {}", record.mode, record.sampler),
+            false => record.mode.clone(),
+        };
+        groups.entry((record.width, record.height, row)).or_default().push(i);
     }
     let mut rows: Vec<Row> = groups
         .iter()

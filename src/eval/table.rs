@@ -29,7 +29,11 @@ const MODE_ORDER: [&str; 4] = ["default", "entropy", "resize", "multidiffusion"]
 
 /// Sorts rows by pixel count, then width, then mode (in `MODE_ORDER`).
 pub fn sort(rows: &mut [Row]) {
-    let mode_rank = |mode: &str| MODE_ORDER.iter().position(|m| *m == mode).unwrap_or(MODE_ORDER.len());
+    // A row of a run that mixes samplers is "mode · sampler": ranked by its mode.
+    let mode_rank = |row: &str| {
+        let mode = row.split(" · ").next().unwrap_or(row);
+        MODE_ORDER.iter().position(|m| *m == mode).unwrap_or(MODE_ORDER.len())
+    };
     rows.sort_by(|a, b| {
         (a.width * a.height, a.width, a.height, mode_rank(&a.mode), &a.mode).cmp(&(
             b.width * b.height,
