@@ -19,6 +19,25 @@ Everything lands in tests/fixtures/reference/samplers/; nothing else is touched.
  3. facts.json: the facts a port must reproduce, printed from the scheduler objects (SD 2.1 config).
 
 The trajectories run in float32 like the pipeline; the thread count is pinned by make_fixtures.py (2).
+
+Image cases (part 2): PNGs are the 2-thread run; each case is rendered again with 1 thread and the
+difference is stored as `thread_spread` (PNDM parity is judged against it). `unet_calls` counts UNet
+forward calls (a CFG batch of 2 is one call). Batches of 2 use one generator per image, as sdscale does.
+
+What StableDiffusionPanoramaPipeline (diffusers 0.42.1) does with a sampler's state, i.e. what the md_*
+references pin down:
+  * one scheduler object; before each view's step `scheduler.__dict__.update(views_scheduler_status[j])`,
+    after it `views_scheduler_status[j] = copy.deepcopy(scheduler.__dict__)`: every view keeps its own
+    step index, multistep history (DPM-Solver model_outputs / lower_order_nums, PNDM ets / counter /
+    cur_sample, UniPC ...) across steps.
+  * the list starts as `[deepcopy(initial __dict__)] * n_views`: in the first step every view restores
+    from ONE shared dict, and list attributes that step() mutates in place (DPM-Solver's model_outputs
+    shift) leak the previous view's entry into the next view's history. For solver_order 2 that entry is
+    shifted out before it is ever used, so no output depends on it; PNDM replaces `ets` by a new list.
+  * ancestral / SDE noise is drawn from the ONE generator per view, in view order, with the view crop's
+    shape (after the initial latents).
+  * the views here are the `--only multidiffusion` rules: "original" (the paper's get_views, 15 crops of
+    varied size at 256x128) and "diffusers" (one view at this size, checked equal to the plain pipeline).
 """
 
 from __future__ import annotations
@@ -633,5 +652,187 @@ def main(mf, only: str) -> None:
         make_images(mf)
 
 
+# --------------------------------------------------------------------------------------------------
+# Part 2: whole-pipeline images on the committed tiny SD 2.1-base fixture
+# --------------------------------------------------------------------------------------------------
+
+PROMPT = "a corgi on a beach"
+NEGATIVE = "blurry, low quality"
+IMG_STEPS = 6
+IMG_GUIDANCE = 7.5
+
+
+def image_cases() -> list[dict]:
+    """Case dicts: make_fixtures.py's image keys plus sampler, schedule, timestep_spacing, num_images."""
+    cases = []
+
+    def add(name, sampler, width, height, mode="default", schedule=None, spacing=None, steps=IMG_STEPS,
+            guidance=IMG_GUIDANCE, negative=None, seeds=(42,), pipeline="sd", views=None):
+        files = [f"{name}.png"] if len(seeds) == 1 else [f"{name}_{i}.png" for i in range(len(seeds))]
+        c = {"file": files[0], "prompt": PROMPT, "negative_prompt": negative, "width": width, "height": height,
+             "steps": steps, "guidance": guidance, "seed": seeds[0], "mode": mode, "sampler": sampler,
+             "schedule": schedule, "timestep_spacing": spacing, "num_images": len(seeds)}
+        if len(seeds) > 1:
+            c.update({"files": files, "seeds": list(seeds),
+                      "generators": "one torch.Generator per image: generator=[manual_seed(s) for s in seeds]"})
+        if pipeline == "panorama":
+            c.update({"pipeline": "StableDiffusionPanoramaPipeline", "views": views, "circular": False,
+                      "view_batch_size": 1})
+        c["latents_key"] = name
+        cases.append(c)
+
+    for sampler in SAMPLERS:
+        for (w, h) in ((128, 128), (192, 160)):
+            for mode in ("default", "entropy"):
+                add(f"{sampler}_{w}x{h}_{mode}", sampler, w, h, mode)
+    for sampler, schedule in (("dpmpp_2m", "karras"), ("dpmpp_2m", "exponential"), ("euler", "karras"),
+                              ("heun", "karras"), ("lms", "karras"), ("uni_pc", "karras"),
+                              ("dpmpp_2m_sde", "karras"), ("euler", "exponential")):
+        add(f"{sampler}_{schedule}_192x160", sampler, 192, 160, schedule=schedule)
+    for sampler in ("euler_ancestral", "euler", "dpmpp_2m", "ddim"):
+        for steps in (1, 4):
+            add(f"{sampler}_trailing_g0_{steps}step_128x128", sampler, 128, 128, spacing="trailing", steps=steps,
+                guidance=0.0)
+    add("dpmpp_2m_negative_128x128", "dpmpp_2m", 128, 128, negative=NEGATIVE)
+    add("euler_ancestral_batch2_128x128", "euler_ancestral", 128, 128, seeds=(42, 43))
+    add("dpmpp_2m_sde_batch2_128x128", "dpmpp_2m_sde", 128, 128, seeds=(42, 43))
+    # MultiDiffusion, 256 wide x 128 high (latents 16x32), the existing `--only multidiffusion` window 64 /
+    # stride 8 view rules: "original" (the paper's code: 15 crops of varied size here) and "diffusers"
+    # (one view covering everything at this size)
+    for sampler in ("dpmpp_2m", "euler_ancestral", "pndm"):
+        add(f"md_{sampler}_256x128", sampler, 256, 128, pipeline="panorama", views="original")
+    add("md_dpmpp_2m_256x128_diffusers_views", "dpmpp_2m", 256, 128, pipeline="panorama", views="diffusers")
+    return cases
+
+
+class UNetCounter:
+    """Counts UNet forward calls and records the timestep each got."""
+
+    def __init__(self, unet):
+        self.calls: list[float] = []
+        self.handle = unet.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, _module, args, kwargs):
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        self.calls.append(float(t) if not isinstance(t, torch.Tensor) else float(t.flatten()[0]))
+
+    def close(self):
+        self.handle.remove()
+
+
+@torch.no_grad()
+def render_case(mf, pipe, md, model_sched, case: dict):
+    """Returns (list of PIL images, final latents, UNet call timesteps, views or None)."""
+    sched, *_ = build(model_sched, case["sampler"], case["schedule"], case["timestep_spacing"])
+    seeds = case.get("seeds", [case["seed"]])
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    generator = gens[0] if len(gens) == 1 else gens
+    final = {}
+
+    def grab(_pipe, _i, _t, kwargs):
+        final["latents"] = kwargs["latents"].clone()
+        return kwargs
+
+    views = None
+    if case.get("pipeline") == "StableDiffusionPanoramaPipeline":
+        target = md
+        mf.set_attention_mode(md.unet, md.vae, case["mode"])
+        if case["views"] == "original":
+            md.get_views = mf.original_get_views
+        else:
+            md.__dict__.pop("get_views", None)
+        views = [list(v) for v in md.get_views(case["height"], case["width"], circular_padding=False)]
+        extra = {"view_batch_size": 1, "circular_padding": False}
+    else:
+        target = pipe
+        mf.set_attention_mode(pipe.unet, pipe.vae, case["mode"])
+        extra = {"num_images_per_prompt": len(seeds)}
+    target.scheduler = sched
+    counter = UNetCounter(target.unet)
+    try:
+        images = target(
+            case["prompt"],
+            negative_prompt=case["negative_prompt"],
+            height=case["height"],
+            width=case["width"],
+            num_inference_steps=case["steps"],
+            guidance_scale=case["guidance"],
+            generator=generator,
+            callback_on_step_end=grab,
+            **extra,
+        ).images
+    finally:
+        counter.close()
+        md.__dict__.pop("get_views", None)
+    return images, final["latents"], counter.calls, views
+
+
 def make_images(mf) -> None:
-    raise NotImplementedError("part 2 comes next")
+    from safetensors.torch import save_file
+
+    od = out_dir(mf)
+    od.mkdir(parents=True, exist_ok=True)
+    pipe = mf.load_pipeline(mf.TINY_DIR)
+    md = mf.panorama_pipeline(pipe)
+    model_sched = model_scheduler(mf.TINY_DIR / "scheduler")
+    entries, latents = [], {}
+    for case in image_cases():
+        start = time.perf_counter()
+        torch.set_num_threads(2)
+        images, lat, calls, views = render_case(mf, pipe, md, model_sched, case)
+        torch.set_num_threads(1)
+        images1, lat1, calls1, _ = render_case(mf, pipe, md, model_sched, case)
+        torch.set_num_threads(2)
+        assert calls == calls1
+        files = case.get("files", [case["file"]])
+        assert len(images) == len(files)
+        diffs = [mf.image_diff(a, b) for a, b in zip(images, images1)]
+        for img, f in zip(images, files):
+            img.save(od / f)
+        latents[case["latents_key"]] = lat
+        entry = {**case, "unet_calls": len(calls), "unet_call_timesteps": calls,
+                 "thread_spread": {"what": "the same case rendered with torch.set_num_threads(1) vs 2 (the PNGs are "
+                                           "the 2-thread run); levels of 255 over all its images",
+                                   "mean": max(m for m, _ in diffs), "max": max(x for _, x in diffs),
+                                   "latents_max_abs": float((lat - lat1).abs().max())}}
+        if views is not None:
+            entry["view_list"] = views
+        entries.append(entry)
+        print(f"  {case['latents_key']}: {len(calls)} UNet calls, thread spread mean {entry['thread_spread']['mean']:.4f} "
+              f"max {entry['thread_spread']['max']:.0f}, std {float(np.asarray(images[0], dtype=np.float64).std()):.1f}, "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
+    save_file({k: v.contiguous() for k, v in latents.items()}, str(od / "latents.safetensors"))
+    checks = image_checks(mf, od, entries)
+    # one diffusers view covers the whole 256x128 panorama: it must match the plain pipeline
+    md_case = next(e for e in entries if e["latents_key"] == "md_dpmpp_2m_256x128_diffusers_views")
+    assert md_case["view_list"] == [[0, 64, 0, 64]], md_case["view_list"]
+    plain = {k: v for k, v in md_case.items() if k not in ("pipeline", "views", "circular", "view_batch_size")}
+    _, plain_lat, _, _ = render_case(mf, pipe, md, model_sched, plain)
+    d = float((plain_lat - latents[md_case["latents_key"]]).abs().max())
+    checks["md_single_view_vs_plain_pipeline_latents_max_abs"] = d
+    assert d <= 1e-6, d
+    write_strict(mf, od / "images.json", entries)
+    write_strict(mf, od / "images_checks.json", checks)
+    total = sum((od / f).stat().st_size for e in entries for f in e.get("files", [e["file"]]))
+    print(f"wrote {od.relative_to(mf.REPO)}/images.json: {len(entries)} cases, PNGs {total / 1e6:.2f} MB")
+
+
+def image_checks(mf, od: Path, entries: list[dict]) -> dict:
+    """Entropy == default at the training size under every sampler; entropy != default at 192x160."""
+    from PIL import Image
+
+    def load(f):
+        with Image.open(od / f) as im:
+            return im.convert("RGB")
+
+    out = {"training_size_entropy_vs_default": {}, "non_training_size_entropy_vs_default": {}}
+    for sampler in SAMPLERS:
+        for key, (w, h) in (("training_size_entropy_vs_default", (128, 128)),
+                            ("non_training_size_entropy_vs_default", (192, 160))):
+            m, x = mf.image_diff(load(f"{sampler}_{w}x{h}_default.png"), load(f"{sampler}_{w}x{h}_entropy.png"))
+            out[key][sampler] = {"mean": m, "max": x}
+    bad = {k: v for k, v in out["training_size_entropy_vs_default"].items() if v["max"] != 0}
+    assert not bad, f"entropy != default at the training size: {bad}"
+    same = {k: v for k, v in out["non_training_size_entropy_vs_default"].items() if v["mean"] < 0.5}
+    assert not same, f"entropy == default at 192x160: {same}"
+    return out
