@@ -451,6 +451,26 @@ def observations(entries: list[dict]) -> list[str]:
             e = get("sd21", sampler, None, None, steps)
             if e and not e["refused"]:
                 notes.append(f"{sampler} {steps} steps: {e['model_calls']} model calls, timesteps {e['timesteps'][:6]}...")
+    one = {k: (get("sd21", k, None, None, 1) or {}).get("timesteps") for k in SAMPLERS}
+    notes.append(f"1 step at the config's spacing (SD2.1 config): timesteps {one}. With linspace the Euler "
+                 "family's single timestep is 0 (np.linspace(0, 999, 1)), so it starts and ends at sigma(0) = "
+                 f"{(get('sd21', 'euler', None, None, 1) or {}).get('init_noise_sigma')}; DPM-Solver/UniPC use "
+                 "linspace(0, 999, N+1)[::-1][:-1] and start at 999")
+    for sampler in ("dpmpp_2m", "uni_pc"):
+        e = get("sd21", sampler, "exponential", None, 4)
+        if e and not e["refused"]:
+            notes.append(f"{sampler} exponential 4 steps: timesteps {e['timesteps']} (truncated, so the first is "
+                         "998 not 999, and the last two can both be 0); sigmas "
+                         f"{[round(x, 6) for x in e['sigmas']]}")
+    for sampler in ("euler_ancestral", "dpmpp_2m_sde"):
+        e = get("sd21", sampler, None, None, 4)
+        if e and not e["refused"]:
+            notes.append(f"{sampler} 4 steps: {e['noise_draws_after_x0']} noise draws after the initial latents "
+                         "(one per step, the last included although its noise is multiplied by 0)")
+    e = get("sd21", "heun", None, None, 4)
+    if e and not e["refused"]:
+        notes.append("heun 4 steps: per call (t, first-order call?) "
+                     f"{[(c['t'], c['heun_first_order_call']) for c in e['calls']]}")
     ignored = sorted({(e["sampler"], o) for e in entries if not e["refused"] for o in e.get("ignored_overrides", [])})
     if ignored:
         notes.append("overrides diffusers IGNORES silently (not an __init__ argument of the class: from_config "
