@@ -33,7 +33,9 @@ references pin down:
   * the list starts as `[deepcopy(initial __dict__)] * n_views`: in the first step every view restores
     from ONE shared dict, and list attributes that step() mutates in place (DPM-Solver's model_outputs
     shift) leak the previous view's entry into the next view's history. For solver_order 2 that entry is
-    shifted out before it is ever used, so no output depends on it; PNDM replaces `ets` by a new list.
+    shifted out before it is ever used, so no output depends on it (checked once by hand: a DPM-Solver
+    subclass that copies model_outputs before each step gives bit-identical md_dpmpp_2m latents); PNDM
+    replaces `ets` by a new list.
   * ancestral / SDE noise is drawn from the ONE generator per view, in view order, with the view crop's
     shape (after the initial latents).
   * the views here are the `--only multidiffusion` rules: "original" (the paper's get_views, 15 crops of
