@@ -22,7 +22,8 @@ fn main() -> Result<()> {
     let config = SchedulerConfig::load(&model.join("scheduler/scheduler_config.json"))?;
     let runs: usize = env_or("SDSCALE_BENCH_RUNS", "5").parse()?;
     let steps: usize = env_or("SDSCALE_BENCH_STEPS", "20").parse()?;
-    let sizes: Vec<usize> = env_or("SDSCALE_BENCH_SIZES", "256").split(',').map(str::parse).collect::<Result<_, _>>()?;
+    let sizes: Vec<usize> =
+        env_or("SDSCALE_BENCH_SIZES", "256").split(',').map(str::parse).collect::<Result<_, _>>()?;
     for size in sizes {
         let latent = size / 8;
         let sample = Tensor::randn(0f32, 1.0, (1, 4, latent, latent), &Device::Cpu)?;
@@ -38,7 +39,8 @@ fn main() -> Result<()> {
                     let mut sampler = config.build(&spec, steps, 0.0)?;
                     let mut x = (&sample * sampler.init_noise_sigma() as f64)?;
                     let calls = sampler.timesteps().len();
-                    let mut noise = || -> Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, (1, 4, latent, latent), &Device::Cpu)?) };
+                    let mut noise =
+                        |shape: &[usize]| -> Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?) };
                     for index in 0..calls {
                         let x_in = sampler.scale_model_input(&x, index)?;
                         let model_output = (&output + (x_in * 0.0)?)?;

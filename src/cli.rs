@@ -180,13 +180,13 @@ impl SamplerArgs {
         if eta > 0.0 && modes.contains(&Mode::Multidiffusion) {
             bail!("--eta applies to the default, entropy and resize modes; MultiDiffusion runs with --eta 0");
         }
-        if let Some(other) = samplers.iter().find(|choice| choice.kind != Some(SamplerKind::Ddim)).filter(|_| eta > 0.0) {
+        if let Some(other) = samplers.iter().find(|choice| choice.kind != Some(SamplerKind::Ddim)).filter(|_| eta > 0.0)
+        {
             let name = other.kind.map_or("model", SamplerKind::as_str);
             bail!("--eta is DDIM's; --sampler {name} takes no eta (drop --eta, or use --sampler ddim)");
         }
         Ok(eta)
     }
-
 }
 
 /// Options of `--mode multidiffusion`.

@@ -23,10 +23,13 @@ pub fn compare_page(meta: &GridMetadata, grid_file: &str, render_sizes: &[(Strin
         ("Size", format!("{}×{}", meta.width, meta.height)),
         ("Steps", meta.steps.to_string()),
         ("CFG scale", meta.guidance.to_string()),
-        ("Sampler", match meta.sampler_settings {
-            Some(spec) => spec.label(),
-            None => meta.sampler.clone(),
-        }),
+        (
+            "Sampler",
+            match meta.sampler_settings {
+                Some(spec) => spec.label(),
+                None => meta.sampler.clone(),
+            },
+        ),
         ("Seeds", meta.seeds.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")),
         ("Modes", meta.modes.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ")),
         ("Model", meta.model.clone()),

@@ -5,8 +5,8 @@
 //! device, the render size of `resize`). `sdscale info` prints them; `gen --from` starts from them.
 
 use crate::mode::{Mode, ViewRule};
-use crate::sampler::{SamplerKind, SamplerSpec, Schedule};
 use crate::output::printable_error;
+use crate::sampler::{SamplerKind, SamplerSpec, Schedule};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -377,18 +377,30 @@ impl A1111 {
 /// "Sampler: DPM++ 2M, Schedule type: Karras" (a missing or "Automatic" schedule meaning Karras for
 /// DPM++ 2M and Exponential for DPM++ 2M SDE, as its defaults), older versions one combined name
 /// ("DPM++ 2M Karras"). A name sdscale does not implement is refused, never rendered with another.
-fn a1111_sampler(name: &str, schedule_type: Option<&str>, version: Option<&str>) -> Result<(SamplerKind, Option<Schedule>)> {
+fn a1111_sampler(
+    name: &str,
+    schedule_type: Option<&str>,
+    version: Option<&str>,
+) -> Result<(SamplerKind, Option<Schedule>)> {
     let (base, combined) = match [" Karras", " Exponential"].iter().find_map(|suffix| name.strip_suffix(suffix)) {
         Some(base) => (base, Schedule::parse(&name[base.len() + 1..].to_lowercase())),
         None => (name, None),
     };
     let Some(kind) = SamplerKind::ALL.into_iter().find(|kind| kind.a1111_name() == base) else {
         let names: Vec<&str> = SamplerKind::ALL.into_iter().map(SamplerKind::a1111_name).collect();
-        bail!("Sampler: {name:?} is not one sdscale has; it has {} (with Karras or Exponential where they apply)", names.join(", "));
+        bail!(
+            "Sampler: {name:?} is not one sdscale has; it has {} (with Karras or Exponential where they apply)",
+            names.join(", ")
+        );
     };
     // v1.9 and later: "Version: v1.9.3", "v1.10.0-RC", "f2.0.1v1.10.1-…" (Forge) all carry v1.N.
     let modern = version.is_some_and(|v| {
-        v.split("v1.").skip(1).any(|rest| rest.split(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse::<u32>().ok()).is_some_and(|minor| minor >= 9))
+        v.split("v1.").skip(1).any(|rest| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|minor| minor >= 9)
+        })
     });
     let schedule = match (combined, schedule_type) {
         (Some(schedule), _) => Some(schedule),
@@ -402,7 +414,9 @@ fn a1111_sampler(name: &str, schedule_type: Option<&str>, version: Option<&str>)
         },
         (None, None) => None,
         (None, Some(other)) => {
-            bail!("Schedule type: {other:?} is not one sdscale has; it has Karras, Exponential and Uniform (the default)")
+            bail!(
+                "Schedule type: {other:?} is not one sdscale has; it has Karras, Exponential and Uniform (the default)"
+            )
         }
     };
     if schedule.is_some() && !kind.takes_schedule() {
@@ -419,9 +433,15 @@ mod tests {
     fn a1111_sampler_names_both_forms() {
         let read = |text: &str| A1111::parse(text).map(|p| (p.sampler, p.schedule));
         let dpm = SamplerKind::Dpmpp2m;
-        assert_eq!(read("p\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, Version: v1.9.3").unwrap(), (Some(dpm), Some(Schedule::Karras)));
+        assert_eq!(
+            read("p\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, Version: v1.9.3").unwrap(),
+            (Some(dpm), Some(Schedule::Karras))
+        );
         assert_eq!(read("p\nSteps: 20, Sampler: DPM++ 2M Karras").unwrap(), (Some(dpm), Some(Schedule::Karras)));
-        assert_eq!(read("p\nSteps: 20, Sampler: DPM++ 2M, Version: v1.10.1").unwrap(), (Some(dpm), Some(Schedule::Karras)));
+        assert_eq!(
+            read("p\nSteps: 20, Sampler: DPM++ 2M, Version: v1.10.1").unwrap(),
+            (Some(dpm), Some(Schedule::Karras))
+        );
         assert_eq!(read("p\nSteps: 20, Sampler: DPM++ 2M, Version: v1.6.0").unwrap(), (Some(dpm), None));
         assert_eq!(
             read("p\nSteps: 20, Sampler: DPM++ 2M SDE, Schedule type: Automatic").unwrap(),
@@ -429,7 +449,10 @@ mod tests {
         );
         assert_eq!(read("p\nSteps: 20, Sampler: Euler a").unwrap(), (Some(SamplerKind::EulerAncestral), None));
         assert_eq!(read("p\nSteps: 20, Sampler: PLMS").unwrap(), (Some(SamplerKind::Pndm), None));
-        assert_eq!(read("p\nSteps: 20, Sampler: LMS Karras").unwrap(), (Some(SamplerKind::Lms), Some(Schedule::Karras)));
+        assert_eq!(
+            read("p\nSteps: 20, Sampler: LMS Karras").unwrap(),
+            (Some(SamplerKind::Lms), Some(Schedule::Karras))
+        );
         let error = read("p\nSteps: 20, Sampler: DPM++ SDE").unwrap_err().to_string();
         assert!(error.contains("DPM++ SDE") && error.contains("Euler a"), "{error}");
         assert!(read("p\nSteps: 20, Sampler: Euler a, Schedule type: Karras").is_err());

@@ -256,10 +256,13 @@ impl Pipeline {
         if init_noise_sigma != 1.0 {
             latents = (latents * init_noise_sigma as f64)?;
         }
-        let mut draw_step_noise = || -> Result<Tensor> {
+        // One (1, c, h, w) draw per image, in batch order, of the size the step asks for (a
+        // MultiDiffusion window's, or the whole latents').
+        let mut draw_step_noise = |shape: &[usize]| -> Result<Tensor> {
+            let (height, width) = (shape[2], shape[3]);
             let noise = generators
                 .iter_mut()
-                .map(|generator| self.draw_noise(generator, latent_width, latent_height))
+                .map(|generator| self.draw_noise(generator, width, height))
                 .collect::<Result<Vec<_>>>()?;
             Ok(Tensor::cat(&noise, 0)?)
         };
@@ -295,11 +298,26 @@ impl Pipeline {
                     // The windows, their coverage, the repeated embeddings and one sampler state per
                     // window group are made once.
                     if view_layout.is_none() {
-                        view_layout =
-                            Some(ViewLayout::new(views, &latents, &prompt_embeds, guided, view_batch, sampler.as_ref())?);
+                        view_layout = Some(ViewLayout::new(
+                            views,
+                            &latents,
+                            &prompt_embeds,
+                            guided,
+                            view_batch,
+                            sampler.as_ref(),
+                        )?);
                     }
                     let layout = view_layout.as_mut().expect("set just above");
-                    self.multidiffusion_step(stepper, &latents, layout, index, timestep, first, &mut draw_step_noise, on_event)?
+                    self.multidiffusion_step(
+                        stepper,
+                        &latents,
+                        layout,
+                        index,
+                        timestep,
+                        first,
+                        &mut draw_step_noise,
+                        on_event,
+                    )?
                 }
             };
             on_event(Event::Step { index, total, timestep });
@@ -400,7 +418,7 @@ impl Pipeline {
         index: usize,
         timestep: f64,
         request: &GenerateRequest,
-        draw_step_noise: &mut dyn FnMut() -> Result<Tensor>,
+        draw_step_noise: &mut dyn FnMut(&[usize]) -> Result<Tensor>,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Tensor> {
         let batch = latents.dim(0)?;
@@ -412,8 +430,9 @@ impl Pipeline {
             let noise = self.guided_noise(stepper, &latent_model_input, timestep, embeds, request, None, on_event)?;
             // A stochastic sampler draws each window's noise from the images' generators, in window order.
             let views = group.len();
-            let mut draw = || -> Result<Tensor> {
-                let parts = (0..views).map(|_| draw_step_noise()).collect::<Result<Vec<_>>>()?;
+            let mut draw = |shape: &[usize]| -> Result<Tensor> {
+                let per_view = [shape[0] / views, shape[1], shape[2], shape[3]];
+                let parts = (0..views).map(|_| draw_step_noise(&per_view)).collect::<Result<Vec<_>>>()?;
                 Ok(Tensor::cat(&parts, 0)?)
             };
             let denoised = sampler.step(&noise, index, &crops, &mut draw)?.to_dtype(DType::F32)?;

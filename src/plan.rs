@@ -7,8 +7,8 @@ use crate::family::Rules;
 use crate::mode::{Denoiser, ModeOptions, RenderPlan};
 use crate::pipeline::{BatchKey, GenerateRequest};
 use crate::sampler::{SamplerSpec, SchedulerConfig};
-use anyhow::Result;
 use crate::size::{PixelSize, TrainingSize};
+use anyhow::Result;
 use std::path::PathBuf;
 
 /// One image of a run, fully resolved: what to render, at what size, where to write it.
@@ -179,10 +179,9 @@ mod tests {
             spec(Mode::Default, Some(64)),
             spec(Mode::Entropy, Some(64)),
         ];
-        let planned = plan(specs, &defaults(training), training, ModeOptions::default(), |i, _, _| {
-            PathBuf::from(i.to_string())
-        })
-        .unwrap();
+        let planned =
+            plan(specs, &defaults(training), training, ModeOptions::default(), |i, _, _| PathBuf::from(i.to_string()))
+                .unwrap();
         let indices: Vec<Vec<usize>> =
             batches(&planned, 2).iter().map(|batch| batch.iter().map(|p| p.index).collect()).collect();
         assert_eq!(indices, [vec![0, 2], vec![3], vec![1, 4]]);

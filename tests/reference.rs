@@ -57,8 +57,10 @@ fn ddim_timesteps_and_alphas_match_diffusers() {
         assert!((*got as f64 - want).abs() <= 1e-7, "alphas_cumprod[{t}]: {got} vs {want}");
     }
     for case in reference["cases"].as_array().unwrap() {
-        let config =
-            SchedulerConfig { timestep_spacing: Some(case["timestep_spacing"].as_str().unwrap().into()), ..base.clone() };
+        let config = SchedulerConfig {
+            timestep_spacing: Some(case["timestep_spacing"].as_str().unwrap().into()),
+            ..base.clone()
+        };
         let steps = case["num_inference_steps"].as_u64().unwrap() as usize;
         let want: Vec<usize> = serde_json::from_value(case["timesteps"].clone()).unwrap();
         assert_eq!(DdimScheduler::new(&config, steps).unwrap().timesteps, want, "{case}");

@@ -156,10 +156,16 @@ impl Sampler for DdimScheduler {
         &self.model_timesteps
     }
 
-    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, noise: &mut NoiseSource) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        noise: &mut NoiseSource,
+    ) -> Result<Tensor> {
         let timestep = self.timesteps[index];
         // diffusers draws the variance noise only when eta > 0.
-        let variance_noise = if self.eta > 0.0 { Some(noise()?) } else { None };
+        let variance_noise = if self.eta > 0.0 { Some(noise(sample.dims())?) } else { None };
         Ok(self.step_with_noise(model_output, timestep, sample, self.eta, variance_noise.as_ref())?)
     }
 
@@ -195,7 +201,11 @@ mod tests {
 
     #[test]
     fn zero_and_too_many_steps_are_refused() {
-        let spec = super::super::SamplerSpec { kind: super::super::SamplerKind::Ddim, schedule: None, spacing: Spacing::Leading };
+        let spec = super::super::SamplerSpec {
+            kind: super::super::SamplerKind::Ddim,
+            schedule: None,
+            spacing: Spacing::Leading,
+        };
         assert!(sd21_config().build(&spec, 0, 0.0).is_err());
         assert!(sd21_config().build(&spec, 1001, 0.0).is_err());
     }
@@ -245,5 +255,4 @@ mod tests {
         assert!(end.to_vec1::<f32>()?.iter().all(|v| v.is_finite()));
         Ok(())
     }
-
 }

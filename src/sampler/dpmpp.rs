@@ -69,7 +69,12 @@ pub(super) fn lambda(alpha: f32, sigma: f32) -> f32 {
 }
 
 /// The model output as a predicted x₀ (`convert_model_output` of the ++ / predict-x₀ variants).
-pub(super) fn predicted_x0(prediction: Prediction, model_output: &Tensor, sample: &Tensor, sigma: f32) -> Result<Tensor> {
+pub(super) fn predicted_x0(
+    prediction: Prediction,
+    model_output: &Tensor,
+    sample: &Tensor,
+    sigma: f32,
+) -> Result<Tensor> {
     let (alpha_t, sigma_t) = alpha_sigma(sigma);
     Ok(match prediction {
         Prediction::Epsilon => div_scalar(&(sample - mul_scalar(model_output, sigma_t)?)?, alpha_t)?,
@@ -90,14 +95,26 @@ pub struct DpmSolverPP {
 }
 
 impl DpmSolverPP {
-    pub fn new(config: &SchedulerConfig, table: NoiseTable, spec: &SamplerSpec, steps: usize, sde: bool) -> Result<Self> {
+    pub fn new(
+        config: &SchedulerConfig,
+        table: NoiseTable,
+        spec: &SamplerSpec,
+        steps: usize,
+        sde: bool,
+    ) -> Result<Self> {
         if config.solver_order.is_some_and(|order| order != 2) {
-            bail!("scheduler config solver_order {} is not supported (DPM++ 2M is second order)", config.solver_order.unwrap());
+            bail!(
+                "scheduler config solver_order {} is not supported (DPM++ 2M is second order)",
+                config.solver_order.unwrap()
+            );
         }
         config.refuse_unless("solver_type", config.solver_type.as_deref(), &["midpoint"])?;
         config.refuse_unless("final_sigmas_type", config.final_sigmas_type.as_deref(), &["zero"])?;
         config.refuse_unless("variance_type", config.variance_type.as_deref(), &[])?;
-        if config.use_lu_lambdas == Some(true) || config.use_beta_sigmas == Some(true) || config.use_flow_sigmas == Some(true) {
+        if config.use_lu_lambdas == Some(true)
+            || config.use_beta_sigmas == Some(true)
+            || config.use_flow_sigmas == Some(true)
+        {
             bail!("scheduler config use_lu_lambdas / use_beta_sigmas / use_flow_sigmas are not supported");
         }
         if config.euler_at_final == Some(true) || config.lower_order_final == Some(false) {
@@ -111,7 +128,14 @@ impl DpmSolverPP {
             bail!("scheduler config lambda_min_clipped is not supported");
         }
         let (timesteps, sigmas) = multistep_sigmas(config, &table, spec, steps, (None, None));
-        Ok(DpmSolverPP { timesteps, sigmas, prediction: config.prediction(), sde, previous_x0: None, lower_order_nums: 0 })
+        Ok(DpmSolverPP {
+            timesteps,
+            sigmas,
+            prediction: config.prediction(),
+            sde,
+            previous_x0: None,
+            lower_order_nums: 0,
+        })
     }
 }
 
@@ -120,13 +144,19 @@ impl Sampler for DpmSolverPP {
         &self.timesteps
     }
 
-    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, noise: &mut NoiseSource) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        noise: &mut NoiseSource,
+    ) -> Result<Tensor> {
         let dtype = model_output.dtype();
         let (model_output, sample) = (f32_of(model_output)?, f32_of(sample)?);
         // The last step is first order (final sigma 0), as are the ones before two outputs exist.
         let last = index == self.timesteps.len() - 1;
         let x0 = predicted_x0(self.prediction, &model_output, &sample, self.sigmas[index])?;
-        let z = if self.sde { Some(f32_of(&noise()?)?) } else { None };
+        let z = if self.sde { Some(f32_of(&noise(sample.dims())?)?) } else { None };
 
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[index + 1]);
         let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[index]);
@@ -145,8 +175,7 @@ impl Sampler for DpmSolverPP {
         } else {
             // x_t = σ_t/σ_s·e^{−h}·x + α_t(1 − e^{−2h})·D0 [+ ½·α_t(1 − e^{−2h})·D1] + σ_t√(1 − e^{−2h})·z
             let decay = 1.0 - (-2.0 * h).exp();
-            let mut x_t =
-                (mul_scalar(&sample, sigma_t / sigma_s0 * (-h).exp())? + mul_scalar(&x0, alpha_t * decay)?)?;
+            let mut x_t = (mul_scalar(&sample, sigma_t / sigma_s0 * (-h).exp())? + mul_scalar(&x0, alpha_t * decay)?)?;
             if !first_order {
                 let d1 = self.second_difference(&x0, index, h)?;
                 x_t = (x_t + mul_scalar(&d1, 0.5 * (alpha_t * decay))?)?;

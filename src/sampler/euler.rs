@@ -125,7 +125,13 @@ impl Sampler for Euler {
         scale_by_sigma(sample, self.sigmas[index])
     }
 
-    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, noise: &mut NoiseSource) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        noise: &mut NoiseSource,
+    ) -> Result<Tensor> {
         let dtype = model_output.dtype();
         let (sample, model_output) = (f32_of(sample)?, f32_of(model_output)?);
         // s_churn = 0: γ = 0, σ̂ = σ.
@@ -133,11 +139,12 @@ impl Sampler for Euler {
         let pred_original_sample = predicted_original(self.prediction, &model_output, &sample, sigma)?;
         let derivative = div_scalar(&(&sample - pred_original_sample)?, sigma)?;
         let prev_sample = if self.ancestral {
-            let sigma_up = (sigma_next * sigma_next * (sigma * sigma - sigma_next * sigma_next) / (sigma * sigma)).sqrt();
+            let sigma_up =
+                (sigma_next * sigma_next * (sigma * sigma - sigma_next * sigma_next) / (sigma * sigma)).sqrt();
             let sigma_down = (sigma_next * sigma_next - sigma_up * sigma_up).sqrt();
             let moved = (&sample + mul_scalar(&derivative, sigma_down - sigma)?)?;
             // Drawn every step, the last included (where σ_up = 0), as diffusers does.
-            let z = f32_of(&noise()?)?;
+            let z = f32_of(&noise(sample.dims())?)?;
             (moved + mul_scalar(&z, sigma_up)?)?
         } else {
             (&sample + mul_scalar(&derivative, sigma_next - sigma)?)?

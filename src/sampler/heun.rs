@@ -61,7 +61,13 @@ impl Sampler for Heun {
         scale_by_sigma(sample, self.sigmas[index])
     }
 
-    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, _noise: &mut NoiseSource) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        _noise: &mut NoiseSource,
+    ) -> Result<Tensor> {
         // Heun does not upcast: the sample stays in the model's dtype, as diffusers.
         let (sigma, sigma_next) = match self.first_order {
             None => (self.sigmas[index], self.sigmas[index + 1]),

@@ -69,7 +69,13 @@ impl Sampler for Lms {
         scale_by_sigma(sample, self.sigmas[index])
     }
 
-    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, _noise: &mut NoiseSource) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        _noise: &mut NoiseSource,
+    ) -> Result<Tensor> {
         let sigma = self.sigmas[index];
         let pred_original_sample = predicted_original(self.prediction, model_output, sample, sigma)?;
         let derivative = div_scalar(&(sample - pred_original_sample)?, sigma)?;

@@ -465,9 +465,10 @@ impl Prediction {
     }
 }
 
-/// Where a stochastic step's fresh noise comes from: (B, c, h, w) standard normals, each image's from
-/// its own seeded generator, continuing after its initial latents.
-pub type NoiseSource<'a> = dyn FnMut() -> Result<Tensor> + 'a;
+/// Where a stochastic step's fresh noise comes from: standard normals of the given (B, c, h, w) shape
+/// (the step's sample's), each image's from its own seeded generator, continuing after its initial
+/// latents, as diffusers' `randn_tensor(model_output.shape, generator=…)`.
+pub type NoiseSource<'a> = dyn FnMut(&[usize]) -> Result<Tensor> + 'a;
 
 /// The seam between the denoising loop and a sampler (diffusers' `set_timesteps` → per step
 /// `scale_model_input`, UNet, `step`).
@@ -489,7 +490,8 @@ pub trait Sampler: Send {
 
     /// The next latents after call `index`, from the (guided) UNet output. Called once per entry of
     /// [`Sampler::timesteps`], in order.
-    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, noise: &mut NoiseSource) -> Result<Tensor>;
+    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, noise: &mut NoiseSource)
+        -> Result<Tensor>;
 
     /// A copy with the same state: MultiDiffusion keeps one per window group, as diffusers' panorama
     /// pipeline saves and restores the scheduler's `__dict__` around each view batch.
@@ -523,9 +525,10 @@ impl NoiseTable {
             }
             (None, "linear") => linspace_f32(beta_start as f32, beta_end as f32, n_train),
             // diffusers: torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=float32) ** 2
-            (None, "scaled_linear") => {
-                linspace_f32(beta_start.sqrt() as f32, beta_end.sqrt() as f32, n_train).into_iter().map(|b| b * b).collect()
-            }
+            (None, "scaled_linear") => linspace_f32(beta_start.sqrt() as f32, beta_end.sqrt() as f32, n_train)
+                .into_iter()
+                .map(|b| b * b)
+                .collect(),
             (None, other) => bail!("beta_schedule {other:?} is not supported (use linear or scaled_linear)"),
         };
         // torch.cumprod of the f32 alphas accumulates in double and rounds each value to f32.
@@ -631,9 +634,10 @@ pub(crate) fn sigma_family_timesteps(n_train: usize, steps: usize, spacing: Spac
             let ratio = n_train / steps;
             (0..steps).rev().map(|i| (i * ratio + offset) as f64).collect()
         }
-        Spacing::Trailing => {
-            arange_down(n_train as f64, n_train as f64 / steps as f64).into_iter().map(|t| round_half_even(t) - 1.0).collect()
-        }
+        Spacing::Trailing => arange_down(n_train as f64, n_train as f64 / steps as f64)
+            .into_iter()
+            .map(|t| round_half_even(t) - 1.0)
+            .collect(),
     }
 }
 
@@ -651,9 +655,10 @@ pub(crate) fn multistep_timesteps(n_train: usize, steps: usize, spacing: Spacing
             let ratio = n_train / (steps + 1);
             (1..=steps).rev().map(|i| (i * ratio + offset) as f64).collect()
         }
-        Spacing::Trailing => {
-            arange_down(n_train as f64, n_train as f64 / steps as f64).into_iter().map(|t| round_half_even(t) - 1.0).collect()
-        }
+        Spacing::Trailing => arange_down(n_train as f64, n_train as f64 / steps as f64)
+            .into_iter()
+            .map(|t| round_half_even(t) - 1.0)
+            .collect(),
     }
 }
 
@@ -661,7 +666,10 @@ pub(crate) fn multistep_timesteps(n_train: usize, steps: usize, spacing: Spacing
 pub(crate) fn karras_sigmas(sigma_min: f64, sigma_max: f64, steps: usize) -> Vec<f64> {
     let rho = 7.0;
     let (min_inv_rho, max_inv_rho) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
-    linspace_f64(0.0, 1.0, steps).into_iter().map(|ramp| (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)).powf(rho)).collect()
+    linspace_f64(0.0, 1.0, steps)
+        .into_iter()
+        .map(|ramp| (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)).powf(rho))
+        .collect()
 }
 
 /// Log-linear sigmas from σ_max down to σ_min (float64).

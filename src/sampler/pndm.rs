@@ -73,7 +73,13 @@ impl Pndm {
     }
 
     /// diffusers' `_get_prev_sample` (formula (9) of the PNDM paper), scalars in float32.
-    fn prev_sample(&self, sample: &Tensor, timestep: usize, prev_timestep: i64, model_output: &Tensor) -> Result<Tensor> {
+    fn prev_sample(
+        &self,
+        sample: &Tensor,
+        timestep: usize,
+        prev_timestep: i64,
+        model_output: &Tensor,
+    ) -> Result<Tensor> {
         let alpha_prod_t = self.alphas_cumprod[timestep];
         let alpha_prod_t_prev =
             if prev_timestep >= 0 { self.alphas_cumprod[prev_timestep as usize] } else { self.final_alpha_cumprod };
@@ -81,7 +87,9 @@ impl Pndm {
         let beta_prod_t_prev = 1.0 - alpha_prod_t_prev;
         let model_output = match self.prediction {
             Prediction::Epsilon => model_output.clone(),
-            Prediction::V => (mul_scalar(model_output, alpha_prod_t.sqrt())? + mul_scalar(sample, beta_prod_t.sqrt())?)?,
+            Prediction::V => {
+                (mul_scalar(model_output, alpha_prod_t.sqrt())? + mul_scalar(sample, beta_prod_t.sqrt())?)?
+            }
         };
         let sample_coeff = (alpha_prod_t_prev / alpha_prod_t).sqrt();
         let denom = alpha_prod_t * beta_prod_t_prev.sqrt() + (alpha_prod_t * beta_prod_t * alpha_prod_t_prev).sqrt();
@@ -96,7 +104,13 @@ impl Sampler for Pndm {
         &self.model_timesteps
     }
 
-    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, _noise: &mut NoiseSource) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        _noise: &mut NoiseSource,
+    ) -> Result<Tensor> {
         let dtype = model_output.dtype();
         let (model_output, mut sample) = (f32_of(model_output)?, f32_of(sample)?);
         let mut timestep = self.timesteps[index];

@@ -5,7 +5,9 @@
 //! next sample (UniP); both work on predicted x₀. Sigmas and timesteps are DPM-Solver's.
 
 use super::dpmpp::{alpha_sigma, lambda, multistep_sigmas, predicted_x0};
-use super::{div_scalar, f32_of, mul_scalar, NoiseSource, NoiseTable, Prediction, Sampler, SamplerSpec, SchedulerConfig};
+use super::{
+    div_scalar, f32_of, mul_scalar, NoiseSource, NoiseTable, Prediction, Sampler, SamplerSpec, SchedulerConfig,
+};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -25,7 +27,10 @@ pub struct UniPc {
 impl UniPc {
     pub fn new(config: &SchedulerConfig, table: NoiseTable, spec: &SamplerSpec, steps: usize) -> Result<Self> {
         if config.solver_order.is_some_and(|order| order != 2) {
-            bail!("scheduler config solver_order {} is not supported for UniPC (sdscale runs order 2)", config.solver_order.unwrap());
+            bail!(
+                "scheduler config solver_order {} is not supported for UniPC (sdscale runs order 2)",
+                config.solver_order.unwrap()
+            );
         }
         config.refuse_unless("solver_type", config.solver_type.as_deref(), &["bh2"])?;
         config.refuse_unless("final_sigmas_type", config.final_sigmas_type.as_deref(), &["zero"])?;
@@ -119,11 +124,16 @@ impl Sampler for UniPc {
         &self.timesteps
     }
 
-    fn step(&mut self, model_output: &Tensor, index: usize, sample: &Tensor, _noise: &mut NoiseSource) -> Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        index: usize,
+        sample: &Tensor,
+        _noise: &mut NoiseSource,
+    ) -> Result<Tensor> {
         let dtype = model_output.dtype();
         let (model_output, mut sample) = (f32_of(model_output)?, f32_of(sample)?);
-        let use_corrector =
-            index > 0 && !self.disable_corrector.contains(&(index - 1)) && self.last_sample.is_some();
+        let use_corrector = index > 0 && !self.disable_corrector.contains(&(index - 1)) && self.last_sample.is_some();
         let model_output_convert = predicted_x0(self.prediction, &model_output, &sample, self.sigmas[index])?;
         if use_corrector {
             let last_sample = self.last_sample.clone().expect("checked");
