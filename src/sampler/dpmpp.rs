@@ -117,13 +117,8 @@ impl DpmSolverPP {
         {
             bail!("scheduler config use_lu_lambdas / use_beta_sigmas / use_flow_sigmas are not supported");
         }
-        if config.euler_at_final == Some(true) || config.lower_order_final == Some(false) {
-            // With final_sigmas_type zero the last step is first order either way; the rest of the
-            // schedule is the same for fewer than 15 steps only. Refuse rather than guess.
-            if config.lower_order_final == Some(false) {
-                bail!("scheduler config lower_order_final false is not supported");
-            }
-        }
+        // With final_sigmas_type zero the last step is first order whatever euler_at_final and
+        // lower_order_final say; lower_order_final only matters for third order, which is refused.
         if config.lambda_min_clipped.is_some_and(|l| l.is_finite()) {
             bail!("scheduler config lambda_min_clipped is not supported");
         }

@@ -90,8 +90,9 @@ impl UniPc {
         Ok((x_t_ - mul_scalar(&pred_res, alpha_t * b_h)?)?)
     }
 
-    /// UniC: the current sample corrected with its model output `model_t` (predicted x₀).
-    fn corrector(&self, index: usize, model_t: &Tensor, last_sample: &Tensor, this_sample: &Tensor) -> Result<Tensor> {
+    /// UniC: the current sample, recomputed from the previous one (`last_sample`) with the new model
+    /// output `model_t` (predicted x₀) as the corrector's extra node.
+    fn corrector(&self, index: usize, model_t: &Tensor, last_sample: &Tensor) -> Result<Tensor> {
         let order = self.this_order;
         let m0 = self.model_outputs[1].as_ref().expect("a previous output");
         let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[index]);
@@ -101,7 +102,6 @@ impl UniPc {
         let (h_phi_1, b_h, b) = Self::coefficients(h, order);
         let x_t_ = (mul_scalar(last_sample, sigma_t / sigma_s0)? - mul_scalar(m0, alpha_t * h_phi_1)?)?;
         let d1_t = (model_t - m0)?;
-        let _ = this_sample;
         let correction = if order == 1 {
             mul_scalar(&d1_t, 0.5)?
         } else {
@@ -137,7 +137,7 @@ impl Sampler for UniPc {
         let model_output_convert = predicted_x0(self.prediction, &model_output, &sample, self.sigmas[index])?;
         if use_corrector {
             let last_sample = self.last_sample.clone().expect("checked");
-            sample = self.corrector(index, &model_output_convert, &last_sample, &sample)?;
+            sample = self.corrector(index, &model_output_convert, &last_sample)?;
         }
         self.model_outputs = [self.model_outputs[1].take(), Some(model_output_convert)];
         // lower_order_final: the order never exceeds the steps left.
