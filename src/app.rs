@@ -3,18 +3,18 @@
 
 use crate::cli::ModelRequest;
 use crate::cli::{
-    Cli, Command, CompareArgs, CompareRequest, EntropyArgs, EntropyRequest, GenArgs, GenRequest, ImageSpec, InfoArgs,
-    Shell,
+    Cli, Command, CompareArgs, CompareRequest, EntropyArgs, EntropyRequest, GenArgs, GenRequest, InfoArgs, Shell,
 };
 use crate::device_memory::DeviceMemoryMeter;
 use crate::entropy::{self, EntropyProbe, Run};
+use crate::error::{bad_input, BadInput};
 use crate::grid::{self, Layout};
 use crate::manifest::{ImageRecord, Manifest};
 use crate::metadata::{self, GridCell, GridMetadata, ImageMetadata, TOOL, VERSION};
 use crate::mode::{Denoiser, Mode};
 use crate::output::{self, Fields};
 use crate::pipeline::{self, Event, GenerateRequest, Interrupted, Pipeline};
-use crate::plan::{self, ModelDefaults, PlannedImage};
+use crate::plan::{self, ImageSpec, ModelDefaults, PlannedImage};
 use crate::sampler::{SamplerSpec, SchedulerConfig};
 use crate::size::{PixelSize, TrainingSize};
 use crate::weights::{ModelFiles, ModelSource};
@@ -27,23 +27,6 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-
-/// A mistake in what the user asked for (flags, prompt files, model files, output paths): exit code
-/// 2, as clap's own usage errors. Anything that fails once generation has started exits with 1.
-#[derive(Debug)]
-pub struct BadInput(pub anyhow::Error);
-
-impl std::fmt::Display for BadInput {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:#}", self.0)
-    }
-}
-
-impl std::error::Error for BadInput {}
-
-fn bad_input(err: anyhow::Error) -> anyhow::Error {
-    anyhow::Error::new(BadInput(err))
-}
 
 /// 2 for bad input, 1 for everything else (see `cli::EXIT_CODES`).
 pub fn exit_code(err: &anyhow::Error) -> u8 {
@@ -510,7 +493,7 @@ fn gen(args: GenArgs) -> Result<()> {
     };
     let total = plan.len();
     output::check_disk_space(
-        plan.iter().filter(|p| !request.skip_existing || !p.path.is_file()).map(output::planned_png),
+        plan.iter().filter(|p| !request.skip_existing || !p.path.is_file()).map(plan::planned_png),
     )
     .map_err(bad_input)?;
     let plan = keep_writable(plan, request.overwrite, request.skip_existing)?;
@@ -629,7 +612,7 @@ fn compare(args: CompareArgs) -> Result<()> {
     let sampler_spec: Option<SamplerSpec> = plan.first().map(|planned| planned.sampler);
     check_plan(&plan)?;
     let grid_bytes = output::grid_png_bound(request.modes.len(), request.seeds.len(), width, height, &request.prompt);
-    output::check_disk_space(plan.iter().map(output::planned_png).chain([(grid_path.clone(), grid_bytes)]))
+    output::check_disk_space(plan.iter().map(plan::planned_png).chain([(grid_path.clone(), grid_bytes)]))
         .map_err(bad_input)?;
     let plan = keep_writable(plan, request.overwrite, false)?;
     output::check_output(&grid_path, request.overwrite).map_err(bad_input)?;

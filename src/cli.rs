@@ -8,6 +8,7 @@
 use crate::metadata::{self, Found};
 use crate::mode::{Mode, ModeOptions, ViewRule};
 use crate::output::{check_png_name, Template};
+use crate::plan::ImageSpec;
 use crate::prompts::{self, Settings};
 use crate::sampler::{self, SamplerChoice, SamplerKind, Schedule, Spacing};
 use crate::shard::Shard;
@@ -52,7 +53,7 @@ pub enum Command {
     Info(InfoArgs),
     /// FID and CLIP score per (size, mode) of the images in `gen` manifests: the paper's table
     /// (Markdown, CSV or JSON) on stdout; features are cached, so reruns only compute new images.
-    Eval(crate::eval::EvalArgs),
+    Eval(EvalArgs),
     /// Print shell completions, e.g. `sdscale completions bash > /etc/bash_completion.d/sdscale`.
     Completions {
         #[arg(value_enum)]
@@ -468,6 +469,52 @@ pub struct InfoArgs {
     pub json: bool,
 }
 
+/// `sdscale eval`'s flags.
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// Manifests written by `gen --manifest` (JSON Lines; one per shard): all of them are read.
+    #[arg(long, required = true, num_args = 1.., value_name = "FILE")]
+    pub manifest: Vec<PathBuf>,
+
+    /// Folder of reference images for FID (PNG, searched recursively).
+    #[arg(long, value_name = "DIR")]
+    pub reference: Option<PathBuf>,
+
+    /// pytorch-fid's Inception-v3 as safetensors (scripts/convert_inception.py makes it from
+    /// pt_inception-2015-12-05-6726825d.pth); without it FID is skipped.
+    #[arg(long, value_name = "FILE.safetensors")]
+    pub inception: Option<PathBuf>,
+
+    /// CLIP checkpoint folder in Hugging Face layout (e.g. openai/clip-vit-large-patch14: config.json,
+    /// model.safetensors, tokenizer files, preprocessor_config.json); without it CLIP score is skipped.
+    #[arg(long, value_name = "DIR")]
+    pub clip: Option<PathBuf>,
+
+    /// Table format.
+    #[arg(long, value_enum, default_value = "md")]
+    pub format: crate::eval::table::Format,
+
+    /// Write the table to FILE (atomically) instead of stdout.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    /// Replace an existing --output file.
+    #[arg(long)]
+    pub overwrite: bool,
+
+    /// Folder of the feature caches [default: .sdscale-eval-cache beside the first manifest].
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+
+    /// Where to run: cpu, cuda, cuda:N or auto (CUDA when built with it and present).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+
+    /// Images per network call.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub batch_size: usize,
+}
+
 /// Model, device and precision, validated.
 #[derive(Debug, Clone)]
 pub struct ModelRequest {
@@ -478,26 +525,6 @@ pub struct ModelRequest {
     pub dtype: DType,
     pub train_size: Option<(usize, usize)>,
     pub batch_size: usize,
-}
-
-/// One planned image. `None` sizes mean the model's training size, known once its config is read.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ImageSpec {
-    pub prompt: String,
-    pub negative_prompt: String,
-    pub seed: u32,
-    /// The image's identity in the run's grid: its prompt (line of the prompt file, from 0) and its
-    /// number among that prompt's `--num-images` (from 0; the seed is the base seed plus this).
-    pub prompt_index: usize,
-    pub image_index: usize,
-    pub width: Option<usize>,
-    pub height: Option<usize>,
-    pub steps: usize,
-    /// `None`: the family's default, known once the model's files are found.
-    pub guidance: Option<f64>,
-    pub mode: Mode,
-    /// As chosen; resolved against the model's scheduler config when planned.
-    pub sampler: SamplerChoice,
 }
 
 /// A validated `gen` request: every image of the run, in `{index}` order.

@@ -2,13 +2,16 @@
 //! folders they live, and how the family's pipeline differs from Stable Diffusion's. The family comes
 //! from `model_index.json`'s `_class_name`; everything else about a model (CLIP's activation, the
 //! UNet's projections and head counts, the scheduler's prediction type, the training size) comes from
-//! its own configs. This file is the one place to add a family: a variant, its folders and rules, and
-//! its [`TextEncoder`] / [`LatentDecoder`] implementations; the pipeline only sees those.
+//! its own configs. This file and kind.rs are the one place to add a family: a variant, its folders and
+//! rules (kind.rs), and its [`TextEncoder`] / [`LatentDecoder`] implementations; the pipeline only sees
+//! those.
 //!
 //! | family (`_class_name`)     | text encoder (folder)          | tokenizer   | decoder  |
 //! |----------------------------|--------------------------------|-------------|----------|
 //! | `StableDiffusionPipeline`  | CLIP (`text_encoder/`)         | CLIP BPE    | `vae/`   |
 //! | `LDMTextToImagePipeline`   | LDMBert (`bert/`)              | WordPiece   | `vqvae/` |
+
+pub mod kind;
 
 use crate::backend::Backends;
 use crate::models::clip::{ClipTextConfig, ClipTextTransformer};
@@ -18,104 +21,13 @@ use crate::models::vae::{VaeConfig, VaeDecoder};
 use crate::sampler::SchedulerConfig;
 use crate::tokenizer::{ClipTokenizer, Tokens, WordPieceTokenizer};
 use crate::weights::{read_json, ModelFiles, Weights};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
+pub use kind::{Family, Folders, Rules};
 use std::path::Path;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    /// `StableDiffusionPipeline` (SD 1.x, 2.x): CLIP BPE tokenizer, CLIP text encoder, AutoencoderKL in `vae/`.
-    StableDiffusion,
-    /// `LDMTextToImagePipeline` (CompVis/ldm-text2im-large-256, the paper's second model): BERT
-    /// WordPiece tokenizer, LDMBert in `bert/`, an AutoencoderKL in `vqvae/`.
-    LatentDiffusion,
-}
-
-/// Where a family keeps its parts, relative to the model folder.
-#[derive(Debug, Clone, Copy)]
-pub struct Folders {
-    pub text_encoder: &'static str,
-    pub tokenizer: &'static str,
-    pub decoder: &'static str,
-}
-
-/// How a family's pipeline uses guidance and the unconditional text.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Rules {
-    /// Whether `--negative-prompt` is the unconditional text (SD), or that text is always "" (LDM).
-    pub negative_prompt: bool,
-    /// The pipeline's default guidance scale.
-    pub default_guidance: f64,
-    /// Guidance runs (two UNet branches) for scales above 1 (SD) or for every scale but 1 (LDM).
-    pub guide_below_one: bool,
-}
-
-impl Rules {
-    /// Whether `guidance_scale` runs classifier-free guidance (else the conditional branch alone).
-    pub fn guided(&self, guidance_scale: f64) -> bool {
-        if self.guide_below_one {
-            guidance_scale != 1.0
-        } else {
-            guidance_scale > 1.0
-        }
-    }
-}
-
 impl Family {
-    /// From `model_index.json`; a folder without one (or a single file) is taken for Stable Diffusion.
-    pub fn from_model_index(path: Option<&Path>) -> Result<Self> {
-        let Some(path) = path else { return Ok(Family::StableDiffusion) };
-        let index: serde_json::Value = read_json(path)?;
-        match index.get("_class_name").and_then(|v| v.as_str()) {
-            None | Some("StableDiffusionPipeline") => Ok(Family::StableDiffusion),
-            Some("LDMTextToImagePipeline") => Ok(Family::LatentDiffusion),
-            Some(other) => bail!(
-                "{}: {other} models are not supported (sdscale runs StableDiffusionPipeline and \
-                 LDMTextToImagePipeline models)",
-                path.display()
-            ),
-        }
-    }
-
-    /// The diffusers pipeline class (`model_index.json`'s `_class_name`).
-    pub fn class_name(self) -> &'static str {
-        match self {
-            Family::StableDiffusion => "StableDiffusionPipeline",
-            Family::LatentDiffusion => "LDMTextToImagePipeline",
-        }
-    }
-
-    pub fn folders(self) -> Folders {
-        match self {
-            Family::StableDiffusion => Folders { text_encoder: "text_encoder", tokenizer: "tokenizer", decoder: "vae" },
-            Family::LatentDiffusion => Folders { text_encoder: "bert", tokenizer: "tokenizer", decoder: "vqvae" },
-        }
-    }
-
-    /// The tokenizer's files, relative to its folder: (required, optional). A `tokenizer.json`, where a
-    /// model has one, replaces them all.
-    pub fn tokenizer_files(self) -> (&'static [&'static str], &'static [&'static str]) {
-        match self {
-            // The optional two decide the special tokens (SD 2.x pads with "!", SD 1.x with <|endoftext|>).
-            Family::StableDiffusion => {
-                (&["vocab.json", "merges.txt"], &["special_tokens_map.json", "tokenizer_config.json"])
-            }
-            // bert-base-uncased's vocabulary; the configs say lower-case and name the special tokens.
-            Family::LatentDiffusion => (&["vocab.txt"], &["tokenizer_config.json", "special_tokens_map.json"]),
-        }
-    }
-
-    pub fn rules(self) -> Rules {
-        match self {
-            // diffusers pipeline_stable_diffusion.py: do_classifier_free_guidance = guidance_scale > 1.
-            Family::StableDiffusion => Rules { negative_prompt: true, default_guidance: 7.5, guide_below_one: false },
-            // pipeline_latent_diffusion.py: the unconditional text is "" and guidance runs when
-            // guidance_scale != 1.0 (its default).
-            Family::LatentDiffusion => Rules { negative_prompt: false, default_guidance: 1.0, guide_below_one: true },
-        }
-    }
-
     /// What metadata and `info` call the model: the family, told apart further by its configs (SD 1.x's
     /// OpenAI CLIP uses quick_gelu, SD 2.x's OpenCLIP exact gelu; v-prediction marks SD 2.x at 768).
     pub fn describe(self, files: &ModelFiles) -> Result<String> {

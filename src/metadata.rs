@@ -5,8 +5,8 @@
 //! device, the render size of `resize`). `sdscale info` prints them; `gen --from` starts from them.
 
 use crate::mode::{Mode, ViewRule};
-use crate::output::printable_error;
 use crate::sampler::{SamplerKind, SamplerSpec, Schedule};
+use crate::text::printable_error;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;

@@ -293,7 +293,7 @@ impl Template {
 
 /// Bytes each image's metadata may take: both prompts (at most `prompts::MAX_PROMPT_BYTES` each) in the
 /// `parameters` text and again in the JSON, where one character can take six bytes (`\u001b`).
-fn text_bytes_bound(prompt: &str, negative_prompt: &str) -> u64 {
+pub fn text_bytes_bound(prompt: &str, negative_prompt: &str) -> u64 {
     7 * (prompt.len() + negative_prompt.len()) as u64 + 4096
 }
 
@@ -303,12 +303,6 @@ fn text_bytes_bound(prompt: &str, negative_prompt: &str) -> u64 {
 pub fn png_size_bound(width: usize, height: usize, text_bytes: u64) -> u64 {
     let raw = (width as u64 * 3 + 1) * height as u64;
     raw + raw / 8 + text_bytes + 4096
-}
-
-/// (path, upper bound on its bytes) of one planned image, for [`check_disk_space`].
-pub fn planned_png(planned: &crate::plan::PlannedImage) -> (PathBuf, u64) {
-    let text = text_bytes_bound(&planned.spec.prompt, &planned.spec.negative_prompt);
-    (planned.path.clone(), png_size_bound(planned.size.width, planned.size.height, text))
 }
 
 /// Widest label band a compare grid can have (DejaVu Sans Mono at 18 px: "seed 4294967295" is ~175 px).
@@ -322,7 +316,7 @@ pub fn grid_png_bound(columns: usize, rows: usize, cell_width: usize, cell_heigh
 }
 
 /// Refuses, before any work, files that cannot fit where they go: `outputs` are (path, upper bound
-/// on its bytes), e.g. [`planned_png`] of each planned image. Folders need not exist yet (the nearest
+/// on its bytes), e.g. [`crate::plan::planned_png`] of each planned image. Folders need not exist yet (the nearest
 /// existing one tells the filesystem); outputs on one filesystem are summed. Where the free space
 /// cannot be read, nothing is refused.
 pub fn check_disk_space(outputs: impl IntoIterator<Item = (PathBuf, u64)>) -> Result<()> {
@@ -384,17 +378,6 @@ fn human_bytes(bytes: u64) -> String {
 /// `out/a.png`).
 pub fn same_file_key(path: &Path) -> PathBuf {
     path.components().filter(|c| !matches!(c, std::path::Component::CurDir)).collect()
-}
-
-/// Text that came from a file, made one printable line for a message: control characters (newlines,
-/// terminal escape sequences) are written as escapes (`\n`, `\u{1b}`), everything else as it is.
-pub fn printable(text: &str) -> String {
-    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
-}
-
-/// A parser's error about a stranger's file, as one printable line.
-pub fn printable_error(err: impl std::fmt::Display) -> anyhow::Error {
-    anyhow::anyhow!(printable(&err.to_string()))
 }
 
 /// Flushes stdout line by line: scripts read the written paths as they appear.

@@ -2,14 +2,34 @@
 //! seed, target size, how the mode renders it, and the output path — computed once, from the model's
 //! configs, before anything slow happens. Sharding and evaluation slice and reuse this list.
 
-use crate::cli::ImageSpec;
 use crate::family::Rules;
-use crate::mode::{Denoiser, ModeOptions, RenderPlan};
+use crate::mode::{Denoiser, Mode, ModeOptions, RenderPlan};
+use crate::output;
 use crate::pipeline::{BatchKey, GenerateRequest};
 use crate::sampler::{SamplerSpec, SchedulerConfig};
 use crate::size::{PixelSize, TrainingSize};
 use anyhow::Result;
 use std::path::PathBuf;
+
+/// One planned image. `None` sizes mean the model's training size, known once its config is read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageSpec {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub seed: u32,
+    /// The image's identity in the run's grid: its prompt (line of the prompt file, from 0) and its
+    /// number among that prompt's `--num-images` (from 0; the seed is the base seed plus this).
+    pub prompt_index: usize,
+    pub image_index: usize,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub steps: usize,
+    /// `None`: the family's default, known once the model's files are found.
+    pub guidance: Option<f64>,
+    pub mode: Mode,
+    /// As chosen; resolved against the model's scheduler config when planned.
+    pub sampler: crate::sampler::SamplerChoice,
+}
 
 /// One image of a run, fully resolved: what to render, at what size, where to write it.
 #[derive(Debug, Clone)]
@@ -60,6 +80,12 @@ impl PlannedImage {
         let guided = if self.guided { 2.0 } else { 1.0 };
         self.sampler.kind.unet_calls(self.spec.steps) as f64 * guided * per_step
     }
+}
+
+/// (path, upper bound on its bytes) of one planned image, for [`output::check_disk_space`].
+pub fn planned_png(planned: &PlannedImage) -> (PathBuf, u64) {
+    let text = output::text_bytes_bound(&planned.spec.prompt, &planned.spec.negative_prompt);
+    (planned.path.clone(), output::png_size_bound(planned.size.width, planned.size.height, text))
 }
 
 /// Cuts a plan into batches of at most `batch_size` images that can share UNet calls (the same
@@ -123,7 +149,6 @@ pub fn plan(
 mod tests {
     use super::*;
     use crate::family::Family;
-    use crate::mode::Mode;
 
     fn defaults(training: TrainingSize) -> ModelDefaults {
         ModelDefaults {

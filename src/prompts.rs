@@ -5,7 +5,7 @@
 //! a pure function over the text ([`parse`]), so both can be tried against hostile input (tests/fuzz.rs).
 //! The values a line sets are checked by `cli.rs`, with the same rules as the flags.
 
-use crate::output::printable_error;
+use crate::text::printable_error;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::io::Read;

@@ -105,7 +105,7 @@ impl ClipTokenizer {
         let text = text.replace("</w>", " ").split_whitespace().collect::<Vec<_>>().join(" ");
         // Shown in a warning on the terminal: a prompt's control characters (escape sequences) are
         // written out, not sent.
-        Ok(crate::output::printable(&text))
+        Ok(crate::text::printable(&text))
     }
 }
 

@@ -15,7 +15,7 @@ pub mod mapped;
 mod safetensors;
 pub mod single_file;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use hf_hub::{api::sync::ApiBuilder, Cache, Repo, RepoType};
@@ -23,7 +23,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use self::safetensors::SafetensorsFile;
-use crate::family::Family;
+use crate::family::kind::Family;
+pub use crate::text::read_json;
 use single_file::Part;
 
 /// The model the user asked for, before any file is read.
@@ -549,12 +550,6 @@ pub mod builtin {
             Ok(dir)
         }
     }
-}
-
-/// Reads and parses one JSON config file.
-pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
 #[cfg(test)]

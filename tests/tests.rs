@@ -13,6 +13,7 @@ mod families;
 mod full_size;
 mod fuzz;
 mod images;
+mod layout;
 mod multidiffusion;
 mod real_layout;
 mod reference;

@@ -16,8 +16,9 @@ pub mod manifest;
 pub mod resample;
 pub mod table;
 
-use crate::app::BadInput;
 use crate::backend::Backends;
+use crate::cli::EvalArgs;
+use crate::error::bad_input;
 use crate::models::inception::{FidInceptionV3, FEATURES};
 use crate::output;
 use anyhow::{bail, ensure, Context, Result};
@@ -31,56 +32,6 @@ use manifest::Record;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use table::{Format, Row, Table};
-
-/// `sdscale eval`'s flags.
-#[derive(Debug, clap::Args)]
-pub struct EvalArgs {
-    /// Manifests written by `gen --manifest` (JSON Lines; one per shard): all of them are read.
-    #[arg(long, required = true, num_args = 1.., value_name = "FILE")]
-    pub manifest: Vec<PathBuf>,
-
-    /// Folder of reference images for FID (PNG, searched recursively).
-    #[arg(long, value_name = "DIR")]
-    pub reference: Option<PathBuf>,
-
-    /// pytorch-fid's Inception-v3 as safetensors (scripts/convert_inception.py makes it from
-    /// pt_inception-2015-12-05-6726825d.pth); without it FID is skipped.
-    #[arg(long, value_name = "FILE.safetensors")]
-    pub inception: Option<PathBuf>,
-
-    /// CLIP checkpoint folder in Hugging Face layout (e.g. openai/clip-vit-large-patch14: config.json,
-    /// model.safetensors, tokenizer files, preprocessor_config.json); without it CLIP score is skipped.
-    #[arg(long, value_name = "DIR")]
-    pub clip: Option<PathBuf>,
-
-    /// Table format.
-    #[arg(long, value_enum, default_value = "md")]
-    pub format: Format,
-
-    /// Write the table to FILE (atomically) instead of stdout.
-    #[arg(short, long, value_name = "FILE")]
-    pub output: Option<PathBuf>,
-
-    /// Replace an existing --output file.
-    #[arg(long)]
-    pub overwrite: bool,
-
-    /// Folder of the feature caches [default: .sdscale-eval-cache beside the first manifest].
-    #[arg(long, value_name = "DIR")]
-    pub cache: Option<PathBuf>,
-
-    /// Where to run: cpu, cuda, cuda:N or auto (CUDA when built with it and present).
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-
-    /// Images per network call.
-    #[arg(long, default_value_t = 16, value_name = "N")]
-    pub batch_size: usize,
-}
-
-fn bad_input(err: anyhow::Error) -> anyhow::Error {
-    anyhow::Error::new(BadInput(err))
-}
 
 /// What FID compares against, checked before any work.
 struct FidInputs {

@@ -9,7 +9,7 @@
 //! tensors nobody uses are never read, whatever their dtype.
 
 use super::mapped::MappedFile;
-use crate::output::printable_error;
+use crate::text::printable_error;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;

@@ -6,7 +6,7 @@
 //! same block buffers, so measuring never changes the output.
 
 use super::values;
-use crate::attention::RowStats;
+use crate::attention::row_stats::RowStats;
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
