@@ -245,9 +245,13 @@ fn image_metadata(planned: &PlannedImage, model: &Model, eta: f64) -> ImageMetad
 
 /// Refuses, before any work, what no image of the plan can be: a size its mode cannot render, two
 /// images with one name.
-fn check_plan(plan: &[PlannedImage]) -> Result<()> {
+fn check_plan(plan: &[PlannedImage], files: &ModelFiles) -> Result<()> {
     for planned in plan {
         planned.render.check().map_err(bad_input)?;
+    }
+    if plan.iter().any(|p| matches!(p.render.structure, crate::hires::Structure::HiDiffusion(_))) {
+        let unet = files.family.unet_config(&files.unet_config).map_err(bad_input)?;
+        crate::hires::hidiffusion::check_unet(&unet).map_err(|e| bad_input(anyhow!(e)))?;
     }
     let mut seen: HashMap<PathBuf, usize> = HashMap::new();
     for planned in plan {
@@ -487,7 +491,7 @@ fn gen(args: GenArgs) -> Result<()> {
         },
     );
     // The whole run is checked in every shard, so all shards refuse the same mistakes.
-    check_plan(&plan)?;
+    check_plan(&plan, &files)?;
     let plan = match &request.shard {
         None => plan,
         Some((shard, how)) => {
@@ -575,9 +579,11 @@ fn print_line(line: &str) -> Result<()> {
 
 fn compare(args: CompareArgs) -> Result<()> {
     let multidiffusion = args.multidiffusion.clone();
+    let hires = args.hires.clone();
     let sampler = args.sampler.clone();
     let request = CompareRequest::try_from(args).map_err(bad_input)?;
     let options = multidiffusion.options(&request.modes).map_err(bad_input)?;
+    let options = hires.options(&request.modes, options).map_err(bad_input)?;
     let eta = sampler.eta(&request.modes, None).map_err(bad_input)?;
     let view_batch = multidiffusion.view_batch;
     if let Some(seed) = request.random_seed {
@@ -616,7 +622,7 @@ fn compare(args: CompareArgs) -> Result<()> {
     let plan = plan::plan(specs, defaults, scale_training(&request.model, training), options, |_, spec, _| {
         folder.join(format!("{stem}.{}.seed{}.png", spec.mode.as_str(), spec.seed))
     });
-    check_plan(&plan)?;
+    check_plan(&plan, &files)?;
     let grid_bytes = output::grid_png_bound(request.modes.len(), request.seeds.len(), width, height, &request.prompt);
     output::check_disk_space(plan.iter().map(output::planned_png).chain([(grid_path.clone(), grid_bytes)]))
         .map_err(bad_input)?;

@@ -17,6 +17,7 @@ pub mod entropy;
 pub mod eval;
 pub mod family;
 pub mod grid;
+pub mod hires;
 pub mod html;
 mod kernels;
 pub mod manifest;

@@ -10,6 +10,7 @@ use crate::attention::{AttentionObserver, AttentionScale};
 use crate::backend::Backends;
 use crate::entropy::EntropyProbe;
 use crate::family::{self, LatentDecoder, Rules, TextEncoder};
+use crate::hires::{StepContext, Structure, StructureState, UNetPlan};
 use crate::mode::{Denoiser, RenderPlan, Views, Window};
 use crate::models::unet::UNet2DConditionModel;
 use crate::rng::{randn, TorchGenerator};
@@ -39,6 +40,7 @@ pub struct GenerateRequest {
 pub struct BatchKey {
     render: PixelSize,
     attention: AttentionScale,
+    structure: Structure,
     denoiser: Denoiser,
     steps: usize,
     guidance_bits: u64,
@@ -49,6 +51,7 @@ impl BatchKey {
         BatchKey {
             render: plan.render,
             attention: plan.attention,
+            structure: plan.structure,
             denoiser: plan.denoiser,
             steps,
             guidance_bits: guidance_scale.to_bits(),
@@ -252,6 +255,10 @@ impl Pipeline {
         let scheduler = DdimScheduler::new(&self.scheduler_config, first.steps)?;
         let total = scheduler.timesteps.len();
         let mut view_layout: Option<ViewLayout> = None;
+        // A structural mode's per-image state (HiDiffusion's shift generators, seeded like the noise).
+        let seeds: Vec<u32> = requests.iter().map(|r| r.seed).collect();
+        let mut structure_state = StructureState::new(&seeds);
+        let blocks = self.unet.config.block_out_channels.len();
         for (index, &timestep) in scheduler.timesteps.iter().enumerate() {
             if cancel.load(Ordering::Relaxed) {
                 return Err(Interrupted.into());
@@ -262,8 +269,18 @@ impl Pipeline {
             let probe = probe.and_then(|probe| probe.at_step(index, batch_entry)).map(|p| p as &dyn AttentionObserver);
             latents = match first.plan.denoiser {
                 Denoiser::Whole => {
-                    let noise =
-                        self.guided_noise(stepper, &latents, timestep, &prompt_embeds, first, probe, on_event)?;
+                    let step =
+                        StepContext { index, steps: total, timestep, latent: (latent_height, latent_width), blocks };
+                    let unet_plan = first.plan.structure.plan(step, &mut structure_state);
+                    let noise = self.guided_noise(
+                        stepper,
+                        &latents,
+                        timestep,
+                        &prompt_embeds,
+                        first,
+                        (probe, &unet_plan),
+                        on_event,
+                    )?;
                     let variance_noise = if eta > 0.0 {
                         let noise = generators
                             .iter_mut()
@@ -340,7 +357,7 @@ impl Pipeline {
         timestep: usize,
         prompt_embeds: &Tensor,
         request: &GenerateRequest,
-        probe: Option<&dyn AttentionObserver>,
+        (probe, unet_plan): (Option<&dyn AttentionObserver>, &UNetPlan),
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Tensor> {
         let batch = latents.dim(0)?;
@@ -353,6 +370,7 @@ impl Pipeline {
             prompt_embeds,
             request.plan.attention,
             probe,
+            unet_plan,
             &mut |warning| on_event(Event::Warning(warning)),
         )?;
         if !guide {
@@ -383,7 +401,8 @@ impl Pipeline {
         for (group, embeds) in layout.groups.iter().zip(&layout.embeds) {
             let crops = group.iter().map(|w| crop(latents, w)).collect::<Result<Vec<_>>>()?;
             let crops = Tensor::cat(&crops, 0)?; // (views·B, c, window, window), view-major
-            let noise = self.guided_noise(stepper, &crops, timestep, embeds, request, None, on_event)?;
+            let plain = UNetPlan::default();
+            let noise = self.guided_noise(stepper, &crops, timestep, embeds, request, (None, &plain), on_event)?;
             let denoised = scheduler.step(&noise, timestep, &crops)?.to_dtype(DType::F32)?;
             for (k, window) in group.iter().enumerate() {
                 let view = denoised.narrow(0, k * batch, batch)?;
