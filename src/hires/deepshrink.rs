@@ -59,7 +59,7 @@ impl DeepShrink {
             return Err(format!("--deepshrink takes 1 to {MAX_ENTRIES} entries, got {}", entries.len()));
         }
         let mut sorted = entries.to_vec();
-        sorted.sort_by(|a, b| b.timestep.cmp(&a.timestep));
+        sorted.sort_by_key(|entry| std::cmp::Reverse(entry.timestep));
         let mut array = [None; MAX_ENTRIES];
         for (slot, entry) in array.iter_mut().zip(sorted) {
             *slot = Some(entry);
@@ -105,7 +105,7 @@ impl DeepShrink {
             }
         }
         let factor = 1 << (step.blocks - 1);
-        if step.latent.0 % factor == 0 && step.latent.1 % factor == 0 {
+        if step.latent.0.is_multiple_of(factor) && step.latent.1.is_multiple_of(factor) {
             plan.upsample = Upsample::Double;
         }
         plan

@@ -149,7 +149,7 @@ pub fn partition(xs: &Tensor, h: usize, w: usize, shifts: &[u8]) -> Result<Tenso
     let (b, _, c) = xs.dims3()?;
     let (wh, ww) = (h.div_ceil(2), w.div_ceil(2));
     let mut x = xs.reshape((b, h, w, c))?;
-    if h % 2 != 0 || w % 2 != 0 {
+    if !h.is_multiple_of(2) || !w.is_multiple_of(2) {
         let image = x.permute((0, 3, 1, 2))?;
         x = super::resample::bicubic(&image, 2 * wh, 2 * ww, None)?.permute((0, 2, 3, 1))?;
     }
@@ -186,7 +186,7 @@ pub fn reverse(windows: &Tensor, h: usize, w: usize, shifts: &[u8]) -> Result<Te
         })
         .collect::<Result<Vec<_>>>()?;
     let mut x = Tensor::cat(&entries, 0)?; // (b, 2wh, 2ww, c)
-    if h % 2 != 0 || w % 2 != 0 {
+    if !h.is_multiple_of(2) || !w.is_multiple_of(2) {
         let image = x.permute((0, 3, 1, 2))?;
         x = super::resample::bicubic(&image, h, w, None)?.permute((0, 2, 3, 1))?;
     }

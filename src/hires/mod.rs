@@ -106,6 +106,8 @@ impl UNetPlan {
 }
 
 /// The structure a mode gives the UNet.
+// Deep Shrink's entries live inline so that plans stay `Copy` (they are compared and batched by value).
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Structure {
     /// The network as trained.

@@ -45,18 +45,11 @@ pub fn bicubic(xs: &Tensor, out_h: usize, out_w: usize, scale_factor: Option<f64
         for (y, (ys, wy)) in rows.iter().enumerate() {
             for (x, (xs_, wx)) in cols.iter().enumerate() {
                 // Σ_i w_y[i]·(Σ_j w_x[j]·src[y_i][x_j]), accumulated in PyTorch's order.
-                let row = |i: usize| {
-                    let line = &plane[ys[i] * w..];
-                    let mut acc = line[xs_[0]] * wx[0];
-                    for j in 1..4 {
-                        acc += line[xs_[j]] * wx[j];
-                    }
-                    acc
+                let row = |y: usize| {
+                    let line = &plane[y * w..];
+                    xs_[1..].iter().zip(&wx[1..]).fold(line[xs_[0]] * wx[0], |acc, (&x, &wt)| acc + line[x] * wt)
                 };
-                let mut acc = row(0) * wy[0];
-                for i in 1..4 {
-                    acc += row(i) * wy[i];
-                }
+                let acc = ys[1..].iter().zip(&wy[1..]).fold(row(ys[0]) * wy[0], |acc, (&y, &wt)| acc + row(y) * wt);
                 dst[y * out_w + x] = acc;
             }
         }

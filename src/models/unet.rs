@@ -667,6 +667,9 @@ struct DownBlock {
     downsampler: Option<Conv2d>,
 }
 
+/// A down block's output, the skips it leaves for the up path, and the size before its pool (if any).
+type DownOutput = (Tensor, Vec<Tensor>, Option<(usize, usize)>);
+
 /// What a block needs to know of the call's [`UNetPlan`] and of the rest of the call.
 struct BlockCall<'a> {
     temb: &'a Tensor,
@@ -679,12 +682,7 @@ struct BlockCall<'a> {
 impl DownBlock {
     /// Returns the block output, every intermediate state the up path concatenates back, and (when
     /// the plan pools inside this block) the size before the pool.
-    fn forward(
-        &self,
-        index: usize,
-        xs: &Tensor,
-        call: &BlockCall,
-    ) -> Result<(Tensor, Vec<Tensor>, Option<(usize, usize)>)> {
+    fn forward(&self, index: usize, xs: &Tensor, call: &BlockCall) -> Result<DownOutput> {
         let mut xs = xs.clone();
         let mut res_samples = Vec::with_capacity(self.resnets.len() + 1);
         let mut pooled_from = None;
