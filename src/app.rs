@@ -9,6 +9,7 @@ use crate::cli::{
 use crate::device_memory::DeviceMemoryMeter;
 use crate::entropy::{self, EntropyProbe, Run};
 use crate::grid::{self, Layout};
+use crate::hires::Structure;
 use crate::manifest::{ImageRecord, Manifest};
 use crate::metadata::{self, GridCell, GridMetadata, ImageMetadata, TOOL, VERSION};
 use crate::mode::{Denoiser, Mode};
@@ -236,6 +237,15 @@ fn image_metadata(planned: &PlannedImage, model: &Model, eta: f64) -> ImageMetad
             Denoiser::Whole => None,
         },
         circular: matches!(planned.render.denoiser, Denoiser::Views(views) if views.circular),
+        deepshrink: match planned.render.structure {
+            Structure::DeepShrink(method) => Some(method.describe()),
+            _ => None,
+        },
+        hidiffusion_ratios: match planned.render.structure {
+            Structure::HiDiffusion(method) => method.ratios.map(|(t1, t2)| format!("{t1}:{t2}")),
+            _ => None,
+        },
+        hidiffusion_no_window: matches!(planned.render.structure, Structure::HiDiffusion(method) if method.no_window),
         seconds: None,
         peak_device_mib: None,
         family: Some(model.pipeline.family_name().to_string()),
@@ -249,7 +259,7 @@ fn check_plan(plan: &[PlannedImage], files: &ModelFiles) -> Result<()> {
     for planned in plan {
         planned.render.check().map_err(bad_input)?;
     }
-    if plan.iter().any(|p| matches!(p.render.structure, crate::hires::Structure::HiDiffusion(_))) {
+    if plan.iter().any(|p| matches!(p.render.structure, Structure::HiDiffusion(_))) {
         let unet = files.family.unet_config(&files.unet_config).map_err(bad_input)?;
         crate::hires::hidiffusion::check_unet(&unet).map_err(|e| bad_input(anyhow!(e)))?;
     }

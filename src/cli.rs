@@ -643,6 +643,7 @@ impl TryFrom<GenArgs> for GenRequest {
         let mut revision = args.model.revision.clone();
         let mut train_size = args.model.train_size.as_deref().map(parse_size).transpose()?;
         let mut multidiffusion = args.multidiffusion.clone();
+        let mut hires = args.hires.clone();
         let mut stored_eta = None;
         let base = match &args.from {
             None => Settings::default(),
@@ -660,6 +661,12 @@ impl TryFrom<GenArgs> for GenRequest {
                     md.circular |= circular;
                 }
                 multidiffusion = md;
+                // The structural modes' options as stored, unless a flag sets them.
+                if hires.deepshrink.is_empty() {
+                    hires.deepshrink = from.hires.deepshrink;
+                }
+                hires.hidiffusion_ratios = hires.hidiffusion_ratios.or(from.hires.hidiffusion_ratios);
+                hires.hidiffusion_no_window |= from.hires.hidiffusion_no_window;
                 stored_eta = from.eta;
                 from.settings
             }
@@ -767,7 +774,15 @@ impl TryFrom<GenArgs> for GenRequest {
             (manifest, _) => manifest,
         };
         let modes: Vec<Mode> = images.iter().map(|spec| spec.mode).collect();
-        let mode_options = args.hires.options(&modes, multidiffusion.options(&modes)?)?;
+        // Options stored by --from apply only where their mode is still rendered; flags are checked.
+        if !modes.iter().any(|m| m.is_deepshrink()) && args.hires.deepshrink.is_empty() {
+            hires.deepshrink.clear();
+        }
+        if !modes.iter().any(|m| m.is_hidiffusion()) {
+            hires.hidiffusion_ratios = args.hires.hidiffusion_ratios.clone();
+            hires.hidiffusion_no_window = args.hires.hidiffusion_no_window;
+        }
+        let mode_options = hires.options(&modes, multidiffusion.options(&modes)?)?;
         let eta = args.sampler.eta(&modes, stored_eta)?;
         let model = model_request(&args.model, args.batch.batch_size, model_name, revision, train_size)?;
         Ok(Self {
@@ -795,6 +810,8 @@ struct FromImage {
     train_size: Option<(usize, usize)>,
     /// MultiDiffusion's window rule and wrap-around, for an image made in that mode.
     multidiffusion: Option<(ViewRule, bool)>,
+    /// HiDiffusion's and Deep Shrink's options, as their flags.
+    hires: HiresArgs,
     eta: Option<f64>,
 }
 
@@ -803,6 +820,11 @@ fn settings_from_image(path: &Path) -> Result<FromImage> {
     Ok(match found {
         Found::Sdscale(meta) => FromImage {
             multidiffusion: meta.md_views.map(|views| (views, meta.circular)),
+            hires: HiresArgs {
+                deepshrink: meta.deepshrink.iter().flat_map(|e| e.split(',')).map(str::to_string).collect(),
+                hidiffusion_ratios: meta.hidiffusion_ratios,
+                hidiffusion_no_window: meta.hidiffusion_no_window,
+            },
             eta: Some(meta.eta),
             settings: Settings {
                 prompt: Some(meta.prompt),
@@ -835,6 +857,7 @@ fn settings_from_image(path: &Path) -> Result<FromImage> {
             revision: None,
             train_size: None,
             multidiffusion: None,
+            hires: HiresArgs::default(),
             eta: None,
         },
     })

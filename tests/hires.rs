@@ -242,3 +242,17 @@ fn every_reference_differs_from_the_plain_network() {
         assert!(mean > 0.1 || max > 4, "{file}: the method changed nothing (mean {mean:.4}, max {max})");
     }
 }
+
+/// `gen --from` remakes a Deep Shrink image with its stored entries, bit for bit; `--mode default`
+/// from it drops them.
+#[test]
+fn deepshrink_entries_round_trip_through_the_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let first = render(d, "first.png", 256, "deepshrink", &["--deepshrink", "400:0.7:1", "--deepshrink", "800:0.5:2"]);
+    let again = gen(d, "again.png", &["--from".into(), first.display().to_string()]);
+    assert!(same_png(&first, &again), "--from lost the Deep Shrink entries");
+    let info = sdscale(d, &["info", "--json", first.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&info.stdout).contains("800:0.5:2,400:0.7:1"), "{}", stderr(&info));
+    gen(d, "plain.png", &["--from".into(), first.display().to_string(), "--mode".into(), "default".into()]);
+}
