@@ -8,6 +8,10 @@
 //! blocks are the VAE's too (models/resnet.rs), the timestep embeddings candle-transformers' own, which
 //! match diffusers.
 //!
+//! Structural methods (HiDiffusion, Deep Shrink) change this network per call through a
+//! [`UNetPlan`] (hires/): the forward consults it at the few places they act — a downsampler's
+//! geometry, a pool or resize between blocks, windowed self-attention — and otherwise runs as trained.
+//!
 //! Levels: down block i runs at level i (level 0 = full latent resolution), the mid block at the
 //! deepest level, up block j at level (blocks − 1 − j). The attention-scale policy needs the level to
 //! know how many tokens that layer saw in training.
