@@ -92,7 +92,13 @@ fn main() -> Result<()> {
     let request = |size: usize, attention| GenerateRequest {
         prompt: prompt.into(),
         negative_prompt: String::new(),
-        plan: RenderPlan { render: PixelSize::new(size, size), attention, denoiser: Denoiser::Whole, resize_to: None },
+        plan: RenderPlan {
+            render: PixelSize::new(size, size),
+            attention,
+            structure: Default::default(),
+            denoiser: Denoiser::Whole,
+            resize_to: None,
+        },
         steps: 50,
         sampler: sdscale::sampler::SamplerSpec::ddim(),
         guidance_scale: 7.5,

@@ -56,6 +56,7 @@ Rerun from the repository root, with the reference environment kept outside the 
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only sd15-single-file   # from tiny-sd15/
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only eval   # see scripts/eval_fixtures.py
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only samplers   # see scripts/fixture_samplers.py
+    ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only hires  # see scripts/fixture_hires.py
 
 Do not install ftfy: transformers 5's CLIPTokenizer is a `tokenizers` pipeline that never uses it,
 and sdscale mirrors exactly that pipeline.
@@ -1653,7 +1654,7 @@ def main() -> None:
                         help="print calibration numbers for these attn1 q/k factors; writes nothing")
     parser.add_argument("--vae-gain", type=float, default=VAE_CONV_OUT_GAIN, help="VAE conv_out gain for --search-f")
     parser.add_argument("--only", choices=["multidiffusion", "sd15", "sd21v", "ldm", "sd15-single-file", "eval",
-                                           "samplers", "samplers-schedulers", "samplers-images"],
+                                           "samplers", "samplers-schedulers", "samplers-images", "hires"],
                         help="multidiffusion: write only reference/multidiffusion.json, images/md_*.png and "
                              "images/md_latents.safetensors, from the existing tiny-sd/ (nothing else is rewritten); "
                              "sd15, sd21v, ldm: write only that family's tiny model (tiny-sd15/, tiny-sd21v/, "
@@ -1661,7 +1662,8 @@ def main() -> None:
                              "sd15-single-file: write only tiny-sd15-single-file.safetensors from tiny-sd15/; "
                              "eval: write only tests/fixtures/eval/ (see scripts/eval_fixtures.py); "
                              "samplers: write only reference/samplers/ (see scripts/fixture_samplers.py; "
-                             "samplers-schedulers / samplers-images: only its scheduler or image part)")
+                             "samplers-schedulers / samplers-images: only its scheduler or image part); "
+                             "hires: write only tiny-sd-hires/ and reference/hires/ (see scripts/fixture_hires.py)")
     args = parser.parse_args()
     if args.fp16_variants and not args.full:
         parser.error("--fp16-variants goes with --full (the fixtures always have them)")
@@ -1679,6 +1681,10 @@ def main() -> None:
         import fixture_samplers  # scripts/, beside this file
 
         fixture_samplers.main(sys.modules[__name__], args.only)
+    elif args.only == "hires":
+        import fixture_hires  # scripts/, beside this file
+
+        fixture_hires.main(sys.modules[__name__])
     elif args.only:
         import fixture_families  # scripts/, beside this file
 

@@ -9,6 +9,7 @@ use crate::device_memory::DeviceMemoryMeter;
 use crate::entropy::{self, EntropyProbe, Run};
 use crate::error::{bad_input, BadInput};
 use crate::grid::{self, Layout};
+use crate::hires::Structure;
 use crate::manifest::{ImageRecord, Manifest};
 use crate::metadata::{self, GridCell, GridMetadata, ImageMetadata, TOOL, VERSION};
 use crate::mode::{Denoiser, Mode};
@@ -221,6 +222,15 @@ fn image_metadata(planned: &PlannedImage, model: &Model, eta: f64) -> ImageMetad
             Denoiser::Whole => None,
         },
         circular: matches!(planned.render.denoiser, Denoiser::Views(views) if views.circular),
+        deepshrink: match planned.render.structure {
+            Structure::DeepShrink(method) => Some(method.describe()),
+            _ => None,
+        },
+        hidiffusion_ratios: match planned.render.structure {
+            Structure::HiDiffusion(method) => method.ratios.map(|(t1, t2)| format!("{t1}:{t2}")),
+            _ => None,
+        },
+        hidiffusion_no_window: matches!(planned.render.structure, Structure::HiDiffusion(method) if method.no_window),
         seconds: None,
         peak_device_mib: None,
         family: Some(model.pipeline.family_name().to_string()),
@@ -230,9 +240,13 @@ fn image_metadata(planned: &PlannedImage, model: &Model, eta: f64) -> ImageMetad
 
 /// Refuses, before any work, what no image of the plan can be: a size its mode cannot render, two
 /// images with one name.
-fn check_plan(plan: &[PlannedImage]) -> Result<()> {
+fn check_plan(plan: &[PlannedImage], files: &ModelFiles) -> Result<()> {
     for planned in plan {
         planned.render.check().map_err(bad_input)?;
+    }
+    if plan.iter().any(|p| matches!(p.render.structure, Structure::HiDiffusion(_))) {
+        let unet = files.family.unet_config(&files.unet_config).map_err(bad_input)?;
+        crate::hires::hidiffusion::check_unet(&unet).map_err(|e| bad_input(anyhow!(e)))?;
     }
     let mut seen: HashMap<PathBuf, usize> = HashMap::new();
     for planned in plan {
@@ -474,7 +488,7 @@ fn gen(args: GenArgs) -> Result<()> {
     )
     .map_err(bad_input)?;
     // The whole run is checked in every shard, so all shards refuse the same mistakes.
-    check_plan(&plan)?;
+    check_plan(&plan, &files)?;
     let plan = match &request.shard {
         None => plan,
         Some((shard, how)) => {
@@ -565,9 +579,11 @@ fn print_line(line: &str) -> Result<()> {
 
 fn compare(args: CompareArgs) -> Result<()> {
     let multidiffusion = args.multidiffusion.clone();
+    let hires = args.hires.clone();
     let sampler = args.sampler.clone();
     let request = CompareRequest::try_from(args).map_err(bad_input)?;
     let options = multidiffusion.options(&request.modes).map_err(bad_input)?;
+    let options = hires.options(&request.modes, options).map_err(bad_input)?;
     let sampler_choice = sampler.choice.choice().map_err(bad_input)?;
     let eta = sampler.eta(&request.modes, &[sampler_choice], None).map_err(bad_input)?;
     let view_batch = multidiffusion.view_batch;
@@ -610,7 +626,7 @@ fn compare(args: CompareArgs) -> Result<()> {
     })
     .map_err(bad_input)?;
     let sampler_spec: Option<SamplerSpec> = plan.first().map(|planned| planned.sampler);
-    check_plan(&plan)?;
+    check_plan(&plan, &files)?;
     let grid_bytes = output::grid_png_bound(request.modes.len(), request.seeds.len(), width, height, &request.prompt);
     output::check_disk_space(plan.iter().map(plan::planned_png).chain([(grid_path.clone(), grid_bytes)]))
         .map_err(bad_input)?;

@@ -223,7 +223,57 @@ impl MultiDiffusionArgs {
         if self.view_batch == 0 || self.view_batch > 64 {
             bail!("--view-batch {} is out of range; use 1 to 64", self.view_batch);
         }
-        Ok(ModeOptions { views: self.md_views.unwrap_or_default(), circular: self.circular })
+        Ok(ModeOptions { views: self.md_views.unwrap_or_default(), circular: self.circular, ..ModeOptions::default() })
+    }
+}
+
+/// Options of `--mode hidiffusion` and `--mode deepshrink` (and their `+entropy` forms).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct HiresArgs {
+    /// Deep Shrink entry TIMESTEP:SCALE:BLOCK: while t > TIMESTEP, the sample leaving down block BLOCK
+    /// is resized by SCALE (bicubic); several allowed, in any order [default: 600:0.5:1].
+    #[arg(long, value_name = "T:SCALE:BLOCK")]
+    pub deepshrink: Vec<String>,
+
+    /// HiDiffusion's T1:T2 ratios (RAU-Net while step < steps·T1, its pool while step < steps·T2)
+    /// [default: the hidiffusion package's: 0.4:0 under 2048 px on a side, else 0.7:0.3].
+    #[arg(long, value_name = "T1:T2")]
+    pub hidiffusion_ratios: Option<String>,
+
+    /// HiDiffusion without its windowed self-attention (the package's apply_window_attn=False).
+    #[arg(long)]
+    pub hidiffusion_no_window: bool,
+}
+
+impl HiresArgs {
+    /// `options` with these flags, checked against the modes they would apply to.
+    pub fn options(&self, modes: &[Mode], mut options: ModeOptions) -> Result<ModeOptions> {
+        let hidiffusion = modes.iter().any(|m| m.is_hidiffusion());
+        let deepshrink = modes.iter().any(|m| m.is_deepshrink());
+        if !deepshrink && !self.deepshrink.is_empty() {
+            bail!("--deepshrink applies to --mode deepshrink only; add that mode or drop the flag");
+        }
+        if !hidiffusion && (self.hidiffusion_ratios.is_some() || self.hidiffusion_no_window) {
+            let flag = if self.hidiffusion_no_window { "--hidiffusion-no-window" } else { "--hidiffusion-ratios" };
+            bail!("{flag} applies to --mode hidiffusion only; add that mode or drop the flag");
+        }
+        if !self.deepshrink.is_empty() {
+            let entries = self
+                .deepshrink
+                .iter()
+                .map(|text| crate::hires::DeepShrink::parse_entry(text))
+                .collect::<std::result::Result<Vec<_>, String>>()
+                .map_err(|e| anyhow!(e))?;
+            options.deepshrink = crate::hires::DeepShrink::new(&entries).map_err(|e| anyhow!(e))?;
+        }
+        if let Some(text) = &self.hidiffusion_ratios {
+            let usage = || anyhow!("--hidiffusion-ratios {text:?}: use T1:T2, two ratios in [0, 1], e.g. 0.4:0");
+            let (t1, t2) = text.split_once(':').ok_or_else(usage)?;
+            let ratio = |r: &str| r.trim().parse::<f64>().ok().filter(|r| (0.0..=1.0).contains(r)).ok_or_else(usage);
+            options.hidiffusion.ratios = Some((ratio(t1)?, ratio(t2)?));
+        }
+        options.hidiffusion.no_window = self.hidiffusion_no_window;
+        Ok(options)
     }
 }
 
@@ -282,8 +332,9 @@ pub struct GenArgs {
     #[arg(long, value_enum)]
     pub mode: Option<Mode>,
 
-    /// Shorthand for --mode entropy.
-    #[arg(long, conflicts_with = "mode")]
+    /// The entropy scale: alone, --mode entropy; with --mode hidiffusion or deepshrink, that mode with
+    /// the entropy scale (hidiffusion+entropy, deepshrink+entropy).
+    #[arg(long)]
     pub entropy_scale: bool,
 
     /// Every image in each of these modes, e.g. default,entropy (a prompt-file line that sets its own
@@ -341,6 +392,9 @@ pub struct GenArgs {
 
     #[command(flatten)]
     pub multidiffusion: MultiDiffusionArgs,
+
+    #[command(flatten)]
+    pub hires: HiresArgs,
 
     #[command(flatten)]
     pub sampler: SamplerArgs,
@@ -403,6 +457,9 @@ pub struct CompareArgs {
 
     #[command(flatten)]
     pub multidiffusion: MultiDiffusionArgs,
+
+    #[command(flatten)]
+    pub hires: HiresArgs,
 
     #[command(flatten)]
     pub sampler: SamplerArgs,
@@ -679,7 +736,19 @@ impl TryFrom<GenArgs> for GenRequest {
             height: args.height,
             steps: args.steps,
             guidance: args.guidance,
-            mode: if args.entropy_scale { Some("entropy".into()) } else { args.mode.map(|m| m.as_str().into()) },
+            mode: match (args.entropy_scale, args.mode) {
+                (false, mode) => mode.map(|m| m.as_str().into()),
+                (true, mode) => {
+                    let mode = mode.unwrap_or(Mode::Default);
+                    let Some(scaled) = mode.with_entropy_scale() else {
+                        bail!(
+                            "--entropy-scale composes with --mode default, hidiffusion and deepshrink, not {}",
+                            mode.as_str()
+                        );
+                    };
+                    Some(scaled.as_str().into())
+                }
+            },
             ..args.sampler.choice.settings()
         };
         flags.validate(|key| format!("--{}", key.replace('_', "-")))?;
@@ -697,6 +766,7 @@ impl TryFrom<GenArgs> for GenRequest {
         let mut revision = args.model.revision.clone();
         let mut train_size = args.model.train_size.as_deref().map(parse_size).transpose()?;
         let mut multidiffusion = args.multidiffusion.clone();
+        let mut hires = args.hires.clone();
         let mut stored_eta = None;
         let base = match &args.from {
             None => Settings::default(),
@@ -714,6 +784,12 @@ impl TryFrom<GenArgs> for GenRequest {
                     md.circular |= circular;
                 }
                 multidiffusion = md;
+                // The structural modes' options as stored, unless a flag sets them.
+                if hires.deepshrink.is_empty() {
+                    hires.deepshrink = from.hires.deepshrink;
+                }
+                hires.hidiffusion_ratios = hires.hidiffusion_ratios.or(from.hires.hidiffusion_ratios);
+                hires.hidiffusion_no_window |= from.hires.hidiffusion_no_window;
                 stored_eta = from.eta;
                 from.settings
             }
@@ -844,7 +920,15 @@ impl TryFrom<GenArgs> for GenRequest {
             (manifest, _) => manifest,
         };
         let modes: Vec<Mode> = images.iter().map(|spec| spec.mode).collect();
-        let mode_options = multidiffusion.options(&modes)?;
+        // Options stored by --from apply only where their mode is still rendered; flags are checked.
+        if !modes.iter().any(|m| m.is_deepshrink()) && args.hires.deepshrink.is_empty() {
+            hires.deepshrink.clear();
+        }
+        if !modes.iter().any(|m| m.is_hidiffusion()) {
+            hires.hidiffusion_ratios = args.hires.hidiffusion_ratios.clone();
+            hires.hidiffusion_no_window = args.hires.hidiffusion_no_window;
+        }
+        let mode_options = hires.options(&modes, multidiffusion.options(&modes)?)?;
         let samplers: Vec<SamplerChoice> = images.iter().map(|spec| spec.sampler).collect();
         let eta = args.sampler.eta(&modes, &samplers, stored_eta)?;
         let model = model_request(&args.model, args.batch.batch_size, model_name, revision, train_size)?;
@@ -873,6 +957,8 @@ struct FromImage {
     train_size: Option<(usize, usize)>,
     /// MultiDiffusion's window rule and wrap-around, for an image made in that mode.
     multidiffusion: Option<(ViewRule, bool)>,
+    /// HiDiffusion's and Deep Shrink's options, as their flags.
+    hires: HiresArgs,
     eta: Option<f64>,
 }
 
@@ -881,6 +967,11 @@ fn settings_from_image(path: &Path) -> Result<FromImage> {
     Ok(match found {
         Found::Sdscale(meta) => FromImage {
             multidiffusion: meta.md_views.map(|views| (views, meta.circular)),
+            hires: HiresArgs {
+                deepshrink: meta.deepshrink.iter().flat_map(|e| e.split(',')).map(str::to_string).collect(),
+                hidiffusion_ratios: meta.hidiffusion_ratios,
+                hidiffusion_no_window: meta.hidiffusion_no_window,
+            },
             eta: Some(meta.eta),
             settings: Settings {
                 prompt: Some(meta.prompt),
@@ -919,6 +1010,7 @@ fn settings_from_image(path: &Path) -> Result<FromImage> {
             revision: None,
             train_size: None,
             multidiffusion: None,
+            hires: HiresArgs::default(),
             eta: None,
         },
     })
@@ -1246,6 +1338,17 @@ mod tests {
     #[test]
     fn entropy_scale_is_shorthand_for_the_mode() {
         assert_eq!(first(&["--entropy-scale"]).mode, Mode::Entropy);
+        assert_eq!(first(&["--mode", "hidiffusion", "--entropy-scale"]).mode, Mode::HidiffusionEntropy);
+        assert_eq!(first(&["--mode", "deepshrink", "--entropy-scale"]).mode, Mode::DeepshrinkEntropy);
+        assert_eq!(first(&["--mode", "hidiffusion+entropy"]).mode, Mode::HidiffusionEntropy);
+        let err = request(&["--mode", "resize", "--entropy-scale"]).unwrap_err().to_string();
+        assert!(err.contains("--entropy-scale composes with"), "{err}");
+        let err = request(&["--deepshrink", "600:0.5:1"]).unwrap_err().to_string();
+        assert!(err.contains("--deepshrink applies to --mode deepshrink only"), "{err}");
+        let err = request(&["--mode", "deepshrink", "--deepshrink", "600:2:1"]).unwrap_err().to_string();
+        assert!(err.contains("scale 2 is out of range"), "{err}");
+        let err = request(&["--mode", "hidiffusion", "--hidiffusion-ratios", "0.4"]).unwrap_err().to_string();
+        assert!(err.contains("use T1:T2"), "{err}");
         assert_eq!(first(&["--mode", "entropy"]).mode, Mode::Entropy);
         assert_eq!(first(&["--mode", "resize"]).mode, Mode::Resize);
         assert_eq!(first(&[]).mode, Mode::Default);

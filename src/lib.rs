@@ -18,6 +18,7 @@ pub mod error;
 pub mod eval;
 pub mod family;
 pub mod grid;
+pub mod hires;
 pub mod html;
 mod kernels;
 pub mod manifest;

@@ -47,6 +47,14 @@ pub struct ImageMetadata {
     pub md_views: Option<ViewRule>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub circular: bool,
+    /// `deepshrink` only: its entries as `--deepshrink` takes them (`600:0.5:1,…`), sorted as applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deepshrink: Option<String>,
+    /// `hidiffusion` only: `--hidiffusion-ratios` when given (`T1:T2`), and `--hidiffusion-no-window`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidiffusion_ratios: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hidiffusion_no_window: bool,
     /// What this image cost: seconds (its batch's time over its images) and, on CUDA, the peak device
     /// memory in MiB while it was made. Left out when the run wrote a manifest, where they are kept
     /// instead, so that such PNGs depend on their settings alone.
@@ -481,6 +489,9 @@ mod tests {
             render_size: Some((608, 432)),
             md_views: None,
             circular: false,
+            deepshrink: None,
+            hidiffusion_ratios: None,
+            hidiffusion_no_window: false,
             seconds: Some(3.25),
             peak_device_mib: None,
             family: Some("SD 2.x".into()),

@@ -5,10 +5,16 @@
 //! mode is one variant and one arm of that match (MultiDiffusion is `Denoiser::Views`).
 
 use crate::attention::AttentionScale;
+use crate::hires::{DeepShrink, HiDiffusion, Structure};
 use crate::size::{LatentSize, PixelSize, TrainingSize};
 use serde::{Deserialize, Serialize};
 
 /// The same words name the mode everywhere: `--mode`, `--modes`, file names, metadata, JSON.
+///
+/// A mode is a structure (how the UNet is run: as trained, HiDiffusion, Deep Shrink) times an
+/// attention scale (1/√d or the entropy scale). The structural modes come in both scales, and the
+/// entropy one is named `STRUCTURE+entropy`: one word per combination, so every place that takes a
+/// mode takes it unchanged. `--entropy-scale` turns a structural `--mode` into its `+entropy` word.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -23,6 +29,18 @@ pub enum Mode {
     /// windows of the training size (64×64 latents for SD's 512²) with stride 8 and average them every
     /// step.
     Multidiffusion,
+    /// HiDiffusion (RAU-Net + MSW-MSA), as the PyPI `hidiffusion` package applies it: SD 1.5 / 2.1-base.
+    Hidiffusion,
+    /// Kohya's Deep Shrink, as diffusers' community `kohya_hires_fix` pipeline (`--deepshrink` entries).
+    Deepshrink,
+    /// HiDiffusion with the entropy scale (each self-attention call's own key count N).
+    #[value(name = "hidiffusion+entropy")]
+    #[serde(rename = "hidiffusion+entropy")]
+    HidiffusionEntropy,
+    /// Deep Shrink with the entropy scale.
+    #[value(name = "deepshrink+entropy")]
+    #[serde(rename = "deepshrink+entropy")]
+    DeepshrinkEntropy,
 }
 
 /// Which windows MultiDiffusion denoises.
@@ -45,6 +63,8 @@ pub struct ModeOptions {
     pub views: ViewRule,
     /// MultiDiffusion panoramas that wrap around horizontally (one row of windows, as diffusers).
     pub circular: bool,
+    pub hidiffusion: HiDiffusion,
+    pub deepshrink: DeepShrink,
 }
 
 /// MultiDiffusion's windows, in latent pixels, as diffusers' panorama pipeline lays them out.
@@ -129,6 +149,8 @@ pub struct RenderPlan {
     /// The size the UNet runs at.
     pub render: PixelSize,
     pub attention: AttentionScale,
+    /// How the UNet runs at each step (hires/).
+    pub structure: Structure,
     pub denoiser: Denoiser,
     /// Resize the decoded image to this size (Lanczos3), when it differs from `render`.
     pub resize_to: Option<PixelSize>,
@@ -155,7 +177,16 @@ impl RenderPlan {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 4] = [Mode::Default, Mode::Entropy, Mode::Resize, Mode::Multidiffusion];
+    pub const ALL: [Mode; 8] = [
+        Mode::Default,
+        Mode::Entropy,
+        Mode::Resize,
+        Mode::Multidiffusion,
+        Mode::Hidiffusion,
+        Mode::Deepshrink,
+        Mode::HidiffusionEntropy,
+        Mode::DeepshrinkEntropy,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -163,7 +194,32 @@ impl Mode {
             Mode::Entropy => "entropy",
             Mode::Resize => "resize",
             Mode::Multidiffusion => "multidiffusion",
+            Mode::Hidiffusion => "hidiffusion",
+            Mode::Deepshrink => "deepshrink",
+            Mode::HidiffusionEntropy => "hidiffusion+entropy",
+            Mode::DeepshrinkEntropy => "deepshrink+entropy",
         }
+    }
+
+    /// The mode `--entropy-scale` makes of this one: `default` → `entropy`, a structural mode → its
+    /// `+entropy` word; None where the entropy scale does not compose (resize, MultiDiffusion).
+    pub fn with_entropy_scale(self) -> Option<Mode> {
+        match self {
+            Mode::Default | Mode::Entropy => Some(Mode::Entropy),
+            Mode::Hidiffusion | Mode::HidiffusionEntropy => Some(Mode::HidiffusionEntropy),
+            Mode::Deepshrink | Mode::DeepshrinkEntropy => Some(Mode::DeepshrinkEntropy),
+            Mode::Resize | Mode::Multidiffusion => None,
+        }
+    }
+
+    /// Whether the mode runs HiDiffusion (with either scale).
+    pub fn is_hidiffusion(self) -> bool {
+        matches!(self, Mode::Hidiffusion | Mode::HidiffusionEntropy)
+    }
+
+    /// Whether the mode runs Deep Shrink (with either scale).
+    pub fn is_deepshrink(self) -> bool {
+        matches!(self, Mode::Deepshrink | Mode::DeepshrinkEntropy)
     }
 
     pub fn parse(word: &str) -> Option<Mode> {
@@ -172,15 +228,28 @@ impl Mode {
 
     /// The one place a mode becomes a way of rendering `target` with a model trained at `training`.
     pub fn plan(self, target: PixelSize, training: TrainingSize, options: ModeOptions) -> RenderPlan {
-        let as_is = |attention| RenderPlan { render: target, attention, denoiser: Denoiser::Whole, resize_to: None };
+        let entropy = AttentionScale::Entropy { train_latent: training.latent() };
+        let structured = |structure, attention| RenderPlan {
+            render: target,
+            attention,
+            structure,
+            denoiser: Denoiser::Whole,
+            resize_to: None,
+        };
+        let as_is = |attention| structured(Structure::Plain, attention);
         match self {
             Mode::Default => as_is(AttentionScale::Default),
-            Mode::Entropy => as_is(AttentionScale::Entropy { train_latent: training.latent() }),
+            Mode::Entropy => as_is(entropy),
+            Mode::Hidiffusion => structured(Structure::HiDiffusion(options.hidiffusion), AttentionScale::Default),
+            Mode::HidiffusionEntropy => structured(Structure::HiDiffusion(options.hidiffusion), entropy),
+            Mode::Deepshrink => structured(Structure::DeepShrink(options.deepshrink), AttentionScale::Default),
+            Mode::DeepshrinkEntropy => structured(Structure::DeepShrink(options.deepshrink), entropy),
             Mode::Resize => {
                 let render = resize_render_size(target, training.pixels);
                 RenderPlan {
                     render,
                     attention: AttentionScale::Default,
+                    structure: Structure::Plain,
                     denoiser: Denoiser::Whole,
                     resize_to: (render != target).then_some(target),
                 }
@@ -188,6 +257,7 @@ impl Mode {
             Mode::Multidiffusion => RenderPlan {
                 render: target,
                 attention: AttentionScale::Default,
+                structure: Structure::Plain,
                 denoiser: Denoiser::Views(Views {
                     window: training.latent(),
                     stride: 8,
@@ -298,7 +368,10 @@ mod tests {
     fn mode_lists_name_unknown_and_repeated_words() {
         assert_eq!(parse_modes("--modes", "default, entropy").unwrap(), [Mode::Default, Mode::Entropy]);
         let err = parse_modes("--modes", "default,fast").unwrap_err().to_string();
-        assert!(err.contains("\"fast\" is not a mode; use default, entropy, resize, multidiffusion"), "{err}");
+        assert!(
+            err.contains("\"fast\" is not a mode; use default, entropy, resize, multidiffusion, hidiffusion"),
+            "{err}"
+        );
         assert!(parse_modes("--modes", "resize,resize").unwrap_err().to_string().contains("resize is listed twice"));
         assert!(parse_modes("--modes", "").is_err());
     }

@@ -10,6 +10,7 @@ use crate::attention::{AttentionObserver, AttentionScale};
 use crate::backend::Backends;
 use crate::entropy::EntropyProbe;
 use crate::family::{self, LatentDecoder, Rules, TextEncoder};
+use crate::hires::{StepContext, Structure, StructureState, UNetPlan};
 use crate::mode::{Denoiser, RenderPlan, Views, Window};
 use crate::models::unet::UNet2DConditionModel;
 use crate::rng::{randn, TorchGenerator};
@@ -41,6 +42,7 @@ pub struct GenerateRequest {
 pub struct BatchKey {
     render: PixelSize,
     attention: AttentionScale,
+    structure: Structure,
     denoiser: Denoiser,
     steps: usize,
     sampler: SamplerSpec,
@@ -52,6 +54,7 @@ impl BatchKey {
         BatchKey {
             render: plan.render,
             attention: plan.attention,
+            structure: plan.structure,
             denoiser: plan.denoiser,
             steps,
             sampler,
@@ -272,6 +275,10 @@ impl Pipeline {
         let timesteps = sampler.timesteps().to_vec();
         let total = timesteps.len();
         let mut view_layout: Option<ViewLayout> = None;
+        // A structural mode's per-image state (HiDiffusion's shift generators, seeded like the noise).
+        let seeds: Vec<u32> = requests.iter().map(|r| r.seed).collect();
+        let mut structure_state = StructureState::new(&seeds);
+        let blocks = self.unet.config.block_out_channels.len();
         for (index, &timestep) in timesteps.iter().enumerate() {
             if cancel.load(Ordering::Relaxed) {
                 return Err(Interrupted.into());
@@ -282,6 +289,9 @@ impl Pipeline {
             let probe = probe.and_then(|probe| probe.at_step(index, batch_entry)).map(|p| p as &dyn AttentionObserver);
             latents = match first.plan.denoiser {
                 Denoiser::Whole => {
+                    let step =
+                        StepContext { index, steps: total, timestep, latent: (latent_height, latent_width), blocks };
+                    let unet_plan = first.plan.structure.plan(step, &mut structure_state);
                     let latent_model_input = sampler.scale_model_input(&latents, index)?;
                     let noise_pred = self.guided_noise(
                         stepper,
@@ -289,7 +299,7 @@ impl Pipeline {
                         timestep,
                         &prompt_embeds,
                         first,
-                        probe,
+                        (probe, &unet_plan),
                         on_event,
                     )?;
                     sampler.step(&noise_pred, index, &latents, &mut draw_step_noise)?
@@ -376,7 +386,7 @@ impl Pipeline {
         timestep: f64,
         prompt_embeds: &Tensor,
         request: &GenerateRequest,
-        probe: Option<&dyn AttentionObserver>,
+        (probe, unet_plan): (Option<&dyn AttentionObserver>, &UNetPlan),
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Tensor> {
         let batch = latents.dim(0)?;
@@ -389,6 +399,7 @@ impl Pipeline {
             prompt_embeds,
             request.plan.attention,
             probe,
+            unet_plan,
             &mut |warning| on_event(Event::Warning(warning)),
         )?;
         if !guide {
@@ -427,7 +438,9 @@ impl Pipeline {
             let crops = group.iter().map(|w| crop(latents, w)).collect::<Result<Vec<_>>>()?;
             let crops = Tensor::cat(&crops, 0)?; // (views·B, c, window, window), view-major
             let latent_model_input = sampler.scale_model_input(&crops, index)?;
-            let noise = self.guided_noise(stepper, &latent_model_input, timestep, embeds, request, None, on_event)?;
+            let plain = UNetPlan::default();
+            let noise =
+                self.guided_noise(stepper, &latent_model_input, timestep, embeds, request, (None, &plain), on_event)?;
             // A stochastic sampler draws each window's noise from the images' generators, in window order.
             let views = group.len();
             let mut draw = |shape: &[usize]| -> Result<Tensor> {

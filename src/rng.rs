@@ -54,6 +54,11 @@ impl TorchGenerator {
     fn uniform_f32(&mut self) -> f32 {
         (self.next_u32() & 0x00ff_ffff) as f32 * (1.0 / 16_777_216.0)
     }
+
+    /// `torch.rand(1)` (float32, CPU): one draw through the same uniform as [`randn`]'s.
+    pub fn rand_f32(&mut self) -> f32 {
+        self.uniform_f32()
+    }
 }
 
 /// Box–Muller over one block of 16 uniforms, in place, in f32 as torch computes it.

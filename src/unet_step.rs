@@ -13,6 +13,7 @@
 //! values back to the host) and profiled runs are always eager.
 
 use crate::attention::{AttentionObserver, AttentionScale};
+use crate::hires::UNetPlan;
 use crate::models::unet::UNet2DConditionModel;
 use candle_core::{Device, Result, Tensor};
 
@@ -33,7 +34,9 @@ impl UNetStepper {
         }
     }
 
-    /// The noise prediction for `sample` at `timestep`. `on_warning` hears, once, why graphs were given up.
+    /// The noise prediction for `sample` at `timestep`, the UNet run as `plan` says (a structural
+    /// mode's plan changes from step to step: only the plain network is captured into a graph).
+    /// `on_warning` hears, once, why graphs were given up.
     #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
@@ -43,18 +46,19 @@ impl UNetStepper {
         text: &Tensor,
         scale: AttentionScale,
         probe: Option<&dyn AttentionObserver>,
+        plan: &UNetPlan,
         on_warning: &mut dyn FnMut(String),
     ) -> Result<Tensor> {
         let time = unet.time_features(timestep, sample.dim(0)?, sample.dtype(), sample.device())?;
         #[cfg(feature = "cuda")]
-        if probe.is_none() {
+        if probe.is_none() && plan.is_plain() {
             if let Some(out) = self.graph.step(unet, sample, &time, text, scale, on_warning)? {
                 return Ok(out);
             }
         }
         #[cfg(not(feature = "cuda"))]
         let _ = on_warning;
-        unet.forward_with_time(sample, &time, text, scale, probe)
+        unet.forward_with_time(sample, &time, text, scale, probe, plan)
     }
 }
 
@@ -179,7 +183,7 @@ mod graph {
         let (sample_in, time_in, text_in) = (buffer(sample)?, buffer(time)?, buffer(text)?);
         let stream = device.cuda_stream();
         stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
-        let out = unet.forward_with_time(&sample_in, &time_in, &text_in, scale, None);
+        let out = unet.forward_with_time(&sample_in, &time_in, &text_in, scale, None, &UNetPlan::default());
         // End the capture whatever happened, or the stream stays in capture mode. Auto-free: the
         // output is allocated inside the graph and outlives each launch; the next launch frees it.
         let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);

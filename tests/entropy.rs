@@ -27,7 +27,13 @@ fn request(size: usize, attention: AttentionScale, guidance: f64) -> GenerateReq
     GenerateRequest {
         prompt: "a corgi on a beach".into(),
         negative_prompt: String::new(),
-        plan: RenderPlan { render, attention, denoiser: Denoiser::Whole, resize_to: None },
+        plan: RenderPlan {
+            render,
+            attention,
+            structure: Default::default(),
+            denoiser: Denoiser::Whole,
+            resize_to: None,
+        },
         steps: 3,
         sampler: sdscale::sampler::SamplerSpec::ddim(),
         guidance_scale: guidance,

@@ -59,3 +59,36 @@ fn full_size_unet_one_guided_step_at_224_and_512x288() {
         }
     }
 }
+
+/// Seconds of one guided UNet step (batch 2) at 1024² for default, entropy, hidiffusion (its first
+/// step: RAU-Net and windows, 50-step schedule) and deepshrink (t = 981 > 600: shrunk) on the full-size
+/// random SD 2.1-base UNet, CPU f32. A benchmark, not a check: `cargo test --release --test integration
+/// -- --ignored --nocapture full_size_hires`.
+#[test]
+#[ignore = "benchmark: minutes on 2 cores; run with --ignored"]
+fn full_size_hires_step_at_1024() {
+    use sdscale::hires::{DeepShrink, HiDiffusion, StepContext, Structure, StructureState};
+    let file: UNetConfigFile = serde_json::from_str(SD21_BASE_UNET_CONFIG).unwrap();
+    let config = UNetConfig::from_file(file).unwrap();
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let unet = UNet2DConditionModel::new(vb, config).unwrap();
+    let text = Tensor::randn(0f32, 1.0, (2, 77, 1024), &Device::Cpu).unwrap();
+    let sample = Tensor::randn(0f32, 1.0, (2, 4, 128, 128), &Device::Cpu).unwrap();
+    let entropy = AttentionScale::Entropy { train_latent: sdscale::size::LatentSize { height: 64, width: 64 } };
+    let step = StepContext { index: 0, steps: 50, timestep: 981.0, latent: (128, 128), blocks: 4 };
+    let structures = [
+        ("default", Structure::Plain, AttentionScale::Default),
+        ("entropy", Structure::Plain, entropy),
+        ("hidiffusion", Structure::HiDiffusion(HiDiffusion::default()), AttentionScale::Default),
+        ("deepshrink", Structure::DeepShrink(DeepShrink::default()), AttentionScale::Default),
+    ];
+    for (name, structure, scale) in structures {
+        let plan = structure.plan(step, &mut StructureState::new(&[42]));
+        let time = unet.time_features(981.0, 2, DType::F32, &Device::Cpu).unwrap();
+        let started = std::time::Instant::now();
+        let out = unet.forward_with_time(&sample, &time, &text, scale, None, &plan).unwrap();
+        assert_eq!(out.dims(), &[2, 4, 128, 128]);
+        eprintln!("1024² guided UNet step, {name}: {:.1} s", started.elapsed().as_secs_f64());
+    }
+}

@@ -12,6 +12,7 @@ mod eval;
 mod families;
 mod full_size;
 mod fuzz;
+mod hires;
 mod images;
 mod layout;
 mod multidiffusion;

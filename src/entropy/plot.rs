@@ -23,10 +23,10 @@ const ENTROPY_COLOUR: RGBColor = RGBColor(214, 39, 40);
 
 fn colour(mode: Mode) -> RGBColor {
     match mode {
-        Mode::Entropy => ENTROPY_COLOUR,
+        Mode::Entropy | Mode::HidiffusionEntropy | Mode::DeepshrinkEntropy => ENTROPY_COLOUR,
         // `entropy` measures the two attention scales only; resize and MultiDiffusion render with the
         // default one.
-        Mode::Default | Mode::Resize | Mode::Multidiffusion => DEFAULT_COLOUR,
+        Mode::Default | Mode::Resize | Mode::Multidiffusion | Mode::Hidiffusion | Mode::Deepshrink => DEFAULT_COLOUR,
     }
 }
 

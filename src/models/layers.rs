@@ -86,6 +86,17 @@ impl Conv2d {
         Self { banded: true, ..self }
     }
 
+    /// The same weights with another stride, padding and dilation (HiDiffusion's RAU-Net downsampler).
+    pub fn forward_with(&self, xs: &Tensor, stride: usize, padding: usize, dilation: usize) -> Result<Tensor> {
+        op(OpKind::Conv, xs.device(), || {
+            let out = xs.conv2d(&self.weight, padding, stride, dilation, 1)?;
+            match &self.bias {
+                Some(bias) => out.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?),
+                None => Ok(out),
+            }
+        })
+    }
+
     fn conv(&self, xs: &Tensor, padding: usize) -> Result<Tensor> {
         conv2d(self.backend, xs, &self.weight, self.bias.as_ref(), padding, self.stride)
     }

@@ -8,6 +8,10 @@
 //! blocks are the VAE's too (models/resnet.rs), the timestep embeddings candle-transformers' own, which
 //! match diffusers.
 //!
+//! Structural methods (HiDiffusion, Deep Shrink) change this network per call through a
+//! [`UNetPlan`] (hires/): the forward consults it at the few places they act — a downsampler's
+//! geometry, a pool or resize between blocks, windowed self-attention — and otherwise runs as trained.
+//!
 //! Levels: down block i runs at level i (level 0 = full latent resolution), the mid block at the
 //! deepest level, up block j at level (blocks − 1 − j). The attention-scale policy needs the level to
 //! know how many tokens that layer saw in training.
@@ -19,6 +23,7 @@ use crate::attention::{
     AttentionObserver, AttentionScale, RowStats,
 };
 use crate::backend::{Backends, LinearBackend};
+use crate::hires::{self, Part, UNetPlan, Upsample};
 use crate::profile::{op, OpKind};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
@@ -511,17 +516,27 @@ impl BasicTransformerBlock {
     }
 
     /// The probe watches self-attention only: cross-attention's 77 keys never change with the size.
+    /// `window`: self-attention in HiDiffusion's shifted 2×2 windows of the (h, w) map, with each
+    /// image's shift step (hires/hidiffusion.rs).
     fn forward(
         &self,
         xs: &Tensor,
         text: &Tensor,
-        self_scale: f64,
-        cross_scale: f64,
+        (self_scale, cross_scale): (f64, f64),
         probe: Option<&dyn AttentionObserver>,
+        window: Option<(&[u8], usize, usize)>,
     ) -> Result<Tensor> {
         let add = |a: Tensor, b: &Tensor| op(OpKind::Elementwise, b.device(), || a + b);
         let normed = self.norm1.forward(xs)?;
-        let xs = add(self.attn1.forward(&normed, &normed, self_scale, probe)?, xs)?;
+        let attended = match window {
+            None => self.attn1.forward(&normed, &normed, self_scale, probe)?,
+            Some((shifts, h, w)) => {
+                let windows = hires::hidiffusion::partition(&normed, h, w, shifts)?; // (4b, window, c)
+                let out = self.attn1.forward(&windows, &windows, self_scale, probe)?;
+                hires::hidiffusion::reverse(&out, h, w, shifts)?
+            }
+        };
+        let xs = add(attended, xs)?;
         let xs = add(self.attn2.forward(&self.norm2.forward(&xs)?, text, cross_scale, None)?, &xs)?;
         add(self.ff.forward(&self.norm3.forward(&xs)?)?, &xs)
     }
@@ -591,6 +606,7 @@ impl Transformer2DModel {
         text: &Tensor,
         scale: AttentionScale,
         probe: Option<&dyn AttentionObserver>,
+        window: Option<&[u8]>,
     ) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let residual = xs;
@@ -602,11 +618,16 @@ impl Transformer2DModel {
             Projection::Linear(proj) => proj.forward(&to_tokens(xs)?)?,
             Projection::Conv(proj) => to_tokens(proj.forward(&xs)?)?,
         };
-        // The policy decides both scales here, once per layer and call: N = this layer's h·w keys.
-        let self_scale = scale.self_attention(self.head_dim, h * w, self.level);
-        let cross_scale = scale.cross_attention(self.head_dim);
-        for block in &self.transformer_blocks {
-            xs = block.forward(&xs, text, self_scale, cross_scale, probe)?;
+        // The policy decides both scales here, once per layer and call: N = the keys this call's
+        // self-attention sees (h·w, or a window's under HiDiffusion), T its level's training count.
+        // A window applies to transformer_blocks.0 only, as the reference patches it.
+        let n_keys = if window.is_some() { hires::hidiffusion::window_keys(h, w) } else { h * w };
+        let scales = (scale.self_attention(self.head_dim, n_keys, self.level), scale.cross_attention(self.head_dim));
+        let plain_scales = (scale.self_attention(self.head_dim, h * w, self.level), scales.1);
+        for (i, block) in self.transformer_blocks.iter().enumerate() {
+            let window = window.filter(|_| i == 0).map(|shifts| (shifts, h, w));
+            let scales = if window.is_some() { scales } else { plain_scales };
+            xs = block.forward(&xs, text, scales, probe, window)?;
         }
         // (b, c, h, w)
         let to_image = |t: Tensor| {
@@ -650,30 +671,46 @@ struct DownBlock {
     downsampler: Option<Conv2d>,
 }
 
+/// A down block's output, the skips it leaves for the up path, and the size before its pool (if any).
+type DownOutput = (Tensor, Vec<Tensor>, Option<(usize, usize)>);
+
+/// What a block needs to know of the call's [`UNetPlan`] and of the rest of the call.
+struct BlockCall<'a> {
+    temb: &'a Tensor,
+    text: &'a Tensor,
+    scale: AttentionScale,
+    probe: Option<&'a dyn AttentionObserver>,
+    plan: &'a UNetPlan,
+}
+
 impl DownBlock {
-    /// Returns the block output and every intermediate state the up path concatenates back.
-    fn forward(
-        &self,
-        xs: &Tensor,
-        temb: &Tensor,
-        text: &Tensor,
-        scale: AttentionScale,
-        probe: Option<&dyn AttentionObserver>,
-    ) -> Result<(Tensor, Vec<Tensor>)> {
+    /// Returns the block output, every intermediate state the up path concatenates back, and (when
+    /// the plan pools inside this block) the size before the pool.
+    fn forward(&self, index: usize, xs: &Tensor, call: &BlockCall) -> Result<DownOutput> {
         let mut xs = xs.clone();
         let mut res_samples = Vec::with_capacity(self.resnets.len() + 1);
+        let mut pooled_from = None;
         for (i, resnet) in self.resnets.iter().enumerate() {
-            xs = resnet.forward(&xs, Some(temb))?;
+            xs = resnet.forward(&xs, Some(call.temb))?;
             if let Some(attention) = self.attentions.get(i) {
-                xs = attention.forward(&xs, text, scale, probe)?;
+                let window = call.plan.window(Part::Down, index, i);
+                xs = attention.forward(&xs, call.text, call.scale, call.probe, window)?;
+            }
+            if i == 0 && call.plan.pool.is_some_and(|pool| pool.down_block == index) {
+                let (_, _, h, w) = xs.dims4()?;
+                pooled_from = Some((h, w));
+                xs = hires::resample::avg_pool2x2_ceil(&xs)?;
             }
             res_samples.push(xs.clone());
         }
         if let Some(downsampler) = &self.downsampler {
-            xs = downsampler.forward(&xs)?;
+            xs = match call.plan.downsampler(index) {
+                None => downsampler.forward(&xs)?,
+                Some(g) => downsampler.forward_with(&xs, g.stride, g.padding, g.dilation)?,
+            };
             res_samples.push(xs.clone());
         }
-        Ok((xs, res_samples))
+        Ok((xs, res_samples, pooled_from))
     }
 }
 
@@ -685,29 +722,53 @@ struct UpBlock {
 }
 
 impl UpBlock {
+    /// `unpool_to`: the size before the plan's pool, to resize back to after the second resnet.
     fn forward(
         &self,
+        index: usize,
         xs: &Tensor,
         skips: &mut Vec<Tensor>,
-        temb: &Tensor,
-        text: &Tensor,
-        scale: AttentionScale,
-        probe: Option<&dyn AttentionObserver>,
+        call: &BlockCall,
+        unpool_to: Option<(usize, usize)>,
     ) -> Result<Tensor> {
         let mut xs = xs.clone();
+        if call.plan.match_skips {
+            // Deep Shrink's up path: the earliest skip of this block sets the size of the sample and
+            // of the block's other skips.
+            let first = skips.len() - self.resnets.len();
+            let (_, _, h, w) = skips[first].dims4()?;
+            let (_, _, xh, xw) = xs.dims4()?;
+            if (xh, xw) != (h, w) {
+                xs = hires::resample::bicubic(&xs, h, w, None)?;
+                for skip in &mut skips[first + 1..] {
+                    *skip = hires::resample::bicubic(skip, h, w, None)?;
+                }
+            }
+        }
         for (i, resnet) in self.resnets.iter().enumerate() {
             let skip = skips.pop().expect("the down path produced one skip per up resnet");
             let joined = op(OpKind::Elementwise, xs.device(), || Tensor::cat(&[&xs, &skip], 1))?;
-            xs = resnet.forward(&joined, Some(temb))?;
+            xs = resnet.forward(&joined, Some(call.temb))?;
             if let Some(attention) = self.attentions.get(i) {
-                xs = attention.forward(&xs, text, scale, probe)?;
+                let window = call.plan.window(Part::Up, index, i);
+                xs = attention.forward(&xs, call.text, call.scale, call.probe, window)?;
+            }
+            if let (1, Some((h, w))) = (i, unpool_to) {
+                xs = hires::resample::bicubic(&xs, h, w, None)?;
             }
         }
         if let Some(upsampler) = &self.upsampler {
             // diffusers' Upsample2D: nearest-neighbour to the size of the next skip in line, which the
             // next block consumes (diffusers' `upsample_size`; not always 2×: odd latent sizes such as
-            // 7 → 4 must come back to 7), then a 3×3 conv.
-            let (_, _, h, w) = skips.last().expect("every upsampling block has a skip below it").dims4()?;
+            // 7 → 4 must come back to 7), then a 3×3 conv. Deep Shrink keeps diffusers' ×2 where the
+            // latent sides allow it (hires::Upsample).
+            let (_, _, h, w) = match call.plan.upsample {
+                Upsample::ToSkip => skips.last().expect("every upsampling block has a skip below it").dims4()?,
+                Upsample::Double => {
+                    let (b, c, h, w) = xs.dims4()?;
+                    (b, c, 2 * h, 2 * w)
+                }
+            };
             let upsampled = op(OpKind::Elementwise, xs.device(), || xs.upsample_nearest2d(h, w))?;
             xs = upsampler.forward(&upsampled)?;
         }
@@ -732,7 +793,7 @@ impl MidBlock {
     ) -> Result<Tensor> {
         let mut xs = self.resnets[0].forward(xs, Some(temb))?;
         for (attention, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            xs = attention.forward(&xs, text, scale, probe)?;
+            xs = attention.forward(&xs, text, scale, probe, None)?;
             xs = resnet.forward(&xs, Some(temb))?;
         }
         Ok(xs)
@@ -882,7 +943,7 @@ impl UNet2DConditionModel {
         scale: AttentionScale,
     ) -> Result<Tensor> {
         let time = self.time_features(timestep, sample.dim(0)?, sample.dtype(), sample.device())?;
-        self.forward_with_time(sample, &time, encoder_hidden_states, scale, None)
+        self.forward_with_time(sample, &time, encoder_hidden_states, scale, None, &UNetPlan::default())
     }
 
     /// The sinusoidal embedding of t for a batch (b, block_out_channels[0]), computed in f32 as diffusers
@@ -899,7 +960,8 @@ impl UNet2DConditionModel {
         self.time_proj.forward(&timesteps)?.to_dtype(dtype)
     }
 
-    /// The UNet from the time features of [`Self::time_features`] on.
+    /// The UNet from the time features of [`Self::time_features`] on, with the structural changes of
+    /// `plan` (hires/: `UNetPlan::default()` is the network as trained).
     pub fn forward_with_time(
         &self,
         sample: &Tensor,
@@ -907,6 +969,7 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         scale: AttentionScale,
         probe: Option<&dyn AttentionObserver>,
+        plan: &UNetPlan,
     ) -> Result<Tensor> {
         let mut clock = crate::profile::Clock::start("unet", sample.device());
         // 1. time: the embedding MLP over the sinusoidal features.
@@ -916,12 +979,21 @@ impl UNet2DConditionModel {
         let mut xs = self.conv_in.forward(sample)?;
         clock.lap("time+conv_in");
 
-        // 3. down: keep every intermediate state for the skip connections.
+        // 3. down: keep every intermediate state for the skip connections. The plan may change a
+        // downsampler, pool inside a block, or resize what goes on after a block (skips keep their size).
+        let call = BlockCall { temb: &emb, text: encoder_hidden_states, scale, probe, plan };
         let mut skips = vec![xs.clone()];
+        let mut pooled_from = None;
         for (i, block) in self.down_blocks.iter().enumerate() {
-            let (out, res_samples) = block.forward(&xs, &emb, encoder_hidden_states, scale, probe)?;
+            let (out, res_samples, pooled) = block.forward(i, &xs, &call)?;
             xs = out;
+            pooled_from = pooled_from.or(pooled);
             skips.extend(res_samples);
+            if let Some(factor) = plan.shrink_after(i) {
+                let (_, _, h, w) = xs.dims4()?;
+                let side = |n: usize| ((n as f64 * factor).floor() as usize).max(1);
+                xs = hires::resample::bicubic(&xs, side(h), side(w), Some(factor))?;
+            }
             clock.lap(format_args!("down_blocks.{i}"));
         }
 
@@ -932,7 +1004,8 @@ impl UNet2DConditionModel {
         // 5. up: each block consumes its skips from the end, then upsamples to the size of the next
         // skip in line, so odd sizes round-trip exactly.
         for (i, block) in self.up_blocks.iter().enumerate() {
-            xs = block.forward(&xs, &mut skips, &emb, encoder_hidden_states, scale, probe)?;
+            let unpool_to = pooled_from.filter(|_| plan.pool.is_some_and(|pool| pool.up_block == i));
+            xs = block.forward(i, &xs, &mut skips, &call, unpool_to)?;
             clock.lap(format_args!("up_blocks.{i}"));
         }
 
