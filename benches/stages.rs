@@ -96,6 +96,7 @@ fn main() -> Result<()> {
         steps: 50,
         guidance_scale: 7.5,
         seed: 1,
+        vae_tiling: false,
     };
     let embeddings = pipeline.encode_prompt(&request(512, AttentionScale::Default), true, &mut |_| {})?;
     if stages.contains("text") {

@@ -140,6 +140,24 @@ impl SamplerArgs {
     }
 }
 
+/// The VAE that turns latents into pixels: for the subcommands that render images.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VaeArgs {
+    /// A replacement VAE: a diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors, as
+    /// stabilityai/sd-vae-ft-mse, or another model's vae/) or one .safetensors file (e.g.
+    /// vae-ft-mse-840000-ema-pruned.safetensors; the model's VAE config applies to it)
+    /// [default: the model's own, or the one a `gen --from` image stored].
+    #[arg(long, value_name = "DIR|FILE")]
+    pub vae: Option<PathBuf>,
+
+    /// Decode in overlapping tiles, as diffusers' `vae.enable_tiling()` (tiles of the VAE config's
+    /// sample_size, a quarter overlapping, blended): big images in little memory, slightly different
+    /// pixels. Without it the decode is tiled only where the whole one would not fit in the memory
+    /// available (said on stderr). [default: off, or what a `gen --from` image stored]
+    #[arg(long)]
+    pub vae_tiling: bool,
+}
+
 /// Options of `--mode multidiffusion`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct MultiDiffusionArgs {
@@ -289,6 +307,9 @@ pub struct GenArgs {
 
     #[command(flatten)]
     pub sampler: SamplerArgs,
+
+    #[command(flatten)]
+    pub vae: VaeArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -351,6 +372,9 @@ pub struct CompareArgs {
 
     #[command(flatten)]
     pub sampler: SamplerArgs,
+
+    #[command(flatten)]
+    pub vae: VaeArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -467,6 +491,8 @@ pub struct ModelRequest {
     pub dtype: DType,
     pub train_size: Option<(usize, usize)>,
     pub batch_size: usize,
+    /// `--vae`: a replacement VAE (folder or file), as given.
+    pub vae: Option<PathBuf>,
 }
 
 /// A validated `gen` request: every image of the run, in `{index}` order.
@@ -507,6 +533,8 @@ pub struct CompareRequest {
     pub output: Option<PathBuf>,
     pub html: bool,
     pub overwrite: bool,
+    /// `--vae-tiling`.
+    pub vae_tiling: bool,
     pub model: ModelRequest,
 }
 
@@ -604,6 +632,7 @@ impl TryFrom<GenArgs> for GenRequest {
         let mut train_size = args.model.train_size.as_deref().map(parse_size).transpose()?;
         let mut multidiffusion = args.multidiffusion.clone();
         let mut stored_eta = None;
+        let (mut vae, mut vae_tiling) = (args.vae.vae.clone(), args.vae.vae_tiling);
         let base = match &args.from {
             None => Settings::default(),
             Some(path) => {
@@ -611,7 +640,10 @@ impl TryFrom<GenArgs> for GenRequest {
                 if model_name.is_none() {
                     model_name = from.model;
                     revision = revision.or(from.revision);
+                    // The VAE goes with the model it was used with.
+                    vae = vae.or(from.vae);
                 }
+                vae_tiling |= from.vae_tiling;
                 train_size = train_size.or(from.train_size);
                 // MultiDiffusion's options as stored, unless a flag sets them.
                 let mut md = args.multidiffusion.clone();
@@ -695,6 +727,7 @@ impl TryFrom<GenArgs> for GenRequest {
                             steps: settings.steps.unwrap_or(DEFAULT_STEPS),
                             guidance: settings.guidance,
                             mode,
+                            vae_tiling,
                         });
                     }
                 }
@@ -729,7 +762,8 @@ impl TryFrom<GenArgs> for GenRequest {
         let modes: Vec<Mode> = images.iter().map(|spec| spec.mode).collect();
         let mode_options = multidiffusion.options(&modes)?;
         let eta = args.sampler.eta(&modes, stored_eta)?;
-        let model = model_request(&args.model, args.batch.batch_size, model_name, revision, train_size)?;
+        let mut model = model_request(&args.model, args.batch.batch_size, model_name, revision, train_size)?;
+        model.vae = vae;
         Ok(Self {
             images,
             mode_options,
@@ -756,6 +790,9 @@ struct FromImage {
     /// MultiDiffusion's window rule and wrap-around, for an image made in that mode.
     multidiffusion: Option<(ViewRule, bool)>,
     eta: Option<f64>,
+    /// `--vae` and whether the image was decoded in tiles.
+    vae: Option<PathBuf>,
+    vae_tiling: bool,
 }
 
 fn settings_from_image(path: &Path) -> Result<FromImage> {
@@ -764,6 +801,8 @@ fn settings_from_image(path: &Path) -> Result<FromImage> {
         Found::Sdscale(meta) => FromImage {
             multidiffusion: meta.md_views.map(|views| (views, meta.circular)),
             eta: Some(meta.eta),
+            vae: meta.vae.map(PathBuf::from),
+            vae_tiling: meta.vae_tiling,
             settings: Settings {
                 prompt: Some(meta.prompt),
                 negative_prompt: Some(meta.negative_prompt),
@@ -796,6 +835,8 @@ fn settings_from_image(path: &Path) -> Result<FromImage> {
             train_size: None,
             multidiffusion: None,
             eta: None,
+            vae: None,
+            vae_tiling: false,
         },
     })
 }
@@ -845,8 +886,12 @@ impl TryFrom<CompareArgs> for CompareRequest {
             check_png_name(Some("-o"), output)?;
         }
         let train_size = args.model.train_size.as_deref().map(parse_size).transpose()?;
+        let mut model =
+            model_request(&args.model, args.batch.batch_size, None, args.model.revision.clone(), train_size)?;
+        model.vae = args.vae.vae;
         Ok(Self {
-            model: model_request(&args.model, args.batch.batch_size, None, args.model.revision.clone(), train_size)?,
+            model,
+            vae_tiling: args.vae.vae_tiling,
             prompt: args.prompt,
             negative_prompt: args.negative_prompt,
             width: args.width,
@@ -943,7 +988,7 @@ fn model_request(
     let name = model.or_else(|| args.model.clone()).unwrap_or_else(|| DEFAULT_MODEL.to_string());
     let (device, dtype) = parse_device_and_dtype(&args.device, args.dtype.as_deref())?;
     let source = ModelSource::parse(&name, revision, args.config.as_deref())?;
-    Ok(ModelRequest { source, name, device, dtype, train_size, batch_size })
+    Ok(ModelRequest { source, name, device, dtype, train_size, batch_size, vae: None })
 }
 
 /// `--device` and `--dtype` together: the dtype's default and what it may be depend on the device.

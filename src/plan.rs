@@ -25,6 +25,9 @@ pub struct ImageSpec {
     /// `None`: the family's default, known once the model's files are found.
     pub guidance: Option<f64>,
     pub mode: Mode,
+    /// Decode in tiles: `--vae-tiling` (or `--from` an image made so), or the run found that the
+    /// whole decode would not fit in memory.
+    pub vae_tiling: bool,
 }
 
 /// One image of a run, fully resolved: what to render, at what size, where to write it.
@@ -54,6 +57,7 @@ impl PlannedImage {
             steps: self.spec.steps,
             guidance_scale: self.guidance,
             seed: self.spec.seed,
+            vae_tiling: self.spec.vae_tiling,
         }
     }
 
@@ -149,6 +153,7 @@ mod tests {
             steps: 4,
             guidance: Some(7.5),
             mode,
+            vae_tiling: false,
         }
     }
 

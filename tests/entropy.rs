@@ -31,6 +31,7 @@ fn request(size: usize, attention: AttentionScale, guidance: f64) -> GenerateReq
         steps: 3,
         guidance_scale: guidance,
         seed: 1,
+        vae_tiling: false,
     }
 }
 

@@ -18,3 +18,4 @@ mod multidiffusion;
 mod real_layout;
 mod reference;
 mod shards;
+mod vae;
