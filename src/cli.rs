@@ -1114,6 +1114,15 @@ mod tests {
         request(extra).unwrap().images.remove(0)
     }
 
+    #[test]
+    fn vae_flags_reach_the_request() {
+        assert!(!first(&[]).vae_tiling);
+        assert!(first(&["--vae-tiling"]).vae_tiling);
+        let request = request(&["--vae", "some/vae.safetensors"]).unwrap();
+        assert_eq!(request.model.vae, Some(PathBuf::from("some/vae.safetensors")));
+        assert_eq!(self::request(&[]).unwrap().model.vae, None);
+    }
+
     fn entropy_request(extra: &[&str]) -> Result<EntropyRequest> {
         let mut argv = vec!["sdscale", "entropy", "--prompt", "x", "--model", "."];
         argv.extend_from_slice(extra);

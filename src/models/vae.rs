@@ -417,10 +417,11 @@ impl VaeDecoder {
         Tensor::cat(&result_rows, 2)
     }
 
-    /// An upper estimate of the memory the untiled decode of a (latent_height × latent_width) latent
-    /// takes at its peak, in bytes of `dtype`: the decoder's largest stage (input and output of an
-    /// up block's resnets at its resolution) times the tensors alive there at once, as measured on SD
-    /// 2.1's VAE (BENCHMARKS.md, VAE decode).
+    /// An estimate, on the high side, of the memory the untiled decode of a (latent_height ×
+    /// latent_width) latent takes at its peak beyond the weights, in bytes of `dtype`: the decoder's
+    /// largest stage (input and output of an up block's resnets at its resolution) times how many such
+    /// pairs are alive at once. SD 2.1's VAE at 512² measured 2.1 (peak RSS 1040 MiB, weights and
+    /// runtime ≈ 230 MiB, the stage 384 MiB; BENCHMARKS.md); 2.5 leaves a margin.
     pub fn untiled_peak_bytes(&self, latent_height: usize, latent_width: usize, dtype: DType) -> u64 {
         let channels: Vec<usize> = self.config.block_out_channels.iter().rev().copied().collect();
         let latent_pixels = (latent_height * latent_width) as u64;
@@ -433,9 +434,64 @@ impl VaeDecoder {
             })
             .max()
             .unwrap_or(0);
-        UNTILED_PEAK_TENSORS * stage * dtype.size_in_bytes() as u64
+        stage * dtype.size_in_bytes() as u64 * 5 / 2
     }
 }
 
-/// How many times its largest stage (input + output) the decoder's peak is (see `untiled_peak_bytes`).
-const UNTILED_PEAK_TENSORS: u64 = 2;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn config(blocks: usize, sample_size: Option<usize>) -> VaeConfig {
+        let mut json = serde_json::json!({ "block_out_channels": vec![128; blocks] });
+        if let Some(size) = sample_size {
+            json["sample_size"] = size.into();
+        }
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn tiles_follow_diffusers_from_the_config() {
+        // SD 2.1's VAE (sample_size 768): 96-latent tiles every 72, blended over 192 px, 576 kept.
+        let sd21 = Tiling::of(&config(4, Some(768))).unwrap();
+        assert_eq!(sd21, Tiling { latent_tile: 96, stride: 72, blend: 192, row_limit: 576 });
+        assert!(!sd21.applies(96, 96) && sd21.applies(97, 8));
+        assert_eq!(sd21.grid(128, 128), (2, 2)); // 1024²
+        assert_eq!(sd21.grid(256, 256), (4, 4)); // 2048²
+                                                 // The fixture's (128) and AutoencoderKL's default (32).
+        assert_eq!(
+            Tiling::of(&config(4, Some(128))).unwrap(),
+            Tiling { latent_tile: 16, stride: 12, blend: 32, row_limit: 96 }
+        );
+        assert_eq!(
+            Tiling::of(&config(4, None)).unwrap(),
+            Tiling { latent_tile: 4, stride: 3, blend: 8, row_limit: 24 }
+        );
+        // [height, width]: diffusers reads the first.
+        let two: VaeConfig =
+            serde_json::from_value(serde_json::json!({ "block_out_channels": [128, 128], "sample_size": [64, 32] }))
+                .unwrap();
+        assert_eq!(Tiling::of(&two).unwrap().latent_tile, 32);
+        // Too small to tile (diffusers' range() would get a step of 0): refused, not looped forever.
+        assert!(Tiling::of(&config(4, Some(8))).unwrap_err().contains("sample_size 8"));
+    }
+
+    #[test]
+    fn blend_fades_in_from_the_neighbour() {
+        let device = Device::Cpu;
+        let a = Tensor::ones((1, 1, 6, 2), DType::F32, &device).unwrap();
+        let b = Tensor::zeros((1, 1, 3, 2), DType::F32, &device).unwrap();
+        // e = min(6, 3, 4) = 3: b[y] = a[y − 3]·(1 − y/3) + b[y]·(y/3)
+        let rows = blend(&a, &b, 4, 2).unwrap().squeeze(0).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        let want = [1.0, 2.0 / 3.0, 1.0 / 3.0];
+        for (row, want) in rows.iter().zip(want) {
+            assert!(row.iter().all(|&v| (v - want).abs() < 1e-6), "{rows:?}");
+        }
+        // Across columns, with b longer than the extent: the rest of b is kept.
+        let b = Tensor::full(2f32, (1, 1, 1, 5), &device).unwrap();
+        let a = Tensor::zeros((1, 1, 1, 5), DType::F32, &device).unwrap();
+        let cols = blend(&a, &b, 2, 3).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(cols, [0.0, 1.0, 2.0, 2.0, 2.0]);
+    }
+}
