@@ -154,6 +154,17 @@ fn replacement_vae_single_file_matches_diffusers() {
     check_swap("vae_swap_160x96_entropy.png", &swap_file());
 }
 
+/// A whole model folder given as `--vae` lends its `vae/`: here the model's own, so the image is the
+/// model's own image (images.json's sq192_default, the same case as vae_swap_192).
+#[test]
+fn a_model_folder_as_vae_lends_its_vae_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = case("vae_swap.json", "vae_swap_192.png");
+    let (ours, _) = render(dir.path(), &case, "own.png", &["--vae", &model_arg()]);
+    let (mean, max) = image_diff(&ours, &reference("images/sq192_default.png"));
+    assert!(mean <= 0.1 && max <= 4, "mean |Δ| {mean:.4}, max |Δ| {max}");
+}
+
 /// `--from` an image made with `--vae` uses that VAE again; the model's own VAE makes another image.
 #[test]
 fn from_remakes_an_image_with_its_replacement_vae() {
