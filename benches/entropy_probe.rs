@@ -44,6 +44,7 @@ fn main() -> Result<()> {
         sampler: sdscale::sampler::SamplerSpec::ddim(),
         guidance_scale: 7.5,
         seed: 1,
+        vae_tiling: false,
     };
     let quiet = &mut |_: sdscale::pipeline::Event| {};
     let mut run = |probe: Option<&EntropyProbe>| -> Result<Duration> {

@@ -103,6 +103,7 @@ fn main() -> Result<()> {
         sampler: sdscale::sampler::SamplerSpec::ddim(),
         guidance_scale: 7.5,
         seed: 1,
+        vae_tiling: false,
     };
     let embeddings = pipeline.encode_prompt(&request(512, AttentionScale::Default), true, &mut |_| {})?;
     if stages.contains("text") {

@@ -57,6 +57,7 @@ Rerun from the repository root, with the reference environment kept outside the 
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only eval   # see scripts/eval_fixtures.py
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only samplers   # see scripts/fixture_samplers.py
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only hires  # see scripts/fixture_hires.py
+    ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only vae-tiling   # also vae-swap: fixture_vae.py
 
 Do not install ftfy: transformers 5's CLIPTokenizer is a `tokenizers` pipeline that never uses it,
 and sdscale mirrors exactly that pipeline.
@@ -1654,7 +1655,8 @@ def main() -> None:
                         help="print calibration numbers for these attn1 q/k factors; writes nothing")
     parser.add_argument("--vae-gain", type=float, default=VAE_CONV_OUT_GAIN, help="VAE conv_out gain for --search-f")
     parser.add_argument("--only", choices=["multidiffusion", "sd15", "sd21v", "ldm", "sd15-single-file", "eval",
-                                           "samplers", "samplers-schedulers", "samplers-images", "hires"],
+                                           "samplers", "samplers-schedulers", "samplers-images", "hires",
+                                           "vae-tiling", "vae-swap"],
                         help="multidiffusion: write only reference/multidiffusion.json, images/md_*.png and "
                              "images/md_latents.safetensors, from the existing tiny-sd/ (nothing else is rewritten); "
                              "sd15, sd21v, ldm: write only that family's tiny model (tiny-sd15/, tiny-sd21v/, "
@@ -1663,7 +1665,8 @@ def main() -> None:
                              "eval: write only tests/fixtures/eval/ (see scripts/eval_fixtures.py); "
                              "samplers: write only reference/samplers/ (see scripts/fixture_samplers.py; "
                              "samplers-schedulers / samplers-images: only its scheduler or image part); "
-                             "hires: write only tiny-sd-hires/ and reference/hires/ (see scripts/fixture_hires.py)")
+                             "hires: write only tiny-sd-hires/ and reference/hires/ (see scripts/fixture_hires.py); "
+                             "vae-tiling, vae-swap: the VAE references (see scripts/fixture_vae.py)")
     args = parser.parse_args()
     if args.fp16_variants and not args.full:
         parser.error("--fp16-variants goes with --full (the fixtures always have them)")
@@ -1685,6 +1688,10 @@ def main() -> None:
         import fixture_hires  # scripts/, beside this file
 
         fixture_hires.main(sys.modules[__name__])
+    elif args.only in ("vae-tiling", "vae-swap"):
+        import fixture_vae  # scripts/, beside this file
+
+        fixture_vae.main(sys.modules[__name__], args.only)
     elif args.only:
         import fixture_families  # scripts/, beside this file
 

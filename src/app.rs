@@ -117,12 +117,17 @@ struct Model {
     revision: Option<String>,
     dtype: String,
     device: String,
+    /// `--vae` as given.
+    vae: Option<String>,
 }
 
 /// Finds the model's files and reads its training size: cheap, so outputs can be checked before the
 /// (slow) load.
 fn resolve_model(model: &ModelRequest) -> Result<(ModelFiles, TrainingSize)> {
-    let files = ModelFiles::resolve(&model.source, model.dtype).map_err(bad_input)?;
+    let mut files = ModelFiles::resolve(&model.source, model.dtype).map_err(bad_input)?;
+    if let Some(vae) = &model.vae {
+        files = files.with_vae(vae, model.dtype).map_err(bad_input)?;
+    }
     for note in &files.notes {
         eprintln!("sdscale: {note}");
     }
@@ -177,6 +182,7 @@ fn load_model(request: &ModelRequest, files: &ModelFiles, training: TrainingSize
         revision,
         dtype: request.dtype.as_str().to_string(),
         device,
+        vae: request.vae.as_ref().map(|vae| vae.display().to_string()),
     })
 }
 
@@ -235,6 +241,38 @@ fn image_metadata(planned: &PlannedImage, model: &Model, eta: f64) -> ImageMetad
         peak_device_mib: None,
         family: Some(model.pipeline.family_name().to_string()),
         eta,
+        vae: model.vae.clone(),
+        vae_tiling: planned.spec.vae_tiling,
+    }
+}
+
+/// Once the model is loaded: the images to decode in tiles although `--vae-tiling` did not ask, those
+/// whose whole decode would need more memory than the device has free now (said once, on stderr).
+fn tile_where_needed(model: &Model, device: &candle_core::Device, plan: &mut [PlannedImage]) {
+    let Some(available) = crate::device_memory::available_bytes(device) else { return };
+    let mut said = false;
+    for planned in plan.iter_mut().filter(|planned| !planned.spec.vae_tiling) {
+        let size = planned.render.render;
+        let Some(needed) = model.pipeline.untiled_decode_bytes(size) else { continue };
+        if needed > available {
+            planned.spec.vae_tiling = true;
+            if !said {
+                eprintln!(
+                    "sdscale: decoding {size} in tiles, as diffusers' vae.enable_tiling(): \
+                     the whole decode would need about {}, {} is available (--vae-tiling tiles every image)",
+                    human_bytes(needed),
+                    human_bytes(available)
+                );
+                said = true;
+            }
+        }
+    }
+}
+
+fn human_bytes(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b => format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64),
     }
 }
 
@@ -519,6 +557,8 @@ fn gen(args: GenArgs) -> Result<()> {
 
     let meter = DeviceMemoryMeter::start(&request.model.device);
     let model = load_model(&request.model, &files, training)?;
+    let mut plan = plan;
+    tile_where_needed(&model, &request.model.device, &mut plan);
     install_stop_handler();
     let outcome = render(
         &model,
@@ -618,6 +658,7 @@ fn compare(args: CompareArgs) -> Result<()> {
             guidance: Some(guidance),
             mode,
             sampler: sampler_choice,
+            vae_tiling: request.vae_tiling,
         })
     });
     let defaults = model_defaults(&files, training)?;
@@ -638,6 +679,8 @@ fn compare(args: CompareArgs) -> Result<()> {
 
     let meter = DeviceMemoryMeter::start(&request.model.device);
     let model = load_model(&request.model, &files, training)?;
+    let mut plan = plan;
+    tile_where_needed(&model, &request.model.device, &mut plan);
     install_stop_handler();
     let mut images: HashMap<usize, RgbImage> = HashMap::new();
     let outcome = render(&model, &plan, request.model.batch_size, view_batch, eta, &meter, |planned, image, _| {
@@ -754,6 +797,7 @@ fn entropy(args: EntropyArgs) -> Result<()> {
                 sampler,
                 guidance_scale: guidance,
                 seed: request.seed,
+                vae_tiling: false,
             };
             eprintln!("sdscale: measuring {width}x{height}, mode {}", mode.as_str());
             let started = Instant::now();

@@ -190,6 +190,24 @@ impl SamplerArgs {
     }
 }
 
+/// The VAE that turns latents into pixels: for the subcommands that render images.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VaeArgs {
+    /// A replacement VAE: a diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors, as
+    /// stabilityai/sd-vae-ft-mse, or another model's vae/) or one .safetensors file (e.g.
+    /// vae-ft-mse-840000-ema-pruned.safetensors; the model's VAE config applies to it)
+    /// [default: the model's own, or the one a `gen --from` image stored].
+    #[arg(long, value_name = "DIR|FILE")]
+    pub vae: Option<PathBuf>,
+
+    /// Decode in overlapping tiles, as diffusers' `vae.enable_tiling()` (tiles of the VAE config's
+    /// sample_size, a quarter overlapping, blended): big images in little memory, slightly different
+    /// pixels. Without it the decode is tiled only where the whole one would not fit in the memory
+    /// available (said on stderr). [default: off, or what a `gen --from` image stored]
+    #[arg(long)]
+    pub vae_tiling: bool,
+}
+
 /// Options of `--mode multidiffusion`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct MultiDiffusionArgs {
@@ -398,6 +416,9 @@ pub struct GenArgs {
 
     #[command(flatten)]
     pub sampler: SamplerArgs,
+
+    #[command(flatten)]
+    pub vae: VaeArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -463,6 +484,9 @@ pub struct CompareArgs {
 
     #[command(flatten)]
     pub sampler: SamplerArgs,
+
+    #[command(flatten)]
+    pub vae: VaeArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -582,6 +606,8 @@ pub struct ModelRequest {
     pub dtype: DType,
     pub train_size: Option<(usize, usize)>,
     pub batch_size: usize,
+    /// `--vae`: a replacement VAE (folder or file), as given.
+    pub vae: Option<PathBuf>,
 }
 
 /// A validated `gen` request: every image of the run, in `{index}` order.
@@ -622,6 +648,8 @@ pub struct CompareRequest {
     pub output: Option<PathBuf>,
     pub html: bool,
     pub overwrite: bool,
+    /// `--vae-tiling`.
+    pub vae_tiling: bool,
     pub model: ModelRequest,
 }
 
@@ -768,6 +796,7 @@ impl TryFrom<GenArgs> for GenRequest {
         let mut multidiffusion = args.multidiffusion.clone();
         let mut hires = args.hires.clone();
         let mut stored_eta = None;
+        let (mut vae, mut vae_tiling) = (args.vae.vae.clone(), args.vae.vae_tiling);
         let base = match &args.from {
             None => Settings::default(),
             Some(path) => {
@@ -775,7 +804,10 @@ impl TryFrom<GenArgs> for GenRequest {
                 if model_name.is_none() {
                     model_name = from.model;
                     revision = revision.or(from.revision);
+                    // The VAE goes with the model it was used with.
+                    vae = vae.or(from.vae);
                 }
+                vae_tiling |= from.vae_tiling;
                 train_size = train_size.or(from.train_size);
                 // MultiDiffusion's options as stored, unless a flag sets them.
                 let mut md = args.multidiffusion.clone();
@@ -884,6 +916,7 @@ impl TryFrom<GenArgs> for GenRequest {
                             guidance: settings.guidance,
                             mode,
                             sampler,
+                            vae_tiling,
                         });
                     }
                 }
@@ -931,7 +964,8 @@ impl TryFrom<GenArgs> for GenRequest {
         let mode_options = hires.options(&modes, multidiffusion.options(&modes)?)?;
         let samplers: Vec<SamplerChoice> = images.iter().map(|spec| spec.sampler).collect();
         let eta = args.sampler.eta(&modes, &samplers, stored_eta)?;
-        let model = model_request(&args.model, args.batch.batch_size, model_name, revision, train_size)?;
+        let mut model = model_request(&args.model, args.batch.batch_size, model_name, revision, train_size)?;
+        model.vae = vae;
         Ok(Self {
             images,
             mode_options,
@@ -960,6 +994,9 @@ struct FromImage {
     /// HiDiffusion's and Deep Shrink's options, as their flags.
     hires: HiresArgs,
     eta: Option<f64>,
+    /// `--vae` and whether the image was decoded in tiles.
+    vae: Option<PathBuf>,
+    vae_tiling: bool,
 }
 
 fn settings_from_image(path: &Path) -> Result<FromImage> {
@@ -973,6 +1010,8 @@ fn settings_from_image(path: &Path) -> Result<FromImage> {
                 hidiffusion_no_window: meta.hidiffusion_no_window,
             },
             eta: Some(meta.eta),
+            vae: meta.vae.map(PathBuf::from),
+            vae_tiling: meta.vae_tiling,
             settings: Settings {
                 prompt: Some(meta.prompt),
                 negative_prompt: Some(meta.negative_prompt),
@@ -1012,6 +1051,8 @@ fn settings_from_image(path: &Path) -> Result<FromImage> {
             multidiffusion: None,
             hires: HiresArgs::default(),
             eta: None,
+            vae: None,
+            vae_tiling: false,
         },
     })
 }
@@ -1061,8 +1102,12 @@ impl TryFrom<CompareArgs> for CompareRequest {
             check_png_name(Some("-o"), output)?;
         }
         let train_size = args.model.train_size.as_deref().map(parse_size).transpose()?;
+        let mut model =
+            model_request(&args.model, args.batch.batch_size, None, args.model.revision.clone(), train_size)?;
+        model.vae = args.vae.vae;
         Ok(Self {
-            model: model_request(&args.model, args.batch.batch_size, None, args.model.revision.clone(), train_size)?,
+            model,
+            vae_tiling: args.vae.vae_tiling,
             prompt: args.prompt,
             negative_prompt: args.negative_prompt,
             width: args.width,
@@ -1162,7 +1207,7 @@ fn model_request(
     let name = model.or_else(|| args.model.clone()).unwrap_or_else(|| DEFAULT_MODEL.to_string());
     let (device, dtype) = parse_device_and_dtype(&args.device, args.dtype.as_deref())?;
     let source = ModelSource::parse(&name, revision, args.config.as_deref())?;
-    Ok(ModelRequest { source, name, device, dtype, train_size, batch_size })
+    Ok(ModelRequest { source, name, device, dtype, train_size, batch_size, vae: None })
 }
 
 /// `--device` and `--dtype` together: the dtype's default and what it may be depend on the device.
@@ -1286,6 +1331,15 @@ mod tests {
 
     fn first(extra: &[&str]) -> ImageSpec {
         request(extra).unwrap().images.remove(0)
+    }
+
+    #[test]
+    fn vae_flags_reach_the_request() {
+        assert!(!first(&[]).vae_tiling);
+        assert!(first(&["--vae-tiling"]).vae_tiling);
+        let request = request(&["--vae", "some/vae.safetensors"]).unwrap();
+        assert_eq!(request.model.vae, Some(PathBuf::from("some/vae.safetensors")));
+        assert_eq!(self::request(&[]).unwrap().model.vae, None);
     }
 
     fn entropy_request(extra: &[&str]) -> Result<EntropyRequest> {

@@ -67,6 +67,42 @@ impl DeviceMemoryMeter {
     }
 }
 
+/// The memory a new allocation on `device` can count on now, in bytes: on the CPU the kernel's
+/// `MemAvailable` (or what the process's cgroup still allows, if less), on CUDA the device's free
+/// memory; `None` where it cannot be told. `SDSCALE_MEMORY_MIB` overrides it (to plan for less than
+/// the machine has, and for tests).
+pub fn available_bytes(device: &Device) -> Option<u64> {
+    if let Some(mib) = std::env::var("SDSCALE_MEMORY_MIB").ok().and_then(|v| v.trim().parse::<u64>().ok()) {
+        return Some(mib << 20);
+    }
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => cuda.cuda_stream().context().mem_get_info().ok().map(|(free, _)| free as u64),
+        Device::Cpu => cpu_available_bytes(),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}
+
+fn cpu_available_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemAvailable:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    let system = kib << 10;
+    // cgroup v2: a container's limit can be far below the machine's memory.
+    let read = |name: &str| std::fs::read_to_string(format!("/sys/fs/cgroup/{name}")).ok()?.trim().parse::<u64>().ok();
+    match (read("memory.max"), read("memory.current")) {
+        (Some(max), Some(current)) => Some(system.min(max.saturating_sub(current))),
+        _ => Some(system),
+    }
+}
+
 #[cfg(feature = "cuda")]
 impl CudaMeter {
     fn start(context: Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>) -> Option<Self> {
@@ -109,6 +145,15 @@ impl Drop for CudaMeter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cpu_reports_available_memory() {
+        // Skipped when the override is set in the environment that runs the tests.
+        if std::env::var_os("SDSCALE_MEMORY_MIB").is_none() {
+            let available = available_bytes(&Device::Cpu).expect("/proc/meminfo on Linux");
+            assert!(available > 1 << 20, "{available}");
+        }
+    }
 
     #[test]
     fn the_cpu_has_no_device_memory_figure() {

@@ -17,7 +17,7 @@ use crate::backend::Backends;
 use crate::models::clip::{ClipTextConfig, ClipTextTransformer};
 use crate::models::ldm_bert::{LdmBertConfig, LdmBertModel};
 use crate::models::unet::{PerBlock, UNetConfig, UNetConfigFile};
-use crate::models::vae::{VaeConfig, VaeDecoder};
+use crate::models::vae::{Tiling, VaeConfig, VaeDecoder};
 use crate::sampler::SchedulerConfig;
 use crate::tokenizer::{ClipTokenizer, Tokens, WordPieceTokenizer};
 use crate::weights::{read_json, ModelFiles, Weights};
@@ -138,8 +138,12 @@ pub trait LatentDecoder: Send + Sync {
     /// Pixels per latent pixel (8 for SD's VAE).
     fn scale_factor(&self) -> usize;
     fn latent_channels(&self) -> usize;
-    /// One image's final latents (1, c, h, w) → 8-bit RGB.
-    fn decode(&self, latents: &Tensor, on_warning: &mut dyn FnMut(String)) -> Result<RgbImage>;
+    /// One image's final latents (1, c, h, w) → 8-bit RGB; `tiled`: in overlapping tiles (diffusers'
+    /// `enable_tiling()`), for images whose whole decode would not fit in memory.
+    fn decode(&self, latents: &Tensor, tiled: bool, on_warning: &mut dyn FnMut(String)) -> Result<RgbImage>;
+    /// What the untiled decode of a (latent_height × latent_width) latent needs at its peak, in bytes;
+    /// `None` where tiling would not split it (one tile holds it all).
+    fn untiled_peak_bytes(&self, latent_height: usize, latent_width: usize) -> Option<u64>;
 }
 
 /// Reads the decoder's config alone (no weights), for the training size before anything loads.
@@ -300,7 +304,7 @@ impl SdVae {
         Ok(Self { vae, scaling, vae_f32, weights: weights.clone(), device: device.clone(), dtype })
     }
 
-    fn decode_with(&self, vae: &VaeDecoder, latents: &Tensor) -> Result<Tensor> {
+    fn decode_with(&self, vae: &VaeDecoder, latents: &Tensor, tiled: bool) -> Result<Tensor> {
         let latents = match self.scaling {
             LatentScaling::Divide => {
                 let factor = Tensor::new(vae.config.scaling_factor as f32, &self.device)?.to_dtype(latents.dtype())?;
@@ -309,6 +313,10 @@ impl SdVae {
             // torch: the Python float 1 / scaling_factor (a double) times the tensor, in its dtype.
             LatentScaling::MultiplyByReciprocal => (latents * (1.0 / vae.config.scaling_factor))?,
         };
+        if tiled {
+            let tiling = Tiling::of(&vae.config).map_err(|e| anyhow!("--vae-tiling: {e}"))?;
+            return Ok(vae.decode_tiled(&latents, &tiling)?);
+        }
         Ok(vae.decode(&latents)?)
     }
 }
@@ -324,8 +332,15 @@ impl LatentDecoder for SdVae {
 
     /// As diffusers: decode(latents / scaling_factor), (x/2 + 0.5).clamp(0, 1), ×255 and round half to
     /// even (numpy's round), not truncate.
-    fn decode(&self, latents: &Tensor, on_warning: &mut dyn FnMut(String)) -> Result<RgbImage> {
-        let mut image = self.decode_with(&self.vae, latents)?;
+    fn untiled_peak_bytes(&self, latent_height: usize, latent_width: usize) -> Option<u64> {
+        let tiling = Tiling::of(&self.vae.config).ok()?;
+        tiling
+            .applies(latent_height, latent_width)
+            .then(|| self.vae.untiled_peak_bytes(latent_height, latent_width, self.dtype))
+    }
+
+    fn decode(&self, latents: &Tensor, tiled: bool, on_warning: &mut dyn FnMut(String)) -> Result<RgbImage> {
+        let mut image = self.decode_with(&self.vae, latents, tiled)?;
         if self.dtype != DType::F32 && !all_finite(&image)? {
             on_warning(format!("the VAE overflowed in {:?} (non-finite pixels); decoding again in f32", self.dtype));
             let vae_f32 = match self.vae_f32.get() {
@@ -338,7 +353,7 @@ impl LatentDecoder for SdVae {
                     self.vae_f32.get_or_init(|| vae)
                 }
             };
-            image = self.decode_with(vae_f32, &latents.to_dtype(DType::F32)?)?;
+            image = self.decode_with(vae_f32, &latents.to_dtype(DType::F32)?, tiled)?;
         }
         let image = ((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?.to_dtype(DType::F32)?.squeeze(0)?;
         let (_, height, width) = image.dims3()?;

@@ -69,6 +69,13 @@ pub struct ImageMetadata {
     /// DDIM eta; left out when 0 (deterministic), as in every file written before it existed.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub eta: f64,
+    /// `--vae`: the replacement VAE (folder or file) as given; absent for the model's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae: Option<String>,
+    /// Decoded in tiles (diffusers' `vae.enable_tiling()`: `--vae-tiling`, or the whole decode would not
+    /// have fitted in memory); left out when decoded whole.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vae_tiling: bool,
 }
 
 fn is_zero(value: &f64) -> bool {
@@ -496,6 +503,8 @@ mod tests {
             peak_device_mib: None,
             family: Some("SD 2.x".into()),
             eta: 0.0,
+            vae: None,
+            vae_tiling: false,
         }
     }
 

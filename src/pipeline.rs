@@ -35,6 +35,9 @@ pub struct GenerateRequest {
     pub sampler: SamplerSpec,
     pub guidance_scale: f64,
     pub seed: u32,
+    /// Decode in tiles (diffusers' `vae.enable_tiling()`): `--vae-tiling`, or the whole decode would
+    /// not fit in memory.
+    pub vae_tiling: bool,
 }
 
 /// What images must share to run through the UNet together.
@@ -474,13 +477,25 @@ impl Pipeline {
 
     /// One image's final latents → 8-bit RGB, through the family's decoder.
     pub fn decode_latents(&self, latents: &Tensor, on_event: &mut dyn FnMut(Event)) -> Result<RgbImage> {
-        self.decoder.decode(latents, &mut |warning| on_event(Event::Warning(warning)))
+        self.decode(latents, false, on_event)
+    }
+
+    /// [`Self::decode_latents`], in tiles when `tiled` (diffusers' `vae.enable_tiling()`).
+    pub fn decode(&self, latents: &Tensor, tiled: bool, on_event: &mut dyn FnMut(Event)) -> Result<RgbImage> {
+        self.decoder.decode(latents, tiled, &mut |warning| on_event(Event::Warning(warning)))
+    }
+
+    /// What decoding an image of `size` pixels whole would need at its peak, in bytes; `None` where
+    /// tiling would not split it.
+    pub fn untiled_decode_bytes(&self, size: PixelSize) -> Option<u64> {
+        let factor = self.decoder.scale_factor();
+        self.decoder.untiled_peak_bytes(size.height / factor, size.width / factor)
     }
 
     /// A horizontally wrapping panorama's decode, as diffusers' `decode_latents_with_padding`: 8 latent
     /// columns from the other side on each edge, decoded, and their pixels cut off again, so the
     /// seam has no border artifacts.
-    fn decode_wrapped(&self, latents: &Tensor, on_event: &mut dyn FnMut(Event)) -> Result<RgbImage> {
+    fn decode_wrapped(&self, latents: &Tensor, tiled: bool, on_event: &mut dyn FnMut(Event)) -> Result<RgbImage> {
         const PADDING: usize = 8;
         let width = latents.dim(3)?;
         let padding = PADDING.min(width);
@@ -488,7 +503,7 @@ impl Pipeline {
             &[latents.narrow(3, width - padding, padding)?, latents.clone(), latents.narrow(3, 0, padding)?],
             3,
         )?;
-        let image = self.decode_latents(&padded, on_event)?;
+        let image = self.decode(&padded, tiled, on_event)?;
         let cut = (padding * self.decoder.scale_factor()) as u32;
         let kept = image.width() - 2 * cut;
         Ok(image::imageops::crop_imm(&image, cut, 0, kept, image.height()).to_image())
@@ -675,8 +690,10 @@ impl Session<'_> {
             }
             let latents = latents.narrow(0, i, 1)?;
             let image = match request.plan.denoiser {
-                Denoiser::Views(views) if views.circular => self.pipeline.decode_wrapped(&latents, on_event)?,
-                _ => self.pipeline.decode_latents(&latents, on_event)?,
+                Denoiser::Views(views) if views.circular => {
+                    self.pipeline.decode_wrapped(&latents, request.vae_tiling, on_event)?
+                }
+                _ => self.pipeline.decode(&latents, request.vae_tiling, on_event)?,
             };
             images.push(match request.plan.resize_to {
                 Some(size) => lanczos3(&image, size),

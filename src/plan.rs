@@ -29,6 +29,9 @@ pub struct ImageSpec {
     pub mode: Mode,
     /// As chosen; resolved against the model's scheduler config when planned.
     pub sampler: crate::sampler::SamplerChoice,
+    /// Decode in tiles: `--vae-tiling` (or `--from` an image made so), or the run found that the
+    /// whole decode would not fit in memory.
+    pub vae_tiling: bool,
 }
 
 /// One image of a run, fully resolved: what to render, at what size, where to write it.
@@ -61,6 +64,7 @@ impl PlannedImage {
             sampler: self.sampler,
             guidance_scale: self.guidance,
             seed: self.spec.seed,
+            vae_tiling: self.spec.vae_tiling,
         }
     }
 
@@ -171,6 +175,7 @@ mod tests {
             guidance: Some(7.5),
             mode,
             sampler: Default::default(),
+            vae_tiling: false,
         }
     }
 

@@ -15,7 +15,7 @@ pub mod mapped;
 mod safetensors;
 pub mod single_file;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use hf_hub::{api::sync::ApiBuilder, Cache, Repo, RepoType};
@@ -241,6 +241,56 @@ impl ModelFiles {
                 Ok(files)
             }
         }
+    }
+
+    /// The same model with `--vae`'s VAE in place of its own: a diffusers VAE folder (its config.json
+    /// and weights; a model folder's `vae/` is taken), or one `.safetensors` file — diffusers' names or the
+    /// original LDM layout (vae-ft-mse-840000-ema-pruned.safetensors) — read with the model's VAE config.
+    pub fn with_vae(mut self, vae: &Path, dtype: DType) -> Result<Self> {
+        let flag = format!("--vae {}", vae.display());
+        if vae.is_dir() {
+            let dir = match vae.join("vae").join("config.json").is_file() && !vae.join("config.json").is_file() {
+                true => vae.join("vae"),
+                false => vae.to_path_buf(),
+            };
+            let config = dir.join("config.json");
+            if !config.is_file() {
+                bail!(
+                    "{flag}: no config.json in the folder; pass a diffusers VAE folder (config.json + \
+                     diffusion_pytorch_model.safetensors) or a VAE .safetensors file"
+                );
+            }
+            let stem = "diffusion_pytorch_model";
+            let names = match dtype {
+                DType::F16 | DType::BF16 => vec![format!("{stem}.fp16.safetensors"), format!("{stem}.safetensors")],
+                _ => vec![format!("{stem}.safetensors")],
+            };
+            let Some(weights) = names.iter().map(|name| dir.join(name)).find(|path| path.is_file()) else {
+                let hint = match dir.join(format!("{stem}.bin")).is_file() {
+                    true => " (only a pickle .bin is there; sdscale never loads pickles: convert it to safetensors)",
+                    false => "",
+                };
+                bail!("{flag}: the folder has no {stem}.safetensors{hint}");
+            };
+            self.vae_config = config;
+            self.vae_weights = Weights::File(weights);
+        } else if vae.is_file() {
+            let extension = vae.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+            if PICKLE_EXTENSIONS.contains(&extension.as_str()) {
+                bail!("{flag}: a pickle checkpoint, which sdscale never loads (pickles can run code); use the VAE's .safetensors file");
+            }
+            if extension != "safetensors" {
+                bail!("{flag}: not a .safetensors file; pass a VAE's .safetensors file or its diffusers folder");
+            }
+            let file = SafetensorsFile::open(vae).map_err(|e| anyhow!("{flag}: {e:#}"))?;
+            self.vae_weights = match single_file::vae_layout(&file).map_err(|e| anyhow!("--vae {e:#}"))? {
+                None => Weights::File(vae.to_path_buf()),
+                Some(part) => Weights::SingleFile { path: vae.to_path_buf(), part },
+            };
+        } else {
+            bail!("{flag}: no such file or folder; pass a diffusers VAE folder or a VAE .safetensors file");
+        }
+        Ok(self)
     }
 
     fn assemble(configs: Configs, unet: Weights, text_encoder: Weights, vae: Weights, notes: Vec<String>) -> Self {

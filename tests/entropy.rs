@@ -38,6 +38,7 @@ fn request(size: usize, attention: AttentionScale, guidance: f64) -> GenerateReq
         sampler: sdscale::sampler::SamplerSpec::ddim(),
         guidance_scale: guidance,
         seed: 1,
+        vae_tiling: false,
     }
 }
 

@@ -814,6 +814,8 @@ fn a1111_round_trip(long: bool) {
             peak_device_mib: None,
             family: None,
             eta: 0.0,
+            vae: None,
+            vae_tiling: false,
         };
         let parsed = A1111::parse(&meta.a1111_parameters()).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
         prop_assert_eq!(&parsed.prompt, &meta.prompt);

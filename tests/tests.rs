@@ -20,3 +20,4 @@ mod real_layout;
 mod reference;
 mod samplers;
 mod shards;
+mod vae;

@@ -18,6 +18,9 @@ pub enum Part {
     Unet,
     Vae,
     TextEncoder,
+    /// A VAE on its own in the LDM layout, as `--vae` files come (vae-ft-mse-840000-ema-pruned.safetensors):
+    /// the VAE's keys without `first_stage_model.`.
+    VaeAlone,
 }
 
 const UNET: &str = "model.diffusion_model.";
@@ -61,6 +64,27 @@ pub fn kind(file: &SafetensorsFile) -> Result<Kind> {
     })
 }
 
+/// How a VAE file on its own (`--vae FILE`) names its tensors: `None` for diffusers' names (a
+/// `diffusion_pytorch_model.safetensors` taken out of its folder), else the LDM part to map it through
+/// (`encoder.*`/`decoder.*` as vae-ft-mse-840000-ema-pruned.safetensors, or a whole checkpoint's
+/// `first_stage_model.*`); an error when it holds no VAE decoder.
+pub fn vae_layout(file: &SafetensorsFile) -> Result<Option<Part>> {
+    let has_prefix = |prefix: &str| file.names().any(|n| n.starts_with(prefix));
+    if has_prefix("decoder.mid_block.") {
+        Ok(None)
+    } else if has_prefix("decoder.mid.") {
+        Ok(Some(Part::VaeAlone))
+    } else if has_prefix(&format!("{VAE}decoder.mid.")) {
+        Ok(Some(Part::Vae))
+    } else {
+        bail!(
+            "{} holds no VAE decoder (no decoder.mid_block.*, decoder.mid.* or {VAE}decoder.* tensors); \
+             pass a VAE's .safetensors file or its diffusers folder",
+            file.path().display()
+        )
+    }
+}
+
 /// The input width of the UNet's cross-attention keys (`…attn2.to_k.weight` is (inner, width)).
 fn cross_attention_width(file: &SafetensorsFile) -> Option<usize> {
     let name = file.names().filter(|n| n.starts_with(UNET) && n.ends_with(".attn2.to_k.weight")).min()?;
@@ -86,10 +110,11 @@ pub fn name_map(file: &SafetensorsFile, part: Part) -> HashMap<String, Source> {
                 }
             }
         }
-        Part::Vae => {
-            let blocks = vae_block_count(&names);
+        Part::Vae | Part::VaeAlone => {
+            let prefix = if part == Part::Vae { VAE } else { "" };
+            let blocks = vae_block_count(&names, prefix);
             for stored in &names {
-                if let Some(name) = stored.strip_prefix(VAE).and_then(|key| vae_name(key, blocks)) {
+                if let Some(name) = stored.strip_prefix(prefix).and_then(|key| vae_name(key, blocks)) {
                     add(name, stored, None);
                 }
             }
@@ -123,10 +148,10 @@ fn unet_layers_per_block(names: &[&str]) -> usize {
         .map_or(2, |first_downsampler| first_downsampler.saturating_sub(1).max(1))
 }
 
-fn vae_block_count(names: &[&str]) -> usize {
+fn vae_block_count(names: &[&str], prefix: &str) -> usize {
     names
         .iter()
-        .filter_map(|n| n.strip_prefix(VAE)?.strip_prefix("decoder.up.")?.split_once('.')?.0.parse::<usize>().ok())
+        .filter_map(|n| n.strip_prefix(prefix)?.strip_prefix("decoder.up.")?.split_once('.')?.0.parse::<usize>().ok())
         .max()
         .map_or(4, |last| last + 1)
 }
