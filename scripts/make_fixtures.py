@@ -55,6 +55,7 @@ Rerun from the repository root, with the reference environment kept outside the 
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only sd15    # also sd21v, ldm: fixture_families.py
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only sd15-single-file   # from tiny-sd15/
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only eval   # see scripts/eval_fixtures.py
+    ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only sdxl   # see scripts/fixture_sdxl.py
 
 Do not install ftfy: transformers 5's CLIPTokenizer is a `tokenizers` pipeline that never uses it,
 and sdscale mirrors exactly that pipeline.
@@ -1651,13 +1652,15 @@ def main() -> None:
     parser.add_argument("--search-f", type=float, nargs="+", metavar="F",
                         help="print calibration numbers for these attn1 q/k factors; writes nothing")
     parser.add_argument("--vae-gain", type=float, default=VAE_CONV_OUT_GAIN, help="VAE conv_out gain for --search-f")
-    parser.add_argument("--only", choices=["multidiffusion", "sd15", "sd21v", "ldm", "sd15-single-file", "eval"],
+    parser.add_argument("--only", choices=["multidiffusion", "sd15", "sd21v", "ldm", "sd15-single-file", "eval", "sdxl"],
                         help="multidiffusion: write only reference/multidiffusion.json, images/md_*.png and "
                              "images/md_latents.safetensors, from the existing tiny-sd/ (nothing else is rewritten); "
                              "sd15, sd21v, ldm: write only that family's tiny model (tiny-sd15/, tiny-sd21v/, "
                              "tiny-ldm/) and reference/families/<name>* (see fixture_families.py); "
                              "sd15-single-file: write only tiny-sd15-single-file.safetensors from tiny-sd15/; "
-                             "eval: write only tests/fixtures/eval/ (see scripts/eval_fixtures.py)")
+                             "eval: write only tests/fixtures/eval/ (see scripts/eval_fixtures.py); "
+                             "sdxl: write only tiny-sdxl/, tiny-sdxl-single-file.safetensors and "
+                             "reference/families/sdxl* (see scripts/fixture_sdxl.py)")
     args = parser.parse_args()
     if args.fp16_variants and not args.full:
         parser.error("--fp16-variants goes with --full (the fixtures always have them)")
@@ -1671,6 +1674,10 @@ def main() -> None:
         from eval_fixtures import make_eval
 
         make_eval()
+    elif args.only == "sdxl":
+        import fixture_sdxl  # scripts/, beside this file
+
+        fixture_sdxl.main(sys.modules[__name__], args.only)
     elif args.only:
         import fixture_families  # scripts/, beside this file
 
