@@ -302,7 +302,7 @@ pub fn png_size_bound(width: usize, height: usize, text_bytes: u64) -> u64 {
 
 /// (path, upper bound on its bytes) of one planned image, for [`check_disk_space`].
 pub fn planned_png(planned: &crate::plan::PlannedImage) -> (PathBuf, u64) {
-    let text = text_bytes_bound(&planned.spec.prompt, &planned.spec.negative_prompt);
+    let text = text_bytes_bound(&planned.spec.prompt, planned.spec.negative_prompt.as_deref().unwrap_or(""));
     (planned.path.clone(), png_size_bound(planned.size.width, planned.size.height, text))
 }
 

@@ -117,7 +117,7 @@ mod tests {
     fn spec(mode: Mode, width: Option<usize>) -> ImageSpec {
         ImageSpec {
             prompt: "p".into(),
-            negative_prompt: String::new(),
+            negative_prompt: None,
             seed: 7,
             prompt_index: 0,
             image_index: 0,

@@ -16,4 +16,5 @@ mod images;
 mod multidiffusion;
 mod real_layout;
 mod reference;
+mod sdxl;
 mod shards;
