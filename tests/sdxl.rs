@@ -398,3 +398,34 @@ fn sdxl_entropy_reports_only_its_attention_levels() {
     assert!(out.contains("(level 1, T = 64)") && out.contains("(level 2, T = 16)"), "{out}");
     assert!(!out.contains("(level 0"), "{out}");
 }
+
+// ---- every mode and tool -------------------------------------------------------------------------
+
+/// resize renders at about the training pixel count (128² here), MultiDiffusion with windows of one
+/// training-size image (16 latents), and `compare` makes its grid, all on SDXL.
+#[test]
+fn sdxl_resize_multidiffusion_and_compare_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model().display().to_string();
+    let gen = |extra: &[&str], out: &str| {
+        let mut args = vec!["gen", "--model", &model, "--prompt", "a corgi", "--steps", "1", "--seed", "4"];
+        args.extend(extra);
+        args.extend(["-o", out]);
+        let result = sdscale(dir.path(), &args);
+        assert!(result.status.success(), "{extra:?}: {}", stderr(&result));
+        info_json(dir.path(), &dir.path().join(out))
+    };
+    let resize = gen(&["--mode", "resize", "--width", "256", "--height", "128"], "resize.png");
+    let (w, h) = (resize["render_size"][0].as_u64().unwrap(), resize["render_size"][1].as_u64().unwrap());
+    assert!((w * h).abs_diff(128 * 128) <= 128 * 128 / 4 && w > h, "resize renders near 128²: {w}x{h}");
+    let md = gen(&["--mode", "multidiffusion", "--width", "256", "--height", "128"], "md.png");
+    assert!(md.get("md_views").is_some(), "{md}");
+    assert_eq!(md["family"], "SDXL");
+    let args = [
+        "compare", "--model", &model, "--prompt", "a corgi", "--width", "192", "--height", "128", "--steps", "1",
+        "--seeds", "1", "-o", "grid.png",
+    ];
+    let result = sdscale(dir.path(), &args);
+    assert!(result.status.success(), "{}", stderr(&result));
+    assert_eq!(stdout(&result).lines().count(), 4, "three images and the grid");
+}
