@@ -702,6 +702,24 @@ mod tests {
         assert_eq!(builtin_json(sd15, "tokenizer/tokenizer_config.json")["pad_token"], "<|endoftext|>");
         assert_eq!(builtin_json(sd15, "model_index.json")["_class_name"], "StableDiffusionPipeline");
 
+        // SDXL files: stable-diffusion-xl-base-1.0's, both tokenizers (CLIP-L pads with <|endoftext|>,
+        // bigG with "!"), force_zeros_for_empty_prompt, the VAE's 0.13025 and force_upcast.
+        let sdxl = Builtin::for_kind(Kind::Sdxl);
+        let unet = builtin_json(sdxl, "unet/config.json");
+        assert_eq!((unet["cross_attention_dim"].as_u64(), unet["sample_size"].as_u64()), (Some(2048), Some(128)));
+        assert_eq!(unet["addition_embed_type"], "text_time");
+        assert_eq!(unet["projection_class_embeddings_input_dim"], 2816);
+        assert_eq!(unet["transformer_layers_per_block"], serde_json::json!([1, 2, 10]));
+        assert_eq!(unet["attention_head_dim"], serde_json::json!([5, 10, 20]));
+        let text_2 = builtin_json(sdxl, "text_encoder_2/config.json");
+        assert_eq!((text_2["hidden_size"].as_u64(), text_2["projection_dim"].as_u64()), (Some(1280), Some(1280)));
+        assert_eq!(builtin_json(sdxl, "text_encoder/config.json")["hidden_act"], "quick_gelu");
+        assert_eq!(builtin_json(sdxl, "tokenizer/special_tokens_map.json")["pad_token"], "<|endoftext|>");
+        assert_eq!(builtin_json(sdxl, "tokenizer_2/special_tokens_map.json")["pad_token"], "!");
+        assert_eq!(builtin_json(sdxl, "model_index.json")["force_zeros_for_empty_prompt"], true);
+        let vae = builtin_json(sdxl, "vae/config.json");
+        assert_eq!((vae["scaling_factor"].as_f64(), vae["force_upcast"].as_bool()), (Some(0.13025), Some(true)));
+
         // SD 2.x files keep SD 2.1-base's: OpenCLIP ViT-H's width, padding with "!".
         let sd21 = Builtin::for_kind(Kind::Sd2);
         assert_eq!(builtin_json(sd21, "unet/config.json")["cross_attention_dim"], 1024);

@@ -352,6 +352,8 @@ mod tests {
             ("output_blocks.5.1.norm.weight", "up_blocks.1.attentions.2.norm.weight"),
             ("output_blocks.11.0.in_layers.2.weight", "up_blocks.3.resnets.2.conv1.weight"),
             ("out.2.weight", "conv_out.weight"),
+            ("label_emb.0.0.weight", "add_embedding.linear_1.weight"),
+            ("label_emb.0.2.bias", "add_embedding.linear_2.bias"),
         ];
         for (ldm, diffusers) in cases {
             assert_eq!(unet_name(ldm, 2).as_deref(), Some(diffusers), "{ldm}");
