@@ -38,7 +38,7 @@ fn main() -> Result<()> {
     let pipeline = Pipeline::load(&files, &device, DType::F32)?;
     let request = GenerateRequest {
         prompt: "a corgi on a beach".into(),
-        negative_prompt: String::new(),
+        negative_prompt: None,
         plan: Mode::Default.plan(PixelSize::new(size, size), pipeline.training(), Default::default()),
         steps,
         sampler: sdscale::sampler::SamplerSpec::ddim(),

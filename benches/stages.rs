@@ -91,7 +91,7 @@ fn main() -> Result<()> {
 
     let request = |size: usize, attention| GenerateRequest {
         prompt: prompt.into(),
-        negative_prompt: String::new(),
+        negative_prompt: None,
         plan: RenderPlan {
             render: PixelSize::new(size, size),
             attention,

@@ -58,6 +58,7 @@ Rerun from the repository root, with the reference environment kept outside the 
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only samplers   # see scripts/fixture_samplers.py
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only hires  # see scripts/fixture_hires.py
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only vae-tiling   # also vae-swap: fixture_vae.py
+    ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only sdxl   # see scripts/fixture_sdxl.py
 
 Do not install ftfy: transformers 5's CLIPTokenizer is a `tokenizers` pipeline that never uses it,
 and sdscale mirrors exactly that pipeline.
@@ -1656,7 +1657,7 @@ def main() -> None:
     parser.add_argument("--vae-gain", type=float, default=VAE_CONV_OUT_GAIN, help="VAE conv_out gain for --search-f")
     parser.add_argument("--only", choices=["multidiffusion", "sd15", "sd21v", "ldm", "sd15-single-file", "eval",
                                            "samplers", "samplers-schedulers", "samplers-images", "hires",
-                                           "vae-tiling", "vae-swap"],
+                                           "vae-tiling", "vae-swap", "sdxl"],
                         help="multidiffusion: write only reference/multidiffusion.json, images/md_*.png and "
                              "images/md_latents.safetensors, from the existing tiny-sd/ (nothing else is rewritten); "
                              "sd15, sd21v, ldm: write only that family's tiny model (tiny-sd15/, tiny-sd21v/, "
@@ -1666,7 +1667,9 @@ def main() -> None:
                              "samplers: write only reference/samplers/ (see scripts/fixture_samplers.py; "
                              "samplers-schedulers / samplers-images: only its scheduler or image part); "
                              "hires: write only tiny-sd-hires/ and reference/hires/ (see scripts/fixture_hires.py); "
-                             "vae-tiling, vae-swap: the VAE references (see scripts/fixture_vae.py)")
+                             "vae-tiling, vae-swap: the VAE references (see scripts/fixture_vae.py); "
+                             "sdxl: write only tiny-sdxl/, tiny-sdxl-single-file.safetensors and "
+                             "reference/families/sdxl* (see scripts/fixture_sdxl.py)")
     args = parser.parse_args()
     if args.fp16_variants and not args.full:
         parser.error("--fp16-variants goes with --full (the fixtures always have them)")
@@ -1692,6 +1695,10 @@ def main() -> None:
         import fixture_vae  # scripts/, beside this file
 
         fixture_vae.main(sys.modules[__name__], args.only)
+    elif args.only == "sdxl":
+        import fixture_sdxl  # scripts/, beside this file
+
+        fixture_sdxl.main(sys.modules[__name__], args.only)
     elif args.only:
         import fixture_families  # scripts/, beside this file
 

@@ -144,8 +144,8 @@ fn model_defaults(files: &ModelFiles, training: TrainingSize) -> Result<ModelDef
 
 /// A negative prompt for a family without one (LDM's unconditional text is always "") is refused
 /// before any work.
-fn check_negative_prompts<'a>(files: &ModelFiles, mut negatives: impl Iterator<Item = &'a str>) -> Result<()> {
-    if !files.family.rules().negative_prompt && negatives.any(|negative| !negative.is_empty()) {
+fn check_negative_prompts<'a>(files: &ModelFiles, mut negatives: impl Iterator<Item = Option<&'a str>>) -> Result<()> {
+    if !files.family.rules().negative_prompt && negatives.any(|negative| negative.is_some_and(|n| !n.is_empty())) {
         return Err(bad_input(anyhow!(
             "--negative-prompt: {} models have no negative prompt (the unconditional text is always empty); \
              drop it",
@@ -208,7 +208,8 @@ fn image_metadata(planned: &PlannedImage, model: &Model, eta: f64) -> ImageMetad
         tool: TOOL.into(),
         version: VERSION.into(),
         prompt: planned.spec.prompt.clone(),
-        negative_prompt: planned.spec.negative_prompt.clone(),
+        negative_prompt: planned.spec.negative_prompt.clone().unwrap_or_default(),
+        no_negative_prompt: planned.spec.negative_prompt.is_none() && model.pipeline.force_zeros_for_empty_prompt(),
         seed: planned.spec.seed,
         width: planned.size.width,
         height: planned.size.height,
@@ -504,7 +505,7 @@ fn gen(args: GenArgs) -> Result<()> {
         eprintln!("sdscale: seed {seed} (pass --seed {seed} to reproduce)");
     }
     let (files, training) = resolve_model(&request.model)?;
-    check_negative_prompts(&files, request.images.iter().map(|spec| spec.negative_prompt.as_str()))?;
+    check_negative_prompts(&files, request.images.iter().map(|spec| spec.negative_prompt.as_deref()))?;
     let plan = plan::plan(
         request.images.iter().cloned(),
         &model_defaults(&files, training)?,
@@ -571,7 +572,7 @@ fn gen(args: GenArgs) -> Result<()> {
             let record = ImageRecord {
                 path: planned.path.clone(),
                 prompt: planned.spec.prompt.clone(),
-                negative_prompt: planned.spec.negative_prompt.clone(),
+                negative_prompt: planned.spec.negative_prompt.clone().unwrap_or_default(),
                 seed: planned.spec.seed,
                 width: planned.size.width,
                 height: planned.size.height,
@@ -631,7 +632,7 @@ fn compare(args: CompareArgs) -> Result<()> {
         eprintln!("sdscale: seeds {seed}, {}, {} (pass --seeds to choose)", seed + 1, seed + 2);
     }
     let (files, training) = resolve_model(&request.model)?;
-    check_negative_prompts(&files, std::iter::once(request.negative_prompt.as_str()))?;
+    check_negative_prompts(&files, std::iter::once(request.negative_prompt.as_deref()))?;
     let width = request.width.unwrap_or(training.pixels.width);
     let height = request.height.unwrap_or(training.pixels.height);
     let guidance = request.guidance.unwrap_or(files.family.rules().default_guidance);
@@ -718,7 +719,7 @@ fn compare(args: CompareArgs) -> Result<()> {
         version: VERSION.into(),
         kind: "compare".into(),
         prompt: request.prompt.clone(),
-        negative_prompt: request.negative_prompt.clone(),
+        negative_prompt: request.negative_prompt.clone().unwrap_or_default(),
         width,
         height,
         steps: request.steps,
@@ -764,7 +765,7 @@ fn entropy(args: EntropyArgs) -> Result<()> {
     }
 
     let (files, training) = resolve_model(&request.model)?;
-    check_negative_prompts(&files, std::iter::once(request.negative_prompt.as_str()))?;
+    check_negative_prompts(&files, std::iter::once(request.negative_prompt.as_deref()))?;
     let guidance = request.guidance.unwrap_or(files.family.rules().default_guidance);
     let model = load_model(&request.model, &files, training)?;
     let (pipeline, training) = (&model.pipeline, model.training);

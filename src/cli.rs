@@ -311,7 +311,8 @@ pub struct GenArgs {
     #[arg(long, value_name = "IMAGE.png")]
     pub from: Option<PathBuf>,
 
-    /// Classifier-free guidance's unconditional text [default: ""].
+    /// Classifier-free guidance's unconditional text [default: none given, which is "" except for
+    /// SDXL, whose unconditional embeddings are then zeros; `--negative-prompt ""` encodes "" there].
     #[arg(long)]
     pub negative_prompt: Option<String>,
 
@@ -427,9 +428,9 @@ pub struct CompareArgs {
     #[arg(long)]
     pub prompt: String,
 
-    /// Classifier-free guidance's unconditional text.
-    #[arg(long, default_value = "")]
-    pub negative_prompt: String,
+    /// Classifier-free guidance's unconditional text [default: none given, as for gen].
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
 
     /// Image width in pixels: a multiple of 8, at least 64 [default: the model's training size].
     #[arg(long)]
@@ -495,9 +496,9 @@ pub struct EntropyArgs {
     #[arg(long)]
     pub prompt: String,
 
-    /// Classifier-free guidance's unconditional text.
-    #[arg(long, default_value = "")]
-    pub negative_prompt: String,
+    /// Classifier-free guidance's unconditional text [default: none given, as for gen].
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
 
     /// Image sizes, comma-separated: N for NxN or WxH, sides multiples of 8 and at least 64
     /// (e.g. 224,512,768x512). The training size is always measured too, as the reference.
@@ -636,7 +637,7 @@ pub struct GenRequest {
 #[derive(Debug, Clone)]
 pub struct CompareRequest {
     pub prompt: String,
-    pub negative_prompt: String,
+    pub negative_prompt: Option<String>,
     pub width: Option<usize>,
     pub height: Option<usize>,
     pub steps: usize,
@@ -906,7 +907,7 @@ impl TryFrom<GenArgs> for GenRequest {
                     for (&mode, &sampler) in line_modes.iter().flat_map(|m| line_samplers.iter().map(move |s| (m, s))) {
                         images.push(ImageSpec {
                             prompt: prompt.clone(),
-                            negative_prompt: settings.negative_prompt.clone().unwrap_or_default(),
+                            negative_prompt: settings.negative_prompt.clone(),
                             seed,
                             prompt_index,
                             image_index,
@@ -1014,7 +1015,7 @@ fn settings_from_image(path: &Path) -> Result<FromImage> {
             vae_tiling: meta.vae_tiling,
             settings: Settings {
                 prompt: Some(meta.prompt),
-                negative_prompt: Some(meta.negative_prompt),
+                negative_prompt: (!meta.no_negative_prompt).then_some(meta.negative_prompt),
                 seed: Some(meta.seed.into()),
                 width: Some(meta.width),
                 height: Some(meta.height),
@@ -1128,7 +1129,7 @@ impl TryFrom<CompareArgs> for CompareRequest {
 #[derive(Debug, Clone)]
 pub struct EntropyRequest {
     pub prompt: String,
-    pub negative_prompt: String,
+    pub negative_prompt: Option<String>,
     /// (width, height) in pixels, each listed once, in the order given.
     pub sizes: Vec<(usize, usize)>,
     pub steps: usize,

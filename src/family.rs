@@ -10,6 +10,7 @@
 //! |----------------------------|--------------------------------|-------------|----------|
 //! | `StableDiffusionPipeline`  | CLIP (`text_encoder/`)         | CLIP BPE    | `vae/`   |
 //! | `LDMTextToImagePipeline`   | LDMBert (`bert/`)              | WordPiece   | `vqvae/` |
+//! | `StableDiffusionXLPipeline`| CLIP-L + OpenCLIP bigG (`text_encoder/`, `text_encoder_2/`) | CLIP BPE ×2 | `vae/` |
 
 pub mod kind;
 
@@ -20,9 +21,9 @@ use crate::models::unet::{PerBlock, UNetConfig, UNetConfigFile};
 use crate::models::vae::{Tiling, VaeConfig, VaeDecoder};
 use crate::sampler::SchedulerConfig;
 use crate::tokenizer::{ClipTokenizer, Tokens, WordPieceTokenizer};
-use crate::weights::{read_json, ModelFiles, Weights};
+use crate::weights::{read_json, ModelFiles, SecondTextEncoder, Weights};
 use anyhow::{anyhow, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use image::RgbImage;
 pub use kind::{Family, Folders, Rules};
 use std::path::Path;
@@ -42,6 +43,7 @@ impl Family {
                 })
             }
             Family::LatentDiffusion => Ok("LDM text2im".to_string()),
+            Family::StableDiffusionXl => Ok("SDXL".to_string()),
         }
     }
 
@@ -76,6 +78,10 @@ impl Family {
                 dtype,
                 backends,
             )?)),
+            Family::StableDiffusionXl => {
+                let second = files.text_encoder_2.as_ref().context("SDXL needs text_encoder_2/")?;
+                Ok(Box::new(SdxlTextEncoder::load(files, second, device, dtype, backends)?))
+            }
             Family::LatentDiffusion => Ok(Box::new(LdmBertTextEncoder::load(
                 &files.tokenizer_dir,
                 &files.text_encoder_config,
@@ -97,7 +103,7 @@ impl Family {
     ) -> Result<Box<dyn LatentDecoder>> {
         match self {
             // diffusers: latents / scaling_factor, a true division.
-            Family::StableDiffusion => Ok(Box::new(SdVae::load(
+            Family::StableDiffusion | Family::StableDiffusionXl => Ok(Box::new(SdVae::load(
                 &files.vae_config,
                 &files.vae_weights,
                 device,
@@ -131,6 +137,19 @@ pub trait TextEncoder: Send + Sync {
     fn encode(&self, texts: &[(&str, &str)], on_warning: &mut dyn FnMut(String)) -> Result<Tensor>;
     /// Width of each embedding: the UNet's `cross_attention_dim` must match it.
     fn hidden_size(&self) -> usize;
+    /// The embeddings and, for SDXL, the pooled embeddings (texts, pooled width) its UNet's added
+    /// embedding reads.
+    fn encode_pooled(
+        &self,
+        texts: &[(&str, &str)],
+        on_warning: &mut dyn FnMut(String),
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        Ok((self.encode(texts, on_warning)?, None))
+    }
+    /// Width of the pooled embeddings, for encoders that make them (SDXL).
+    fn pooled_size(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Latents → pixels.
@@ -185,7 +204,7 @@ impl ClipTextEncoder {
 }
 
 /// Token ids (texts, max_length) for a batch of texts, warning about each truncated one.
-fn token_ids(
+pub(crate) fn token_ids(
     texts: &[(&str, &str)],
     encoder: &str,
     max_length: usize,
@@ -265,6 +284,126 @@ impl TextEncoder for LdmBertTextEncoder {
     }
 }
 
+// ---- SDXL: two CLIP text encoders ----------------------------------------------------------------
+
+/// `StableDiffusionXLPipeline.encode_prompt`: each text through both tokenizers and encoders (CLIP-L,
+/// its tokenizer padding with <|endoftext|>; OpenCLIP bigG with projection, its tokenizer padding with
+/// "!"), each encoder's `hidden_states[-2]` (the penultimate layer, no final norm) concatenated on the
+/// feature axis; the pooled embedding is the second encoder's `text_embeds`: the final-norm output at
+/// the first end-of-text token (transformers' argmax of the ids: the eos id is the vocabulary's
+/// largest), projected by `text_projection` (no bias).
+pub struct SdxlTextEncoder {
+    pub tokenizer: ClipTokenizer,
+    pub model: ClipTextTransformer,
+    pub tokenizer_2: ClipTokenizer,
+    pub model_2: ClipTextTransformer,
+    text_projection: candle_nn::Linear,
+    hidden_size: usize,
+    projection_dim: usize,
+    device: Device,
+    dtype: DType,
+}
+
+impl SdxlTextEncoder {
+    pub fn load(
+        files: &ModelFiles,
+        second: &SecondTextEncoder,
+        device: &Device,
+        dtype: DType,
+        backends: &Backends,
+    ) -> Result<Self> {
+        let first = ClipTextEncoder::load(
+            &files.tokenizer_dir,
+            &files.text_encoder_config,
+            &files.text_encoder_weights,
+            device,
+            dtype,
+            backends,
+        )?;
+        let config: ClipTextConfig = read_json(&second.config)?;
+        config.validate().map_err(|e| anyhow!("{}: {e}", second.config.display()))?;
+        let projection_dim = config
+            .projection_dim
+            .with_context(|| format!("{}: no projection_dim (CLIPTextModelWithProjection)", second.config.display()))?;
+        let tokenizer_2 = ClipTokenizer::load(&second.tokenizer_dir)?
+            .with_max_length(config.max_position_embeddings)
+            .with_context(|| format!("{}: max_position_embeddings", second.config.display()))?;
+        let vb = second.weights.var_builder(dtype, device)?;
+        let load = || -> Result<_> {
+            let model_2 = ClipTextTransformer::new(vb.clone(), &config, backends)?;
+            let text_projection =
+                candle_nn::linear_no_bias(config.hidden_size, projection_dim, vb.pp("text_projection"))?;
+            Ok((model_2, text_projection))
+        };
+        let (model_2, text_projection) = load()
+            .with_context(|| format!("loading the second text encoder from {}", second.weights.path().display()))?;
+        Ok(Self {
+            tokenizer: first.tokenizer,
+            model: first.model,
+            tokenizer_2,
+            model_2,
+            text_projection,
+            hidden_size: first.hidden_size + config.hidden_size,
+            projection_dim,
+            device: device.clone(),
+            dtype,
+        })
+    }
+}
+
+impl TextEncoder for SdxlTextEncoder {
+    fn encode(&self, texts: &[(&str, &str)], on_warning: &mut dyn FnMut(String)) -> Result<Tensor> {
+        Ok(self.encode_pooled(texts, on_warning)?.0)
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+
+    fn pooled_size(&self) -> Option<usize> {
+        Some(self.projection_dim)
+    }
+
+    fn encode_pooled(
+        &self,
+        texts: &[(&str, &str)],
+        on_warning: &mut dyn FnMut(String),
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let ids = token_ids(
+            texts,
+            "CLIP",
+            self.tokenizer.max_length(),
+            |t| self.tokenizer.encode(t),
+            on_warning,
+            &self.device,
+        )?;
+        // The same BPE truncates at the same place: one warning is enough.
+        let ids_2 = token_ids(
+            texts,
+            "CLIP",
+            self.tokenizer_2.max_length(),
+            |t| self.tokenizer_2.encode(t),
+            &mut |_| {},
+            &self.device,
+        )?;
+        let (hidden, _) = self.model.forward_penultimate(&ids)?;
+        let (hidden_2, last_2) = self.model_2.forward_penultimate(&ids_2)?;
+        let eos = self.tokenizer_2.eos_id();
+        let rows = ids_2
+            .to_vec2::<u32>()?
+            .iter()
+            .enumerate()
+            .map(|(row, ids)| {
+                let position = ids.iter().position(|&id| id == eos).unwrap_or(ids.len() - 1);
+                Ok(last_2.get(row)?.get(position)?.unsqueeze(0)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let pooled = self.text_projection.forward(&Tensor::cat(&rows, 0)?)?;
+        let embeds = Tensor::cat(&[hidden.to_dtype(self.dtype)?, hidden_2.to_dtype(self.dtype)?], 2)?;
+        Ok((embeds, Some(pooled.to_dtype(self.dtype)?)))
+    }
+}
+
 // ---- the decoder ---------------------------------------------------------------------------------
 
 /// The AutoencoderKL decoder (SD's `vae/`, LDM's `vqvae/`), with an f32 copy built on first need: half-precision VAEs can overflow
@@ -304,6 +443,18 @@ impl SdVae {
         Ok(Self { vae, scaling, vae_f32, weights: weights.clone(), device: device.clone(), dtype })
     }
 
+    /// The f32 copy of the decoder, built on first need.
+    fn vae_f32(&self) -> Result<&VaeDecoder> {
+        if let Some(vae) = self.vae_f32.get() {
+            return Ok(vae);
+        }
+        let vb = self.weights.var_builder(DType::F32, &self.device)?;
+        // Its own backends: the f32 ones of this device.
+        let backends = Backends::choose(&self.device, DType::F32).map_err(|e| anyhow!(e))?;
+        let vae = VaeDecoder::new(vb, self.vae.config.clone(), &backends)?;
+        Ok(self.vae_f32.get_or_init(|| vae))
+    }
+
     fn decode_with(&self, vae: &VaeDecoder, latents: &Tensor, tiled: bool) -> Result<Tensor> {
         let latents = match self.scaling {
             LatentScaling::Divide => {
@@ -340,20 +491,16 @@ impl LatentDecoder for SdVae {
     }
 
     fn decode(&self, latents: &Tensor, tiled: bool, on_warning: &mut dyn FnMut(String)) -> Result<RgbImage> {
-        let mut image = self.decode_with(&self.vae, latents, tiled)?;
-        if self.dtype != DType::F32 && !all_finite(&image)? {
+        let mut image = if self.dtype != DType::F32 && self.vae.config.force_upcast {
+            // `force_upcast` (SDXL's VAE overflows in f16): diffusers decodes in f32, the weights (of the
+            // same file) cast up and the latents too, before the division by scaling_factor.
+            self.decode_with(self.vae_f32()?, &latents.to_dtype(DType::F32)?, tiled)?
+        } else {
+            self.decode_with(&self.vae, latents, tiled)?
+        };
+        if self.dtype != DType::F32 && image.dtype() != DType::F32 && !all_finite(&image)? {
             on_warning(format!("the VAE overflowed in {:?} (non-finite pixels); decoding again in f32", self.dtype));
-            let vae_f32 = match self.vae_f32.get() {
-                Some(vae) => vae,
-                None => {
-                    let vb = self.weights.var_builder(DType::F32, &self.device)?;
-                    // Its own backends: the f32 ones of this device.
-                    let backends = Backends::choose(&self.device, DType::F32).map_err(|e| anyhow!(e))?;
-                    let vae = VaeDecoder::new(vb, self.vae.config.clone(), &backends)?;
-                    self.vae_f32.get_or_init(|| vae)
-                }
-            };
-            image = self.decode_with(vae_f32, &latents.to_dtype(DType::F32)?, tiled)?;
+            image = self.decode_with(self.vae_f32()?, &latents.to_dtype(DType::F32)?, tiled)?;
         }
         let image = ((image / 2.0)? + 0.5)?.clamp(0f32, 1f32)?.to_dtype(DType::F32)?.squeeze(0)?;
         let (_, height, width) = image.dims3()?;

@@ -19,6 +19,10 @@ pub struct ImageMetadata {
     pub version: String,
     pub prompt: String,
     pub negative_prompt: String,
+    /// No negative prompt was given, where that differs from "" (SDXL's zero unconditional
+    /// embeddings), so `gen --from` remakes the image; left out otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_negative_prompt: bool,
     pub seed: u32,
     pub width: usize,
     pub height: usize,
@@ -480,6 +484,7 @@ mod tests {
             version: VERSION.into(),
             prompt: "a corgi\non two lines".into(),
             negative_prompt: "blurry".into(),
+            no_negative_prompt: false,
             seed: 42,
             width: 224,
             height: 160,

@@ -27,7 +27,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
     pub prompt: String,
-    pub negative_prompt: String,
+    /// `None`: not given. The same as "" except for SDXL (`force_zeros_for_empty_prompt`), whose
+    /// unconditional embeddings are then zeros instead of the encoded "".
+    pub negative_prompt: Option<String>,
     /// What the mode decided: render size, attention scale, denoiser, resize.
     pub plan: RenderPlan,
     pub steps: usize,
@@ -113,6 +115,8 @@ pub struct Pipeline {
     scheduler_config: SchedulerConfig,
     /// The family's guidance and unconditional-text rules.
     rules: Rules,
+    /// SDXL: no negative prompt given means zero unconditional embeddings (model_index.json).
+    force_zeros_for_empty_prompt: bool,
     /// What metadata calls the model ("SD 1.x", "SD 2.x v-prediction", …).
     family_name: String,
     training: TrainingSize,
@@ -149,6 +153,15 @@ impl Pipeline {
             decoder.latent_channels(),
             unet_config.in_channels
         );
+        // SDXL: the added embedding reads the pooled text and 6 time ids; nothing else may feed it.
+        let pooled_width = unet_config.text_time.map(|(time_dim, input_dim)| input_dim - 6 * time_dim);
+        ensure!(
+            pooled_width == text_encoder.pooled_size(),
+            "{}: the UNet's added embedding wants {} pooled text embeddings but the text encoders make {}",
+            files.unet_config.display(),
+            pooled_width.map_or("no".to_string(), |w| format!("{w}-wide")),
+            text_encoder.pooled_size().map_or("none".to_string(), |w| format!("{w}-wide ones")),
+        );
         let unet =
             UNet2DConditionModel::with_backends(files.unet_weights.var_builder(dtype, device)?, unet_config, &backends)
                 .with_context(|| format!("loading the UNet from {}", files.unet_weights.path().display()))?;
@@ -159,6 +172,7 @@ impl Pipeline {
             decoder,
             scheduler_config,
             rules: family.rules(),
+            force_zeros_for_empty_prompt: files.force_zeros_for_empty_prompt,
             family_name: family.describe(files)?,
             training,
             backends,
@@ -171,6 +185,11 @@ impl Pipeline {
     /// v-prediction", "LDM text2im").
     pub fn family_name(&self) -> &str {
         &self.family_name
+    }
+
+    /// SDXL's `force_zeros_for_empty_prompt`: whether "no negative prompt" differs from "".
+    pub fn force_zeros_for_empty_prompt(&self) -> bool {
+        self.force_zeros_for_empty_prompt
     }
 
     /// Whether a request runs classifier-free guidance, by the family's rule.
@@ -243,6 +262,7 @@ impl Pipeline {
         // 1. encode the prompts
         let started = std::time::Instant::now();
         let prompt_embeds = self.encode_prompts(requests, guided, on_event)?;
+        let prompt_embeds = self.conditioning(prompt_embeds, size)?;
         self.device.synchronize()?;
         on_event(Event::Stage("text encoder", started.elapsed()));
 
@@ -341,26 +361,39 @@ impl Pipeline {
     }
 
     /// Text embeddings for a batch: (2B, tokens, hidden) laid out [negatives…, prompts…] when guiding,
-    /// as diffusers concatenates them; (B, tokens, hidden) otherwise.
+    /// as diffusers concatenates them; (B, tokens, hidden) otherwise. SDXL's pooled embeddings come
+    /// along in the same layout.
     fn encode_prompts(
         &self,
         requests: &[GenerateRequest],
         guide: bool,
         on_event: &mut dyn FnMut(Event),
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let mut negative_embeds = Vec::with_capacity(requests.len());
         let mut positive_embeds = Vec::with_capacity(requests.len());
+        let mut negative_pooled = Vec::with_capacity(requests.len());
+        let mut positive_pooled = Vec::with_capacity(requests.len());
         for request in requests {
-            let embeds = self.encode_prompt(request, guide, on_event)?; // (1 or 2, tokens, hidden)
+            let (embeds, pooled) = self.encode_prompt_pooled(request, guide, on_event)?; // (1 or 2, tokens, hidden)
             if guide {
                 negative_embeds.push(embeds.narrow(0, 0, 1)?);
                 positive_embeds.push(embeds.narrow(0, 1, 1)?);
             } else {
                 positive_embeds.push(embeds);
             }
+            if let Some(pooled) = pooled {
+                if guide {
+                    negative_pooled.push(pooled.narrow(0, 0, 1)?);
+                    positive_pooled.push(pooled.narrow(0, 1, 1)?);
+                } else {
+                    positive_pooled.push(pooled);
+                }
+            }
         }
         negative_embeds.extend(positive_embeds);
-        Ok(Tensor::cat(&negative_embeds, 0)?)
+        negative_pooled.extend(positive_pooled);
+        let pooled = if negative_pooled.is_empty() { None } else { Some(Tensor::cat(&negative_pooled, 0)?) };
+        Ok((Tensor::cat(&negative_embeds, 0)?, pooled))
     }
 
     /// One request's embeddings in the compute dtype: (negative, positive) when guiding, else (positive).
@@ -370,13 +403,49 @@ impl Pipeline {
         guide: bool,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<Tensor> {
+        Ok(self.encode_prompt_pooled(request, guide, on_event)?.0)
+    }
+
+    /// [`Self::encode_prompt`] with SDXL's pooled embeddings, in the same layout. SDXL with
+    /// `force_zeros_for_empty_prompt` and no negative prompt given: the unconditional embeddings and
+    /// pooled embeddings are zeros (`StableDiffusionXLPipeline.encode_prompt`); a given "" is encoded.
+    pub fn encode_prompt_pooled(
+        &self,
+        request: &GenerateRequest,
+        guide: bool,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let on_warning = &mut |warning| on_event(Event::Warning(warning));
+        let zeros = guide && self.force_zeros_for_empty_prompt && request.negative_prompt.is_none();
         let mut texts = vec![("prompt", request.prompt.as_str())];
-        if guide {
+        if guide && !zeros {
             // LDM's unconditional text is always "" (it has no negative prompt).
-            let unconditional = if self.rules.negative_prompt { request.negative_prompt.as_str() } else { "" };
+            let negative = request.negative_prompt.as_deref().unwrap_or("");
+            let unconditional = if self.rules.negative_prompt { negative } else { "" };
             texts.insert(0, ("negative prompt", unconditional));
         }
-        self.text_encoder.encode(&texts, &mut |warning| on_event(Event::Warning(warning)))
+        let (embeds, pooled) = self.text_encoder.encode_pooled(&texts, on_warning)?;
+        if !zeros {
+            return Ok((embeds, pooled));
+        }
+        let with_zeros = |t: Tensor| -> Result<Tensor> { Ok(Tensor::cat(&[&t.zeros_like()?, &t], 0)?) };
+        Ok((with_zeros(embeds)?, pooled.map(with_zeros).transpose()?))
+    }
+
+    /// The UNet's conditioning for a batch rendered at `size`: the text embeddings and, for SDXL, the
+    /// added features: pooled embeddings and `add_time_ids` = (height, width) original size, (0, 0)
+    /// crop, (height, width) target size, as `StableDiffusionXLPipeline._get_add_time_ids` makes them
+    /// by default (the same for the negative rows).
+    fn conditioning(&self, (text, pooled): (Tensor, Option<Tensor>), size: PixelSize) -> Result<Conditioning> {
+        let Some(pooled) = pooled else { return Ok(Conditioning { text, added: None }) };
+        let rows = pooled.dim(0)?;
+        let (h, w) = (size.height as f32, size.width as f32);
+        let ids: Vec<f32> = (0..rows).flat_map(|_| [h, w, 0.0, 0.0, h, w]).collect();
+        // diffusers builds them in the embeddings' dtype (exact in f16 up to 2048).
+        let time_ids = Tensor::from_vec(ids, (rows, 6), &self.device)?.to_dtype(self.dtype)?;
+        let added = self.unet.added_features(&pooled, &time_ids, self.dtype)?;
+        ensure!(added.is_some(), "the text encoders make pooled embeddings but the UNet has no added embedding");
+        Ok(Conditioning { text, added })
     }
 
     /// The guided noise prediction for `latents` (B, c, h, w): the UNet on [latents, latents] with the
@@ -387,7 +456,7 @@ impl Pipeline {
         stepper: &mut UNetStepper,
         latents: &Tensor,
         timestep: f64,
-        prompt_embeds: &Tensor,
+        prompt_embeds: &Conditioning,
         request: &GenerateRequest,
         (probe, unet_plan): (Option<&dyn AttentionObserver>, &UNetPlan),
         on_event: &mut dyn FnMut(Event),
@@ -399,7 +468,8 @@ impl Pipeline {
             &self.unet,
             &latent_model_input,
             timestep,
-            prompt_embeds,
+            &prompt_embeds.text,
+            prompt_embeds.added.as_ref(),
             request.plan.attention,
             probe,
             unet_plan,
@@ -530,12 +600,20 @@ impl Pipeline {
     }
 }
 
+/// What the UNet is conditioned on, rows laid out as the latents it goes with: the text embeddings
+/// and, for SDXL, the added features (pooled text embeddings and add_time_ids' sinusoids, see
+/// [`UNet2DConditionModel::added_features`]).
+struct Conditioning {
+    text: Tensor,
+    added: Option<Tensor>,
+}
+
 /// What every MultiDiffusion step of a batch shares, built once: the windows in diffusers' order, cut
 /// into groups that go through the UNet together (same shape, at most `view_batch`), the prompt
 /// embeddings repeated for each group, and how many windows cover each latent.
 struct ViewLayout {
     groups: Vec<Vec<Window>>,
-    embeds: Vec<Tensor>,
+    embeds: Vec<Conditioning>,
     /// Each group's sampler state.
     samplers: Vec<Box<dyn Sampler>>,
     /// Latents some window covers; the rest stay at their running sum, 0, as in diffusers.
@@ -548,7 +626,7 @@ impl ViewLayout {
     fn new(
         views: Views,
         latents: &Tensor,
-        prompt_embeds: &Tensor,
+        prompt_embeds: &Conditioning,
         guided: bool,
         view_batch: usize,
         sampler: &dyn Sampler,
@@ -565,7 +643,13 @@ impl ViewLayout {
         }
         let embeds = groups
             .iter()
-            .map(|group| repeat_embeddings(prompt_embeds, batch, group.len(), guided))
+            .map(|group| {
+                let repeat = |t: &Tensor| repeat_embeddings(t, batch, group.len(), guided);
+                Ok(Conditioning {
+                    text: repeat(&prompt_embeds.text)?,
+                    added: prompt_embeds.added.as_ref().map(repeat).transpose()?,
+                })
+            })
             .collect::<Result<_>>()?;
         let mut count = latents.zeros_like()?.to_dtype(DType::F32)?;
         for window in groups.iter().flatten() {

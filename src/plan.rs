@@ -15,7 +15,8 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageSpec {
     pub prompt: String,
-    pub negative_prompt: String,
+    /// `None`: not given (SDXL then uses zero unconditional embeddings).
+    pub negative_prompt: Option<String>,
     pub seed: u32,
     /// The image's identity in the run's grid: its prompt (line of the prompt file, from 0) and its
     /// number among that prompt's `--num-images` (from 0; the seed is the base seed plus this).
@@ -88,7 +89,7 @@ impl PlannedImage {
 
 /// (path, upper bound on its bytes) of one planned image, for [`output::check_disk_space`].
 pub fn planned_png(planned: &PlannedImage) -> (PathBuf, u64) {
-    let text = output::text_bytes_bound(&planned.spec.prompt, &planned.spec.negative_prompt);
+    let text = output::text_bytes_bound(&planned.spec.prompt, planned.spec.negative_prompt.as_deref().unwrap_or(""));
     (planned.path.clone(), output::png_size_bound(planned.size.width, planned.size.height, text))
 }
 
@@ -165,7 +166,7 @@ mod tests {
     fn spec(mode: Mode, width: Option<usize>) -> ImageSpec {
         ImageSpec {
             prompt: "p".into(),
-            negative_prompt: String::new(),
+            negative_prompt: None,
             seed: 7,
             prompt_index: 0,
             image_index: 0,

@@ -35,8 +35,9 @@ impl UNetStepper {
     }
 
     /// The noise prediction for `sample` at `timestep`, the UNet run as `plan` says (a structural
-    /// mode's plan changes from step to step: only the plain network is captured into a graph).
-    /// `on_warning` hears, once, why graphs were given up.
+    /// mode's plan changes from step to step: only the plain network is captured into a graph);
+    /// `added`: SDXL's added features ([`UNet2DConditionModel::added_features`]). `on_warning` hears,
+    /// once, why graphs were given up.
     #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
@@ -44,12 +45,18 @@ impl UNetStepper {
         sample: &Tensor,
         timestep: f64,
         text: &Tensor,
+        added: Option<&Tensor>,
         scale: AttentionScale,
         probe: Option<&dyn AttentionObserver>,
         plan: &UNetPlan,
         on_warning: &mut dyn FnMut(String),
     ) -> Result<Tensor> {
         let time = unet.time_features(timestep, sample.dim(0)?, sample.dtype(), sample.device())?;
+        // SDXL's added conditioning rides along with the time features (the same every step).
+        let time = match added {
+            Some(added) => Tensor::cat(&[&time, added], 1)?,
+            None => time,
+        };
         #[cfg(feature = "cuda")]
         if probe.is_none() && plan.is_plain() {
             if let Some(out) = self.graph.step(unet, sample, &time, text, scale, on_warning)? {

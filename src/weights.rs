@@ -167,6 +167,19 @@ pub struct ModelFiles {
     /// For a single file read with built-in configs: what an error loading its weights should add (the
     /// configs may not be this model's).
     pub config_hint: Option<String>,
+    /// SDXL's second text encoder (`text_encoder_2/`) and its tokenizer (`tokenizer_2/`).
+    pub text_encoder_2: Option<SecondTextEncoder>,
+    /// `model_index.json`'s `force_zeros_for_empty_prompt` (SDXL; true when absent, the pipeline's
+    /// default): with no negative prompt given, the unconditional embeddings are zeros.
+    pub force_zeros_for_empty_prompt: bool,
+}
+
+/// SDXL's second text encoder: its config, weights and tokenizer folder.
+#[derive(Debug, Clone)]
+pub struct SecondTextEncoder {
+    pub config: PathBuf,
+    pub weights: Weights,
+    pub tokenizer_dir: PathBuf,
 }
 
 /// The configs of a model, without its weights.
@@ -177,6 +190,9 @@ struct Configs {
     vae: PathBuf,
     scheduler: PathBuf,
     tokenizer_dir: PathBuf,
+    /// SDXL: text_encoder_2/config.json and tokenizer_2/.
+    text_encoder_2: Option<(PathBuf, PathBuf)>,
+    force_zeros_for_empty_prompt: bool,
 }
 
 /// The weight files of a family's networks, as (folder, file stem).
@@ -192,7 +208,12 @@ impl ModelFiles {
                 let configs = configs_from_dir(dir)?;
                 let [unet, text_encoder, decoder] = weight_files(configs.family);
                 let weights = |(component, stem): (&str, &str)| dir_weights(dir, component, stem, dtype);
-                Ok(Self::assemble(configs, weights(unet)?, weights(text_encoder)?, weights(decoder)?, Vec::new()))
+                let second = match configs.family.second_text_encoder() {
+                    Some((folder, _)) => Some(weights((folder, "model"))?),
+                    None => None,
+                };
+                let (unet, text_encoder, decoder) = (weights(unet)?, weights(text_encoder)?, weights(decoder)?);
+                Ok(Self::assemble(configs, unet, text_encoder, decoder, second, Vec::new()))
             }
             ModelSource::Hub { repo, revision } => {
                 let mut notes = Vec::new();
@@ -211,7 +232,12 @@ impl ModelFiles {
                 let configs = hub.configs()?;
                 let [unet, text_encoder, decoder] = weight_files(configs.family);
                 let weights = |(component, stem): (&str, &str)| hub.weights(component, stem, dtype);
-                Ok(Self::assemble(configs, weights(unet)?, weights(text_encoder)?, weights(decoder)?, notes))
+                let second = match configs.family.second_text_encoder() {
+                    Some((folder, _)) => Some(weights((folder, "model"))?),
+                    None => None,
+                };
+                let (unet, text_encoder, decoder) = (weights(unet)?, weights(text_encoder)?, weights(decoder)?);
+                Ok(Self::assemble(configs, unet, text_encoder, decoder, second, notes))
             }
             ModelSource::File { path, config } => {
                 let file = SafetensorsFile::open(path)?;
@@ -235,8 +261,9 @@ impl ModelFiles {
                     }
                 };
                 let part = |part| Weights::SingleFile { path: path.clone(), part };
+                let second = configs.family.second_text_encoder().map(|_| part(Part::TextEncoder2));
                 let mut files =
-                    Self::assemble(configs, part(Part::Unet), part(Part::TextEncoder), part(Part::Vae), notes);
+                    Self::assemble(configs, part(Part::Unet), part(Part::TextEncoder), part(Part::Vae), second, notes);
                 files.config_hint = config_hint;
                 Ok(files)
             }
@@ -293,7 +320,20 @@ impl ModelFiles {
         Ok(self)
     }
 
-    fn assemble(configs: Configs, unet: Weights, text_encoder: Weights, vae: Weights, notes: Vec<String>) -> Self {
+    fn assemble(
+        configs: Configs,
+        unet: Weights,
+        text_encoder: Weights,
+        vae: Weights,
+        text_encoder_2: Option<Weights>,
+        notes: Vec<String>,
+    ) -> Self {
+        let text_encoder_2 = match (configs.text_encoder_2, text_encoder_2) {
+            (Some((config, tokenizer_dir)), Some(weights)) => {
+                Some(SecondTextEncoder { config, weights, tokenizer_dir })
+            }
+            _ => None,
+        };
         Self {
             family: configs.family,
             unet_config: configs.unet,
@@ -306,6 +346,8 @@ impl ModelFiles {
             tokenizer_dir: configs.tokenizer_dir,
             notes,
             config_hint: None,
+            text_encoder_2,
+            force_zeros_for_empty_prompt: configs.force_zeros_for_empty_prompt,
         }
     }
 }
@@ -328,13 +370,23 @@ fn configs_from_dir(dir: &Path) -> Result<Configs> {
             )
         }
     };
-    let tokenizer_dir = dir.join(folders.tokenizer);
-    if !tokenizer_dir.join("tokenizer.json").is_file() {
-        let (required, _) = family.tokenizer_files();
-        for name in required {
-            file(&format!("{}/{name}", folders.tokenizer))?;
+    let tokenizer = |folder: &str| -> Result<PathBuf> {
+        let tokenizer_dir = dir.join(folder);
+        if !tokenizer_dir.join("tokenizer.json").is_file() {
+            let (required, _) = family.tokenizer_files();
+            for name in required {
+                file(&format!("{folder}/{name}"))?;
+            }
         }
-    }
+        Ok(tokenizer_dir)
+    };
+    let tokenizer_dir = tokenizer(folders.tokenizer)?;
+    let text_encoder_2 = match family.second_text_encoder() {
+        Some((encoder, tokenizer_folder)) => {
+            Some((file(&format!("{encoder}/config.json"))?, tokenizer(tokenizer_folder)?))
+        }
+        None => None,
+    };
     Ok(Configs {
         family,
         unet: file("unet/config.json")?,
@@ -342,6 +394,8 @@ fn configs_from_dir(dir: &Path) -> Result<Configs> {
         vae: file(&format!("{}/config.json", folders.decoder))?,
         scheduler: file("scheduler/scheduler_config.json")?,
         tokenizer_dir,
+        text_encoder_2,
+        force_zeros_for_empty_prompt: Family::force_zeros_for_empty_prompt(index.is_file().then_some(index.as_path()))?,
     })
 }
 
@@ -438,22 +492,33 @@ impl Hub {
         let family = Family::from_model_index(index.as_deref())?;
         let folders = family.folders();
         let unet = self.required("unet/config.json")?;
-        let tokenizer = |name: &str| format!("{}/{name}", folders.tokenizer);
-        let tokenizer_dir = match self.fetch(&tokenizer("tokenizer.json")) {
-            Ok(path) => path.parent().unwrap().to_path_buf(),
-            Err(_) => {
-                let (required, optional) = family.tokenizer_files();
-                let mut dir = None;
-                for name in required {
-                    dir = Some(self.required(&tokenizer(name))?.parent().unwrap().to_path_buf());
+        let tokenizer_in = |folder: &str| -> Result<PathBuf> {
+            let tokenizer = |name: &str| format!("{folder}/{name}");
+            Ok(match self.fetch(&tokenizer("tokenizer.json")) {
+                Ok(path) => path.parent().unwrap().to_path_buf(),
+                Err(_) => {
+                    let (required, optional) = family.tokenizer_files();
+                    let mut dir = None;
+                    for name in required {
+                        dir = Some(self.required(&tokenizer(name))?.parent().unwrap().to_path_buf());
+                    }
+                    for name in optional {
+                        let _ = self.fetch(&tokenizer(name));
+                    }
+                    dir.expect("every family's tokenizer has a required file")
                 }
-                for name in optional {
-                    let _ = self.fetch(&tokenizer(name));
-                }
-                dir.expect("every family's tokenizer has a required file")
+            })
+        };
+        let tokenizer_dir = tokenizer_in(folders.tokenizer)?;
+        let text_encoder_2 = match family.second_text_encoder() {
+            Some((encoder, tokenizer_folder)) => {
+                Some((self.required(&format!("{encoder}/config.json"))?, tokenizer_in(tokenizer_folder)?))
             }
+            None => None,
         };
         Ok(Configs {
+            text_encoder_2,
+            force_zeros_for_empty_prompt: Family::force_zeros_for_empty_prompt(index.as_deref())?,
             family,
             unet,
             text_encoder: self.required(&format!("{}/config.json", folders.text_encoder))?,
@@ -524,11 +589,40 @@ pub mod builtin {
         ("tokenizer/tokenizer_config.json", include_str!("../assets/sd-1-5/tokenizer/tokenizer_config.json")),
     ];
 
+    /// The files of `stabilityai/stable-diffusion-xl-base-1.0` that are not weights (diffusers 0.19/0.20,
+    /// transformers 4.32): both tokenizers (the same BPE; CLIP-L pads with <|endoftext|>, bigG with "!").
+    const SDXL_BASE: [(&str, &str); 14] = [
+        ("model_index.json", include_str!("../assets/sdxl-base-1-0/model_index.json")),
+        ("unet/config.json", include_str!("../assets/sdxl-base-1-0/unet/config.json")),
+        ("vae/config.json", include_str!("../assets/sdxl-base-1-0/vae/config.json")),
+        ("text_encoder/config.json", include_str!("../assets/sdxl-base-1-0/text_encoder/config.json")),
+        ("text_encoder_2/config.json", include_str!("../assets/sdxl-base-1-0/text_encoder_2/config.json")),
+        ("scheduler/scheduler_config.json", include_str!("../assets/sdxl-base-1-0/scheduler/scheduler_config.json")),
+        ("tokenizer/vocab.json", CLIP_VOCAB),
+        ("tokenizer/merges.txt", CLIP_MERGES),
+        (
+            "tokenizer/special_tokens_map.json",
+            include_str!("../assets/sdxl-base-1-0/tokenizer/special_tokens_map.json"),
+        ),
+        ("tokenizer/tokenizer_config.json", include_str!("../assets/sdxl-base-1-0/tokenizer/tokenizer_config.json")),
+        ("tokenizer_2/vocab.json", CLIP_VOCAB),
+        ("tokenizer_2/merges.txt", CLIP_MERGES),
+        (
+            "tokenizer_2/special_tokens_map.json",
+            include_str!("../assets/sdxl-base-1-0/tokenizer_2/special_tokens_map.json"),
+        ),
+        (
+            "tokenizer_2/tokenizer_config.json",
+            include_str!("../assets/sdxl-base-1-0/tokenizer_2/tokenizer_config.json"),
+        ),
+    ];
+
     /// A built-in set of configs.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub enum Builtin {
         Sd21Base,
         Sd15,
+        SdxlBase,
     }
 
     impl Builtin {
@@ -537,6 +631,7 @@ pub mod builtin {
             match kind {
                 Kind::Sd2 => Builtin::Sd21Base,
                 Kind::Sd1 => Builtin::Sd15,
+                Kind::Sdxl => Builtin::SdxlBase,
             }
         }
 
@@ -544,6 +639,7 @@ pub mod builtin {
             match self {
                 Builtin::Sd21Base => "SD 2.1-base",
                 Builtin::Sd15 => "SD 1.5",
+                Builtin::SdxlBase => "SDXL base 1.0",
             }
         }
 
@@ -558,6 +654,10 @@ pub mod builtin {
                     "an SD 1.x checkpoint: using SD 1.5's configs (512², epsilon prediction), built in. \
                      For a model with other configs pass --config with its diffusers folder or Hub id"
                 }
+                Builtin::SdxlBase => {
+                    "an SDXL checkpoint: using SDXL base 1.0's configs (1024², epsilon prediction), built in. \
+                     For SDXL-Turbo (512²) pass --config stabilityai/sdxl-turbo; for other models their folder or Hub id"
+                }
             }
         }
 
@@ -566,6 +666,7 @@ pub mod builtin {
             match self {
                 Builtin::Sd21Base => &SD21_BASE,
                 Builtin::Sd15 => &SD15,
+                Builtin::SdxlBase => &SDXL_BASE,
             }
         }
 
@@ -573,6 +674,7 @@ pub mod builtin {
             match self {
                 Builtin::Sd21Base => concat!("builtin-sd-2-1-base-", env!("CARGO_PKG_VERSION")),
                 Builtin::Sd15 => concat!("builtin-sd-1-5-", env!("CARGO_PKG_VERSION")),
+                Builtin::SdxlBase => concat!("builtin-sdxl-base-1-0-", env!("CARGO_PKG_VERSION")),
             }
         }
 
@@ -644,6 +746,24 @@ mod tests {
         assert_eq!(builtin_json(sd15, "tokenizer/special_tokens_map.json")["pad_token"], "<|endoftext|>");
         assert_eq!(builtin_json(sd15, "tokenizer/tokenizer_config.json")["pad_token"], "<|endoftext|>");
         assert_eq!(builtin_json(sd15, "model_index.json")["_class_name"], "StableDiffusionPipeline");
+
+        // SDXL files: stable-diffusion-xl-base-1.0's, both tokenizers (CLIP-L pads with <|endoftext|>,
+        // bigG with "!"), force_zeros_for_empty_prompt, the VAE's 0.13025 and force_upcast.
+        let sdxl = Builtin::for_kind(Kind::Sdxl);
+        let unet = builtin_json(sdxl, "unet/config.json");
+        assert_eq!((unet["cross_attention_dim"].as_u64(), unet["sample_size"].as_u64()), (Some(2048), Some(128)));
+        assert_eq!(unet["addition_embed_type"], "text_time");
+        assert_eq!(unet["projection_class_embeddings_input_dim"], 2816);
+        assert_eq!(unet["transformer_layers_per_block"], serde_json::json!([1, 2, 10]));
+        assert_eq!(unet["attention_head_dim"], serde_json::json!([5, 10, 20]));
+        let text_2 = builtin_json(sdxl, "text_encoder_2/config.json");
+        assert_eq!((text_2["hidden_size"].as_u64(), text_2["projection_dim"].as_u64()), (Some(1280), Some(1280)));
+        assert_eq!(builtin_json(sdxl, "text_encoder/config.json")["hidden_act"], "quick_gelu");
+        assert_eq!(builtin_json(sdxl, "tokenizer/special_tokens_map.json")["pad_token"], "<|endoftext|>");
+        assert_eq!(builtin_json(sdxl, "tokenizer_2/special_tokens_map.json")["pad_token"], "!");
+        assert_eq!(builtin_json(sdxl, "model_index.json")["force_zeros_for_empty_prompt"], true);
+        let vae = builtin_json(sdxl, "vae/config.json");
+        assert_eq!((vae["scaling_factor"].as_f64(), vae["force_upcast"].as_bool()), (Some(0.13025), Some(true)));
 
         // SD 2.x files keep SD 2.1-base's: OpenCLIP ViT-H's width, padding with "!".
         let sd21 = Builtin::for_kind(Kind::Sd2);

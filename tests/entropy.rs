@@ -26,7 +26,7 @@ fn request(size: usize, attention: AttentionScale, guidance: f64) -> GenerateReq
     let render = PixelSize::new(size, size);
     GenerateRequest {
         prompt: "a corgi on a beach".into(),
-        negative_prompt: String::new(),
+        negative_prompt: None,
         plan: RenderPlan {
             render,
             attention,

@@ -679,7 +679,7 @@ fn check_request(request: &GenRequest) -> Result<(), TestCaseError> {
         }
         prop_assert!((1..=1000).contains(&image.steps) && image.guidance.is_none_or(f64::is_finite), "{image:?}");
         prop_assert!(!image.prompt.is_empty() && image.prompt.len() <= prompts::MAX_PROMPT_BYTES);
-        prop_assert!(image.negative_prompt.len() <= prompts::MAX_PROMPT_BYTES);
+        prop_assert!(image.negative_prompt.as_deref().map_or(0, str::len) <= prompts::MAX_PROMPT_BYTES);
         let path = request.output.render(&Fields {
             index: 0,
             seed: image.seed,
@@ -791,6 +791,7 @@ fn a1111_round_trip(long: bool) {
             version: "0".into(),
             prompt,
             negative_prompt: String::from_iter(negative),
+            no_negative_prompt: false,
             seed,
             width: 224,
             height: 160,

@@ -19,5 +19,6 @@ mod multidiffusion;
 mod real_layout;
 mod reference;
 mod samplers;
+mod sdxl;
 mod shards;
 mod vae;

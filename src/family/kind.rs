@@ -13,6 +13,10 @@ pub enum Family {
     /// `LDMTextToImagePipeline` (CompVis/ldm-text2im-large-256, the paper's second model): BERT
     /// WordPiece tokenizer, LDMBert in `bert/`, an AutoencoderKL in `vqvae/`.
     LatentDiffusion,
+    /// `StableDiffusionXLPipeline` (SDXL base 1.0, SDXL-Turbo): two CLIP text encoders (penultimate
+    /// hidden states side by side, the second's projected pooled output for the UNet's added
+    /// embedding), AutoencoderKL in `vae/`.
+    StableDiffusionXl,
 }
 
 /// Where a family keeps its parts, relative to the model folder.
@@ -53,9 +57,10 @@ impl Family {
         match index.get("_class_name").and_then(|v| v.as_str()) {
             None | Some("StableDiffusionPipeline") => Ok(Family::StableDiffusion),
             Some("LDMTextToImagePipeline") => Ok(Family::LatentDiffusion),
+            Some("StableDiffusionXLPipeline") => Ok(Family::StableDiffusionXl),
             Some(other) => bail!(
-                "{}: {other} models are not supported (sdscale runs StableDiffusionPipeline and \
-                 LDMTextToImagePipeline models)",
+                "{}: {other} models are not supported (sdscale runs StableDiffusionPipeline, \
+                 StableDiffusionXLPipeline and LDMTextToImagePipeline models)",
                 path.display()
             ),
         }
@@ -66,12 +71,34 @@ impl Family {
         match self {
             Family::StableDiffusion => "StableDiffusionPipeline",
             Family::LatentDiffusion => "LDMTextToImagePipeline",
+            Family::StableDiffusionXl => "StableDiffusionXLPipeline",
+        }
+    }
+
+    /// `model_index.json`'s `force_zeros_for_empty_prompt`: SDXL's pipeline (default true) makes the
+    /// unconditional embeddings zeros when no negative prompt is given; no other family has it.
+    pub fn force_zeros_for_empty_prompt(model_index: Option<&Path>) -> Result<bool> {
+        let Some(path) = model_index else { return Ok(false) };
+        let index: serde_json::Value = read_json(path)?;
+        if Self::from_model_index(Some(path))? != Family::StableDiffusionXl {
+            return Ok(false);
+        }
+        Ok(index.get("force_zeros_for_empty_prompt").and_then(|v| v.as_bool()).unwrap_or(true))
+    }
+
+    /// SDXL's second text encoder and tokenizer folders.
+    pub fn second_text_encoder(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Family::StableDiffusionXl => Some(("text_encoder_2", "tokenizer_2")),
+            _ => None,
         }
     }
 
     pub fn folders(self) -> Folders {
         match self {
-            Family::StableDiffusion => Folders { text_encoder: "text_encoder", tokenizer: "tokenizer", decoder: "vae" },
+            Family::StableDiffusion | Family::StableDiffusionXl => {
+                Folders { text_encoder: "text_encoder", tokenizer: "tokenizer", decoder: "vae" }
+            }
             Family::LatentDiffusion => Folders { text_encoder: "bert", tokenizer: "tokenizer", decoder: "vqvae" },
         }
     }
@@ -81,7 +108,7 @@ impl Family {
     pub fn tokenizer_files(self) -> (&'static [&'static str], &'static [&'static str]) {
         match self {
             // The optional two decide the special tokens (SD 2.x pads with "!", SD 1.x with <|endoftext|>).
-            Family::StableDiffusion => {
+            Family::StableDiffusion | Family::StableDiffusionXl => {
                 (&["vocab.json", "merges.txt"], &["special_tokens_map.json", "tokenizer_config.json"])
             }
             // bert-base-uncased's vocabulary; the configs say lower-case and name the special tokens.
@@ -96,6 +123,8 @@ impl Family {
             // pipeline_latent_diffusion.py: the unconditional text is "" and guidance runs when
             // guidance_scale != 1.0 (its default).
             Family::LatentDiffusion => Rules { negative_prompt: false, default_guidance: 1.0, guide_below_one: true },
+            // pipeline_stable_diffusion_xl.py: guidance_scale 5.0, guided when > 1.
+            Family::StableDiffusionXl => Rules { negative_prompt: true, default_guidance: 5.0, guide_below_one: false },
         }
     }
 }

@@ -25,6 +25,9 @@ pub struct ClipTextConfig {
     pub layer_norm_eps: f64,
     /// "gelu" (exact, SD 2.x) or "quick_gelu" (SD 1.x's OpenAI CLIP).
     pub hidden_act: String,
+    /// `text_projection`'s width (CLIPTextModelWithProjection: SDXL's second text encoder).
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
 }
 
 fn default_layer_norm_eps() -> f64 {
@@ -219,6 +222,21 @@ impl ClipTextTransformer {
             xs = layer.forward(&xs, &causal_mask)?;
         }
         self.final_layer_norm.forward(&xs)
+    }
+
+    /// What SDXL reads (`output_hidden_states=True`): `hidden_states[-2]`, the input of the last layer
+    /// (no final layer norm), and the last layer's output after the final layer norm (for the pooled
+    /// embedding).
+    pub fn forward_penultimate(&self, input_ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let seq_len = input_ids.dim(1)?;
+        let causal_mask = causal_mask(seq_len, input_ids.device())?;
+        let mut xs = self.embeddings.forward(input_ids)?;
+        let mut penultimate = xs.clone();
+        for layer in &self.layers {
+            penultimate = xs;
+            xs = layer.forward(&penultimate, &causal_mask)?;
+        }
+        Ok((penultimate, self.final_layer_norm.forward(&xs)?))
     }
 }
 

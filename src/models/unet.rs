@@ -93,8 +93,9 @@ pub struct UNetConfigFile {
     pub num_attention_heads: Option<PerBlock>,
     #[serde(default)]
     pub use_linear_projection: bool,
+    /// `null` in SDXL's config: false.
     #[serde(default)]
-    pub upcast_attention: bool,
+    pub upcast_attention: Option<bool>,
     #[serde(default)]
     pub only_cross_attention: serde_json::Value,
     #[serde(default)]
@@ -105,6 +106,12 @@ pub struct UNetConfigFile {
     pub class_embed_type: Option<String>,
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// SDXL's micro-conditioning: each of the 6 `add_time_ids` as Timesteps of this width.
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// The `add_embedding` MLP's input: pooled text width + 6 · addition_time_embed_dim.
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
     #[serde(default)]
     pub encoder_hid_dim: Option<usize>,
     #[serde(default = "default_str")]
@@ -206,6 +213,9 @@ pub struct UNetConfig {
     /// Attention logits and softmax in f32 even when computing in f16/bf16 (SD 2.1 at 768 overflows
     /// to NaN otherwise): diffusers' `upcast_attention`.
     pub upcast_attention: bool,
+    /// SDXL's `addition_embed_type: "text_time"`: (addition_time_embed_dim,
+    /// projection_class_embeddings_input_dim) of the added embedding, `add_embedding.linear_1/2`.
+    pub text_time: Option<(usize, usize)>,
 }
 
 impl UNetConfig {
@@ -228,9 +238,24 @@ impl UNetConfig {
         if file.center_input_sample {
             return Err(unsupported("center_input_sample", &true));
         }
+        // diffusers unet_2d_condition.py: "text_time" (SDXL) adds add_time_proj + add_embedding.
+        let text_time = match file.addition_embed_type.as_deref() {
+            None => None,
+            Some("text_time") => match (file.addition_time_embed_dim, file.projection_class_embeddings_input_dim) {
+                (Some(time_dim), Some(input_dim)) if time_dim > 0 && input_dim > 6 * time_dim => {
+                    Some((time_dim, input_dim))
+                }
+                values => {
+                    return Err(format!(
+                        "unet config: addition_embed_type \"text_time\" needs addition_time_embed_dim and \
+                         projection_class_embeddings_input_dim (pooled width + 6 x the first), got {values:?}"
+                    ))
+                }
+            },
+            Some(other) => return Err(unsupported("addition_embed_type", &other)),
+        };
         for (key, value) in [
             ("class_embed_type", &file.class_embed_type),
-            ("addition_embed_type", &file.addition_embed_type),
             ("timestep_post_act", &file.timestep_post_act),
             ("cross_attention_norm", &file.cross_attention_norm),
         ] {
@@ -362,7 +387,8 @@ impl UNetConfig {
                 .expand(blocks, "transformer_layers_per_block")?,
             num_attention_heads,
             use_linear_projection: file.use_linear_projection,
-            upcast_attention: file.upcast_attention,
+            upcast_attention: file.upcast_attention.unwrap_or(false),
+            text_time,
         })
     }
 
@@ -806,6 +832,10 @@ impl MidBlock {
 pub struct UNet2DConditionModel {
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
+    /// SDXL ("text_time"): Timesteps of each add_time_id, and the MLP over [pooled, those] whose
+    /// output is added to the time embedding.
+    add_time_proj: Option<Timesteps>,
+    add_embedding: Option<TimestepEmbedding>,
     conv_in: Conv2d,
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlock,
@@ -831,6 +861,13 @@ impl UNet2DConditionModel {
 
         let time_proj = Timesteps::new(channels[0], cfg.flip_sin_to_cos, cfg.freq_shift);
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), channels[0], time_embed_dim)?;
+        let (add_time_proj, add_embedding) = match cfg.text_time {
+            Some((time_dim, input_dim)) => (
+                Some(Timesteps::new(time_dim, cfg.flip_sin_to_cos, cfg.freq_shift)),
+                Some(TimestepEmbedding::new(vb.pp("add_embedding"), input_dim, time_embed_dim)?),
+            ),
+            None => (None, None),
+        };
         let conv_in = Conv2d::new(cfg.in_channels, channels[0], 3, pad1, vb.pp("conv_in"), backends)?;
 
         let transformer = |vb: VarBuilder, c: usize, block: usize, level: usize| {
@@ -923,6 +960,8 @@ impl UNet2DConditionModel {
         Ok(Self {
             time_proj,
             time_embedding,
+            add_time_proj,
+            add_embedding,
             conv_in,
             down_blocks,
             mid_block,
@@ -960,6 +999,29 @@ impl UNet2DConditionModel {
         self.time_proj.forward(&timesteps)?.to_dtype(dtype)
     }
 
+    /// SDXL's added conditioning for a batch, to append to [`Self::time_features`] (dim 1): the pooled
+    /// text embeddings (b, P) and the Timesteps of each of the 6 `add_time_ids` (b, 6), as diffusers'
+    /// `get_aug_embed` builds `add_embeds` (the sinusoids in f32, then the compute dtype). `None` for
+    /// a UNet without "text_time".
+    pub fn added_features(&self, text_embeds: &Tensor, time_ids: &Tensor, dtype: DType) -> Result<Option<Tensor>> {
+        let Some(add_time_proj) = &self.add_time_proj else { return Ok(None) };
+        let batch = text_embeds.dim(0)?;
+        let time_embeds =
+            add_time_proj.forward(&time_ids.to_dtype(DType::F32)?.flatten_all()?)?.reshape((batch, ()))?;
+        let features = Tensor::cat(&[&text_embeds.to_dtype(DType::F32)?, &time_embeds], 1)?.to_dtype(dtype)?;
+        Ok(Some(features))
+    }
+
+    /// The time embedding from time features: with "text_time", the features carry the added
+    /// conditioning after the first block_out_channels[0] columns, and add_embedding's output is added.
+    fn embedding(&self, time_features: &Tensor) -> Result<Tensor> {
+        let Some(add_embedding) = &self.add_embedding else { return self.time_embedding.forward(time_features) };
+        let width = self.config.block_out_channels[0];
+        let added = time_features.narrow(1, width, time_features.dim(1)? - width)?;
+        let emb = self.time_embedding.forward(&time_features.narrow(1, 0, width)?)?;
+        emb + add_embedding.forward(&added)?
+    }
+
     /// The UNet from the time features of [`Self::time_features`] on, with the structural changes of
     /// `plan` (hires/: `UNetPlan::default()` is the network as trained).
     pub fn forward_with_time(
@@ -973,7 +1035,7 @@ impl UNet2DConditionModel {
     ) -> Result<Tensor> {
         let mut clock = crate::profile::Clock::start("unet", sample.device());
         // 1. time: the embedding MLP over the sinusoidal features.
-        let emb = self.time_embedding.forward(time_features)?;
+        let emb = self.embedding(time_features)?;
 
         // 2. pre-process
         let mut xs = self.conv_in.forward(sample)?;

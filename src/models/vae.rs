@@ -37,6 +37,9 @@ pub struct VaeConfig {
     /// Latents are divided by this before decoding (0.18215 for SD 2.1).
     #[serde(default = "scaling_factor")]
     pub scaling_factor: f64,
+    /// SDXL: the VAE overflows in f16, so a half-precision run decodes in f32 (diffusers' `force_upcast`).
+    #[serde(default)]
+    pub force_upcast: bool,
     #[serde(default = "yes")]
     pub use_post_quant_conv: bool,
     #[serde(default = "yes")]

@@ -227,24 +227,33 @@ pub struct Source {
     pub name: String,
     /// `Some((i, n))`: the i-th of n equal slices along dim 0 (OpenCLIP's fused q/k/v `in_proj`).
     pub chunk: Option<(usize, usize)>,
+    /// Stored as the transpose of what the network wants (OpenCLIP's bare `text_projection` matrix
+    /// against transformers' Linear weight); only for 2-D tensors.
+    pub transpose: bool,
 }
+
+/// Where a tensor is stored: its stored name, its chunk of a fused tensor, whether it is transposed.
+type Resolved<'a> = (&'a str, Option<(usize, usize)>, bool);
 
 impl Backend {
     pub fn new(file: std::sync::Arc<SafetensorsFile>, map: Option<HashMap<String, Source>>) -> Self {
         Self { file, map }
     }
 
-    fn resolve<'a>(&'a self, name: &'a str) -> Option<(&'a str, Option<(usize, usize)>)> {
+    fn resolve<'a>(&'a self, name: &'a str) -> Option<Resolved<'a>> {
         match &self.map {
-            None => self.file.entry(name).map(|_| (name, None)),
-            Some(map) => map.get(name).map(|source| (source.name.as_str(), source.chunk)),
+            None => self.file.entry(name).map(|_| (name, None, false)),
+            Some(map) => map.get(name).map(|source| (source.name.as_str(), source.chunk, source.transpose)),
         }
     }
 
     /// The shape `name` will have, from the header alone (None when it cannot be known).
     fn header_shape(&self, name: &str) -> Option<Vec<usize>> {
-        let (stored, chunk) = self.resolve(name)?;
+        let (stored, chunk, transpose) = self.resolve(name)?;
         let mut dims = self.file.entry(stored)?.shape.clone();
+        if transpose {
+            dims.reverse();
+        }
         if let Some((_, count)) = chunk {
             let rows = dims.first_mut()?;
             if count == 0 || !rows.is_multiple_of(count) {
@@ -285,9 +294,12 @@ impl candle_nn::var_builder::SimpleBackend for Backend {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
-        let (stored, chunk) =
+        let (stored, chunk, transpose) =
             self.resolve(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })?;
         let mut tensor = self.file.read(stored)?;
+        if transpose {
+            tensor = tensor.t()?.contiguous()?;
+        }
         if let Some((index, count)) = chunk {
             let rows = tensor.dim(0)?;
             if rows % count != 0 {
@@ -377,7 +389,10 @@ mod tests {
         let path = dir.join("fused.safetensors");
         write(&path, &[("in_proj", "F32", vec![6], f32_bytes(&[0., 1., 2., 3., 4., 5.]))]);
         let file = std::sync::Arc::new(SafetensorsFile::open(&path).unwrap());
-        let map = HashMap::from([("v".to_string(), Source { name: "in_proj".into(), chunk: Some((2, 3)) })]);
+        let map = HashMap::from([(
+            "v".to_string(),
+            Source { name: "in_proj".into(), chunk: Some((2, 3)), transpose: false },
+        )]);
         let backend = Backend::new(file, Some(map));
         use candle_nn::var_builder::SimpleBackend;
         let v = backend.get_unchecked("v", DType::F32, &Device::Cpu).unwrap();

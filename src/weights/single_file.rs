@@ -21,12 +21,17 @@ pub enum Part {
     /// A VAE on its own in the LDM layout, as `--vae` files come (vae-ft-mse-840000-ema-pruned.safetensors):
     /// the VAE's keys without `first_stage_model.`.
     VaeAlone,
+    /// SDXL's second text encoder (OpenCLIP bigG with its projection).
+    TextEncoder2,
 }
 
 const UNET: &str = "model.diffusion_model.";
 const VAE: &str = "first_stage_model.";
 const OPEN_CLIP: &str = "cond_stage_model.model.";
 const HF_CLIP: &str = "cond_stage_model.transformer.";
+/// SDXL (SGM layout): CLIP ViT-L in transformers' layout, then OpenCLIP bigG.
+const SDXL_CLIP: &str = "conditioner.embedders.0.transformer.";
+const SDXL_OPEN_CLIP: &str = "conditioner.embedders.1.model.";
 
 /// What the tensors say the checkpoint is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +40,9 @@ pub enum Kind {
     Sd2,
     /// OpenAI CLIP ViT-L text encoder in transformers' layout (SD 1.x).
     Sd1,
+    /// SDXL base (`sd_xl_base_1.0.safetensors`): `conditioner.embedders.0/1`, the UNet's added
+    /// embedding as `label_emb`.
+    Sdxl,
 }
 
 /// Recognises an LDM-layout Stable Diffusion checkpoint, or says what is missing. The UNet's
@@ -49,6 +57,16 @@ pub fn kind(file: &SafetensorsFile) -> Result<Kind> {
              pass a diffusers model folder or a full checkpoint",
             file.path().display()
         );
+    }
+    if has_prefix(SDXL_OPEN_CLIP) {
+        if !has_prefix(SDXL_CLIP) {
+            bail!(
+                "{}: an SDXL checkpoint without its first text encoder ({SDXL_CLIP}*): a refiner or a \
+                 partial file, which sdscale does not run",
+                file.path().display()
+            );
+        }
+        return Ok(Kind::Sdxl);
     }
     let by_layout = if has_prefix(OPEN_CLIP) {
         Kind::Sd2
@@ -99,7 +117,7 @@ pub fn name_map(file: &SafetensorsFile, part: Part) -> HashMap<String, Source> {
     let names: Vec<&str> = file.names().collect();
     let mut map = HashMap::new();
     let mut add = |name: String, stored: &str, chunk| {
-        map.insert(name, Source { name: stored.to_string(), chunk });
+        map.insert(name, Source { name: stored.to_string(), chunk, transpose: false });
     };
     match part {
         Part::Unet => {
@@ -119,13 +137,26 @@ pub fn name_map(file: &SafetensorsFile, part: Part) -> HashMap<String, Source> {
                 }
             }
         }
+        Part::TextEncoder2 => {
+            for stored in &names {
+                let Some(key) = stored.strip_prefix(SDXL_OPEN_CLIP) else { continue };
+                if key == "text_projection" {
+                    // A bare (hidden, projection) matrix: transformers' Linear weight is its transpose.
+                    let source = Source { name: stored.to_string(), chunk: None, transpose: true };
+                    map.insert("text_projection.weight".to_string(), source);
+                }
+                for (name, chunk) in open_clip_names(key) {
+                    map.insert(name, Source { name: stored.to_string(), chunk, transpose: false });
+                }
+            }
+        }
         Part::TextEncoder => {
             for stored in &names {
                 if let Some(key) = stored.strip_prefix(OPEN_CLIP) {
                     for (name, chunk) in open_clip_names(key) {
                         add(name, stored, chunk);
                     }
-                } else if let Some(key) = stored.strip_prefix(HF_CLIP) {
+                } else if let Some(key) = stored.strip_prefix(HF_CLIP).or_else(|| stored.strip_prefix(SDXL_CLIP)) {
                     // Older SD 1.x files lack transformers' `text_model.` level.
                     let name =
                         if key.starts_with("text_model.") { key.to_string() } else { format!("text_model.{key}") };
@@ -181,6 +212,9 @@ fn unet_name(key: &str, layers: usize) -> Option<String> {
     for (old, new) in [
         ("time_embed.0.", "time_embedding.linear_1."),
         ("time_embed.2.", "time_embedding.linear_2."),
+        // SDXL's added embedding (SGM's label_emb: Sequential(Sequential(Linear, SiLU, Linear))).
+        ("label_emb.0.0.", "add_embedding.linear_1."),
+        ("label_emb.0.2.", "add_embedding.linear_2."),
         ("input_blocks.0.0.", "conv_in."),
         ("out.0.", "conv_norm_out."),
         ("out.2.", "conv_out."),
@@ -343,6 +377,8 @@ mod tests {
             ("output_blocks.5.1.norm.weight", "up_blocks.1.attentions.2.norm.weight"),
             ("output_blocks.11.0.in_layers.2.weight", "up_blocks.3.resnets.2.conv1.weight"),
             ("out.2.weight", "conv_out.weight"),
+            ("label_emb.0.0.weight", "add_embedding.linear_1.weight"),
+            ("label_emb.0.2.bias", "add_embedding.linear_2.bias"),
         ];
         for (ldm, diffusers) in cases {
             assert_eq!(unet_name(ldm, 2).as_deref(), Some(diffusers), "{ldm}");
