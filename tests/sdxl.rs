@@ -67,9 +67,13 @@ fn render(dir: &Path, model_args: &[&str], case: &serde_json::Value, extra: &[&s
 
 /// Renders a DDIM case and compares each image with diffusers'; returns our PNGs.
 fn check_in(dir: &Path, file: &str) -> Vec<PathBuf> {
+    check_with(dir, file, &[])
+}
+
+fn check_with(dir: &Path, file: &str, extra: &[&str]) -> Vec<PathBuf> {
     let case = case(file);
     let model = model().display().to_string();
-    let ours = render(dir, &["--model", &model], &case, &[]);
+    let ours = render(dir, &["--model", &model], &case, extra);
     for (png, reference) in ours.iter().zip(case["files"].as_array().unwrap()) {
         let reference = fixtures().join("reference/families/sdxl").join(reference.as_str().unwrap());
         let (mean, max) = image_diff(png, &reference);
@@ -430,4 +434,20 @@ fn sdxl_resize_multidiffusion_and_compare_run() {
     let result = sdscale(dir.path(), &args);
     assert!(result.status.success(), "{}", stderr(&result));
     assert_eq!(stdout(&result).lines().count(), 4, "three images and the grid");
+}
+
+/// `--sampler model` on SDXL is the model's own EulerDiscreteScheduler (leading spacing, steps_offset 1,
+/// start noise √(σ_max²+1)): the references made with the pipeline's own scheduler.
+#[test]
+fn sdxl_model_sampler_is_its_own_euler() {
+    let dir = tempfile::tempdir().unwrap();
+    let refs = references();
+    let cases = refs["euler"].as_array().unwrap();
+    assert!(cases.len() >= 3);
+    for case in cases {
+        check_with(dir.path(), case["file"].as_str().unwrap(), &["--sampler", "model"]);
+    }
+    // The same as naming it.
+    let file = cases[0]["file"].as_str().unwrap();
+    check_with(tempfile::tempdir().unwrap().path(), file, &["--sampler", "euler"]);
 }
