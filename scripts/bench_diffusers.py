@@ -12,6 +12,7 @@ the entropy mode through make_fixtures.py's attention processor (the same one th
 """
 
 import argparse
+import inspect
 import statistics
 import sys
 import time
@@ -98,12 +99,16 @@ def sampler_steps(args):
                 sample = torch.randn((1, 4, latent, latent), generator=generator)
                 output = torch.randn((1, 4, latent, latent), generator=generator) * 0.1
 
+                # The pipeline's prepare_extra_step_kwargs: a generator only where step() takes one.
+                takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+                extra = {"generator": generator} if takes_generator else {}
+
                 def run():
                     scheduler.set_timesteps(args.steps)
                     x = sample * scheduler.init_noise_sigma
                     for t in scheduler.timesteps:
                         x_in = scheduler.scale_model_input(x, t)
-                        x = scheduler.step(output + 0 * x_in, t, x, generator=generator).prev_sample
+                        x = scheduler.step(output + 0 * x_in, t, x, **extra).prev_sample
 
                 ms = time_ms(run, args.runs)
                 scheduler.set_timesteps(args.steps)
