@@ -48,18 +48,31 @@ pub(super) fn sigma_schedule(
     (timesteps, sigmas)
 }
 
-/// `init_noise_sigma` of the family: σ_max for linspace/trailing, √(σ_max²+1) for leading (f32).
-pub(super) fn init_noise_sigma(sigmas: &[f32], spec: &SamplerSpec) -> f32 {
-    let max = sigmas.iter().copied().fold(f32::MIN, f32::max);
-    match spec.spacing {
-        super::Spacing::Leading => (max * max + 1.0).sqrt(),
-        _ => max,
-    }
+/// What the family's samplers share: per UNet call the timestep fed to the UNet and its σ (a final 0
+/// after the last), and the start noise.
+#[derive(Debug, Clone)]
+pub(super) struct SigmaSchedule {
+    pub timesteps: Vec<f64>,
+    pub sigmas: Vec<f32>,
+    /// `init_noise_sigma`: σ_max for linspace/trailing, √(σ_max²+1) for leading (f32).
+    pub init_noise_sigma: f32,
 }
 
-/// x / √(σ²+1), the family's `scale_model_input` (σ² + 1 and its root in float32, a true division).
-pub(super) fn scale_by_sigma(sample: &Tensor, sigma: f32) -> Result<Tensor> {
-    Ok(div_scalar(sample, (sigma * sigma + 1.0).sqrt())?)
+impl SigmaSchedule {
+    pub fn new(timesteps: Vec<f64>, sigmas: Vec<f32>, spec: &SamplerSpec) -> Self {
+        let max = sigmas.iter().copied().fold(f32::MIN, f32::max);
+        let init_noise_sigma = match spec.spacing {
+            super::Spacing::Leading => (max * max + 1.0).sqrt(),
+            _ => max,
+        };
+        SigmaSchedule { timesteps, sigmas, init_noise_sigma }
+    }
+
+    /// x / √(σ²+1), the family's `scale_model_input` (σ² + 1 and its root in float32, a true division).
+    pub fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
+        let sigma = self.sigmas[index];
+        Ok(div_scalar(sample, (sigma * sigma + 1.0).sqrt())?)
+    }
 }
 
 /// x₀ from the model output at σ (the family's `pred_original_sample`), float32.
@@ -81,9 +94,7 @@ pub(super) fn predicted_original(
 
 #[derive(Debug, Clone)]
 pub struct Euler {
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
-    init_noise_sigma: f32,
+    schedule: SigmaSchedule,
     prediction: Prediction,
     ancestral: bool,
 }
@@ -107,22 +118,22 @@ impl Euler {
         // Euler reads sigma_min/sigma_max from its config; Euler ancestral has neither.
         let bounds = if ancestral { (None, None) } else { (config.sigma_min, config.sigma_max) };
         let (timesteps, sigmas) = sigma_schedule(config, &table, spec, steps, bounds);
-        let init_noise_sigma = init_noise_sigma(&sigmas, spec);
-        Ok(Euler { timesteps, sigmas, init_noise_sigma, prediction: config.prediction(), ancestral })
+        let schedule = SigmaSchedule::new(timesteps, sigmas, spec);
+        Ok(Euler { schedule, prediction: config.prediction(), ancestral })
     }
 }
 
 impl Sampler for Euler {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn init_noise_sigma(&self) -> f32 {
-        self.init_noise_sigma
+        self.schedule.init_noise_sigma
     }
 
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
-        scale_by_sigma(sample, self.sigmas[index])
+        self.schedule.scale_model_input(sample, index)
     }
 
     fn step(
@@ -135,7 +146,7 @@ impl Sampler for Euler {
         let dtype = model_output.dtype();
         let (sample, model_output) = (f32_of(sample)?, f32_of(model_output)?);
         // s_churn = 0: γ = 0, σ̂ = σ.
-        let (sigma, sigma_next) = (self.sigmas[index], self.sigmas[index + 1]);
+        let (sigma, sigma_next) = (self.schedule.sigmas[index], self.schedule.sigmas[index + 1]);
         let pred_original_sample = predicted_original(self.prediction, &model_output, &sample, sigma)?;
         let derivative = div_scalar(&(&sample - pred_original_sample)?, sigma)?;
         let prev_sample = if self.ancestral {

@@ -3,18 +3,15 @@
 //! out as 2N−1 UNet calls over the repeated timesteps [t₀, t₁, t₁, t₂, t₂, …], alternating a first-order
 //! and a correcting call; the state between the two is the slope, dt and the starting sample.
 
-use super::euler::{init_noise_sigma, predicted_original, scale_by_sigma, sigma_schedule};
+use super::euler::{predicted_original, sigma_schedule, SigmaSchedule};
 use super::{div_scalar, mul_scalar, NoiseSource, NoiseTable, Prediction, Sampler, SamplerSpec, SchedulerConfig};
 use anyhow::Result;
 use candle_core::Tensor;
 
 #[derive(Debug, Clone)]
 pub struct Heun {
-    /// Per UNet call: [t₀, t₁, t₁, …] (2N−1).
-    timesteps: Vec<f64>,
-    /// Per UNet call: [σ₀, σ₁, σ₁, …, σ_{N−1}, σ_{N−1}, 0] (2N).
-    sigmas: Vec<f32>,
-    init_noise_sigma: f32,
+    /// Per UNet call: [t₀, t₁, t₁, …] (2N−1) and [σ₀, σ₁, σ₁, …, σ_{N−1}, σ_{N−1}, 0] (2N).
+    schedule: SigmaSchedule,
     prediction: Prediction,
     clip_sample: Option<f32>,
     /// Between the two calls of a step: (first slope, dt, starting sample).
@@ -24,7 +21,6 @@ pub struct Heun {
 impl Heun {
     pub fn new(config: &SchedulerConfig, table: NoiseTable, spec: &SamplerSpec, steps: usize) -> Result<Self> {
         let (timesteps, sigmas) = sigma_schedule(config, &table, spec, steps, (None, None));
-        let init_noise_sigma = init_noise_sigma(&sigmas, spec);
         // sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]; timesteps[:1], timesteps[1:] twice.
         let mut call_sigmas = vec![sigmas[0]];
         for &sigma in &sigmas[1..sigmas.len() - 1] {
@@ -38,9 +34,8 @@ impl Heun {
         // HeunDiscreteScheduler's clip_sample defaults to false.
         let clip_sample = config.clip_sample.unwrap_or(false).then(|| config.clip_sample_range.unwrap_or(1.0) as f32);
         Ok(Heun {
-            timesteps: call_timesteps,
-            sigmas: call_sigmas,
-            init_noise_sigma,
+            // The start noise from the N sigmas (the repeats do not change their maximum).
+            schedule: SigmaSchedule::new(call_timesteps, call_sigmas, spec),
             prediction: config.prediction(),
             clip_sample,
             first_order: None,
@@ -50,15 +45,15 @@ impl Heun {
 
 impl Sampler for Heun {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn init_noise_sigma(&self) -> f32 {
-        self.init_noise_sigma
+        self.schedule.init_noise_sigma
     }
 
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
-        scale_by_sigma(sample, self.sigmas[index])
+        self.schedule.scale_model_input(sample, index)
     }
 
     fn step(
@@ -70,8 +65,8 @@ impl Sampler for Heun {
     ) -> Result<Tensor> {
         // Heun does not upcast: the sample stays in the model's dtype, as diffusers.
         let (sigma, sigma_next) = match self.first_order {
-            None => (self.sigmas[index], self.sigmas[index + 1]),
-            Some(_) => (self.sigmas[index - 1], self.sigmas[index]),
+            None => (self.schedule.sigmas[index], self.schedule.sigmas[index + 1]),
+            Some(_) => (self.schedule.sigmas[index - 1], self.schedule.sigmas[index]),
         };
         let sigma_input = if self.first_order.is_none() { sigma } else { sigma_next };
         let mut pred_original_sample = predicted_original(self.prediction, model_output, sample, sigma_input)?;

@@ -6,7 +6,7 @@
 //! most 3, so Gauss–Legendre with 4 nodes integrates it exactly; `quad`'s 21-point Gauss–Kronrod rule is
 //! exact for it too, so the two agree to rounding.
 
-use super::euler::{init_noise_sigma, predicted_original, scale_by_sigma, sigma_schedule};
+use super::euler::{predicted_original, sigma_schedule, SigmaSchedule};
 use super::{div_scalar, mul_scalar, NoiseSource, NoiseTable, Prediction, Sampler, SamplerSpec, SchedulerConfig};
 use anyhow::Result;
 use candle_core::Tensor;
@@ -15,9 +15,7 @@ const ORDER: usize = 4;
 
 #[derive(Debug, Clone)]
 pub struct Lms {
-    timesteps: Vec<f64>,
-    sigmas: Vec<f32>,
-    init_noise_sigma: f32,
+    schedule: SigmaSchedule,
     prediction: Prediction,
     /// The last (at most 4) derivatives, oldest first.
     derivatives: Vec<Tensor>,
@@ -26,14 +24,14 @@ pub struct Lms {
 impl Lms {
     pub fn new(config: &SchedulerConfig, table: NoiseTable, spec: &SamplerSpec, steps: usize) -> Result<Self> {
         let (timesteps, sigmas) = sigma_schedule(config, &table, spec, steps, (None, None));
-        let init_noise_sigma = init_noise_sigma(&sigmas, spec);
-        Ok(Lms { timesteps, sigmas, init_noise_sigma, prediction: config.prediction(), derivatives: Vec::new() })
+        let schedule = SigmaSchedule::new(timesteps, sigmas, spec);
+        Ok(Lms { schedule, prediction: config.prediction(), derivatives: Vec::new() })
     }
 
     /// diffusers' `get_lms_coefficient(order, t, current_order)`: ∫_{σ_t}^{σ_{t+1}} Π_{k≠cur} (τ − σ_{t−k}) /
     /// (σ_{t−cur} − σ_{t−k}) dτ.
     pub fn coefficient(&self, order: usize, t: usize, current: usize) -> f64 {
-        let sigma = |i: usize| self.sigmas[i] as f64;
+        let sigma = |i: usize| self.schedule.sigmas[i] as f64;
         let basis = |tau: f64| {
             (0..order)
                 .filter(|&k| k != current)
@@ -58,15 +56,15 @@ fn gauss_legendre_4(f: impl Fn(f64) -> f64, a: f64, b: f64) -> f64 {
 
 impl Sampler for Lms {
     fn timesteps(&self) -> &[f64] {
-        &self.timesteps
+        &self.schedule.timesteps
     }
 
     fn init_noise_sigma(&self) -> f32 {
-        self.init_noise_sigma
+        self.schedule.init_noise_sigma
     }
 
     fn scale_model_input(&self, sample: &Tensor, index: usize) -> Result<Tensor> {
-        scale_by_sigma(sample, self.sigmas[index])
+        self.schedule.scale_model_input(sample, index)
     }
 
     fn step(
@@ -76,7 +74,7 @@ impl Sampler for Lms {
         sample: &Tensor,
         _noise: &mut NoiseSource,
     ) -> Result<Tensor> {
-        let sigma = self.sigmas[index];
+        let sigma = self.schedule.sigmas[index];
         let pred_original_sample = predicted_original(self.prediction, model_output, sample, sigma)?;
         let derivative = div_scalar(&(sample - pred_original_sample)?, sigma)?;
         self.derivatives.push(derivative);
