@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
 from make_fixtures import load_pipeline, set_attention_mode  # noqa: E402
+from fixture_samplers import SAMPLERS, SCHEDULES  # noqa: E402  (sdscale's words -> diffusers' classes)
 
 
 def time_ms(fn, runs: int) -> float:
@@ -57,20 +58,6 @@ def unet_only(args):
         report("unet_step_cfg", f"{size}x{size}", "default", ms, args.runs)
 
 
-# sdscale's sampler words -> (diffusers class name, extra constructor arguments).
-SAMPLERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "uni_pc": ("UniPCMultistepScheduler", {}),
-}
-
-
 def make_scheduler(model: str, sampler: str, schedule: str | None):
     """Class.from_config(the model's own scheduler_config.json, **overrides), as sdscale builds its
     samplers (not from the pipeline's DDIM, whose config already has DDIM's defaults filled in)."""
@@ -78,12 +65,7 @@ def make_scheduler(model: str, sampler: str, schedule: str | None):
 
     config = diffusers.DDIMScheduler.load_config(Path(model) / "scheduler")
     name, extra = SAMPLERS[sampler]
-    overrides = dict(extra)
-    if schedule == "karras":
-        overrides["use_karras_sigmas"] = True
-    elif schedule == "exponential":
-        overrides["use_exponential_sigmas"] = True
-    return getattr(diffusers, name).from_config(config, **overrides)
+    return getattr(diffusers, name).from_config(config, **extra, **SCHEDULES[schedule])
 
 
 @torch.no_grad()

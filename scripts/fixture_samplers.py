@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 import diffusers
+from fixture_sdxl import SCHEDULER as SDXL_BASE_SCHEDULER  # scripts/, beside this file
 
 SAMPLERS = {
     "ddim": ("DDIMScheduler", {}),
@@ -76,24 +77,8 @@ SPACINGS = (None, "leading", "linspace", "trailing")
 # cross-checked against copies of them quoted in public code (Fooocus' SCHEDULER_EULERA_CONFIG_JSON
 # for Turbo; several SDXL training scripts for base 1.0); not downloaded (no Hub access here).
 HUB_CONFIGS = {
-    "sdxl-base-1.0": {
-        "_class_name": "EulerDiscreteScheduler",
-        "_diffusers_version": "0.19.0.dev0",
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "beta_start": 0.00085,
-        "clip_sample": False,
-        "interpolation_type": "linear",
-        "num_train_timesteps": 1000,
-        "prediction_type": "epsilon",
-        "sample_max_value": 1.0,
-        "set_alpha_to_one": False,
-        "skip_prk_steps": True,
-        "steps_offset": 1,
-        "timestep_spacing": "leading",
-        "trained_betas": None,
-        "use_karras_sigmas": False,
-    },
+    # The same file fixture_sdxl.py writes into tiny-sdxl/scheduler/ (one definition of it).
+    "sdxl-base-1.0": SDXL_BASE_SCHEDULER,
     "sdxl-turbo": {
         "_class_name": "EulerAncestralDiscreteScheduler",
         "_diffusers_version": "0.24.0.dev0",
