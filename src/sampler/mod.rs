@@ -105,29 +105,10 @@ impl SamplerKind {
         }
     }
 
-    /// diffusers' class.
-    pub fn diffusers_class(self) -> &'static str {
-        match self {
-            SamplerKind::Ddim => "DDIMScheduler",
-            SamplerKind::Pndm => "PNDMScheduler",
-            SamplerKind::Euler => "EulerDiscreteScheduler",
-            SamplerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
-            SamplerKind::Heun => "HeunDiscreteScheduler",
-            SamplerKind::Lms => "LMSDiscreteScheduler",
-            SamplerKind::Dpmpp2m | SamplerKind::Dpmpp2mSde => "DPMSolverMultistepScheduler",
-            SamplerKind::UniPc => "UniPCMultistepScheduler",
-        }
-    }
-
     /// Whether the sampler has sigmas, and so takes `--schedule` (diffusers has no Karras option for
     /// DDIM, PNDM and Euler ancestral).
     pub fn takes_schedule(self) -> bool {
         !matches!(self, SamplerKind::Ddim | SamplerKind::Pndm | SamplerKind::EulerAncestral)
-    }
-
-    /// Whether each step draws fresh noise from the image's generator.
-    pub fn is_stochastic(self) -> bool {
-        matches!(self, SamplerKind::EulerAncestral | SamplerKind::Dpmpp2mSde)
     }
 
     /// UNet calls for `steps` steps: Heun makes 2N−1, PNDM (PLMS, prk skipped) N+1, the rest N.
