@@ -4,6 +4,7 @@
 //!     SDSCALE_BENCH_MODEL=~/.cache/sdscale/sd21-random SDSCALE_BENCH_SIZES=224,512 cargo bench --bench stages
 //!     SDSCALE_BENCH_DEVICE=cuda cargo bench --features cuda --bench stages   # on the GPU, in f16
 //!
+//! SDSCALE_BENCH_MODES picks the UNet step's attention modes (default: `default,entropy`).
 //! SDSCALE_BENCH_DEVICE is cpu (the default), cuda or cuda:N; SDSCALE_BENCH_DTYPE f32, f16 or bf16
 //! (default f32 on the CPU, f16 on CUDA, as `sdscale gen`).
 //!
@@ -14,6 +15,7 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use sdscale::attention::AttentionScale;
+use sdscale::hires::UNetPlan;
 use sdscale::mode::{Denoiser, RenderPlan};
 use sdscale::pipeline::{GenerateRequest, Pipeline};
 use sdscale::size::PixelSize;
@@ -53,6 +55,7 @@ fn main() -> Result<()> {
         env_or("SDSCALE_BENCH_SIZES", "192").split(',').map(|s| s.trim().parse()).collect::<Result<_, _>>()?;
     let runs: usize = env_or("SDSCALE_BENCH_RUNS", "3").parse()?;
     let stages = env_or("SDSCALE_BENCH_STAGES", "load,tokenizer,text,unet,vae");
+    let modes = env_or("SDSCALE_BENCH_MODES", "default,entropy");
     let device = match env_or("SDSCALE_BENCH_DEVICE", "cpu").as_str() {
         "cpu" => Device::Cpu,
         "cuda" => Device::new_cuda(0)?,
@@ -105,7 +108,9 @@ fn main() -> Result<()> {
         seed: 1,
         vae_tiling: false,
     };
-    let embeddings = pipeline.encode_prompt(&request(512, AttentionScale::Default), true, &mut |_| {})?;
+    // SDXL also has pooled embeddings, which feed the added conditioning below.
+    let (embeddings, pooled) =
+        pipeline.encode_prompt_pooled(&request(512, AttentionScale::Default), true, &mut |_| {})?;
     if stages.contains("text") {
         let ms = time_ms(&device, runs, || {
             pipeline.encode_prompt(&request(512, AttentionScale::Default), true, &mut |_| {})?;
@@ -122,9 +127,23 @@ fn main() -> Result<()> {
         if stages.contains("unet") {
             let sample = pipeline.prepare_latents(1, latent, latent)?;
             let batch = Tensor::cat(&[&sample, &sample], 0)?;
+            let unet = pipeline.unet();
+            let mut time = unet.time_features(981.0, 2, dtype, &device)?;
+            if let Some(pooled) = &pooled {
+                // SDXL's add_time_ids at this size: (h, w) original, (0, 0) crop, (h, w) target.
+                let ids = [size as f32, size as f32, 0.0, 0.0, size as f32, size as f32].repeat(2);
+                let time_ids = Tensor::from_vec(ids, (2, 6), &device)?;
+                let added = unet
+                    .added_features(pooled, &time_ids, dtype)?
+                    .ok_or_else(|| anyhow::anyhow!("pooled text embeddings, but the UNet has no added embedding"))?;
+                time = Tensor::cat(&[&time, &added], 1)?;
+            }
             for (mode, scale) in [("default", AttentionScale::Default), ("entropy", entropy)] {
+                if !modes.split(',').any(|m| m == mode) {
+                    continue;
+                }
                 let ms = time_ms(&device, runs, || {
-                    pipeline.unet().forward(&batch, 981.0, &embeddings, scale)?;
+                    unet.forward_with_time(&batch, &time, &embeddings, scale, None, &UNetPlan::default())?;
                     Ok(())
                 })?;
                 report("unet_step_cfg", &label, mode, ms, runs);

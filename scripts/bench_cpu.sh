@@ -5,7 +5,10 @@
 #   SDSCALE_BENCH_MODEL=~/.cache/sdscale/sd21-random SDSCALE_BENCH_SIZES=224,512 SDSCALE_BENCH_SKIP_GEN=1 scripts/bench_cpu.sh
 #   SDSCALE_BENCH_UNET_ONLY=1 SDSCALE_BENCH_MODEL=~/.cache/sdscale/ldm-random SDSCALE_BENCH_SIZES=256,512 \
 #     SDSCALE_BENCH_SKIP_GEN=1 scripts/bench_cpu.sh     # any family: the guided UNet step alone
-#     (full-size SD 1.5 / LDM-256 folders: scripts/make_full_family.py)
+#     (full-size SD 1.5 / LDM-256 / SDXL folders: scripts/make_full_family.py)
+#   SDSCALE_BENCH_MODEL=~/.cache/sdscale/sdxl-random SDSCALE_BENCH_GEN_SIZE=1024 SDSCALE_BENCH_GEN_STEPS=1 \
+#     SDSCALE_BENCH_GEN_MODES=default SDSCALE_BENCH_SKIP_STAGES=1 scripts/bench_cpu.sh   # one whole gen, peak RSS
+# SDSCALE_BENCH_MODES narrows the stages' UNet modes (default,entropy), SDSCALE_BENCH_GEN_MODES the gen's.
 #
 # Needs the reference Python environment (scripts/requirements.txt) as $PYTHON (default: python3).
 # The full-size random model comes from `python scripts/make_fixtures.py --full ~/.cache/sdscale/sd21-random`.
@@ -32,7 +35,7 @@ if [ -z "${SDSCALE_BENCH_SKIP_GEN:-}" ]; then
 echo
 echo "## whole gen: ${GEN_SIZE}x${GEN_SIZE}, $GEN_STEPS steps, CFG 7.5, fp32"
 printf "%-10s %-8s %10s %12s\n" tool mode seconds peak_RSS_MiB
-for mode in default entropy; do
+for mode in ${SDSCALE_BENCH_GEN_MODES:-default entropy}; do
   /usr/bin/time -f "%e %M" -o "$out/s.time" target/release/sdscale gen --model "$MODEL" --prompt "a corgi on a beach" \
     --width "$GEN_SIZE" --height "$GEN_SIZE" --steps "$GEN_STEPS" --seed 42 --mode "$mode" --device cpu -o "$out/s-$mode.png" >/dev/null 2>&1
   read -r s_sec s_kb < "$out/s.time"
@@ -43,6 +46,7 @@ for mode in default entropy; do
   awk -v a="$s_sec" -v b="$d_sec" -v c="$s_kb" -v d="$d_kb" 'BEGIN { printf "%-10s %-8s %10.2fx %11.2fx\n", "ratio", "", a / b, c / d }'
 done
 fi
+[ -z "${SDSCALE_BENCH_SKIP_STAGES:-}" ] || exit 0
 echo
 echo "## stages (median of $RUNS after a warm-up), ms"
 SDSCALE_BENCH_MODEL="$MODEL" SDSCALE_BENCH_SIZES="$SIZES" SDSCALE_BENCH_RUNS="$RUNS" SDSCALE_BENCH_STAGES="$STAGES" \

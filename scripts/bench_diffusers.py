@@ -4,6 +4,7 @@ same tab-separated format (stage, size, mode, median_ms, runs), or one whole `ge
     python scripts/bench_diffusers.py --model DIR --sizes 224,512 --runs 3
     python scripts/bench_diffusers.py --model DIR --gen --width 192 --height 192 --steps 4 --seed 42 --mode entropy --out x.png
     python scripts/bench_diffusers.py --model DIR --unet-only --sizes 256,512   # any family: one guided UNet step
+    python scripts/bench_diffusers.py --model DIR --hires-step --sizes 1024     # default/entropy/hidiffusion/deepshrink
     python scripts/bench_diffusers.py --model DIR --sampler-steps --sizes 256 --steps 20   # each scheduler's own cost
     python scripts/bench_diffusers.py --model DIR --gen --sampler dpmpp_2m --schedule karras --steps 20 ...
 
@@ -13,6 +14,7 @@ the entropy mode through make_fixtures.py's attention processor (the same one th
 
 import argparse
 import inspect
+import json
 import statistics
 import sys
 import time
@@ -54,8 +56,59 @@ def unet_only(args):
         latent = size // 8
         sample = torch.randn((1, 4, latent, latent), generator=torch.Generator("cpu").manual_seed(1))
         batch = torch.cat([sample, sample])
-        ms = time_ms(lambda: unet(batch, 981, encoder_hidden_states=embeddings), args.runs)
+        extra = {}
+        if unet.config.addition_embed_type == "text_time":
+            # SDXL: the pooled text embedding and the six micro-conditioning numbers, as the pipeline passes.
+            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32)
+            extra["added_cond_kwargs"] = {"text_embeds": torch.randn((2, pooled)), "time_ids": time_ids}
+        ms = time_ms(lambda: unet(batch, 981, encoder_hidden_states=embeddings, **extra), args.runs)
         report("unet_step_cfg", f"{size}x{size}", "default", ms, args.runs)
+
+
+class FirstUNetCallDone(Exception):
+    pass
+
+
+@torch.no_grad()
+def hires_step(args):
+    """One guided UNet step for default, entropy, hidiffusion and deepshrink, as tests/full_size.rs's
+    `full_size_hires_step_at_1024` times sdscale's: the first call of a 50-step DDIM run (t = 981), where
+    HiDiffusion's RAU-Net and windows act and Deep Shrink (t > 600) shrinks. Each mode gets a fresh pipeline
+    set up as scripts/fixture_hires.py sets it up for its references; the pipeline runs until its first UNet
+    call ends, and that call alone is timed (text encoding left out). One run each: at 1024² a call takes
+    minutes, so warm-up is noise."""
+    from fixture_hires import import_hidiffusion, import_kohya
+
+    _, hd = import_hidiffusion()
+    kohya = import_kohya(Path(__file__).resolve().parent.parent)
+    for size in args.sizes:
+        for mode in ("default", "entropy", "hidiffusion", "deepshrink"):
+            pipe = load_pipeline(str(args.model))  # a str: HiDiffusion searches name_or_path with `in`
+            set_attention_mode(pipe.unet, pipe.vae, "entropy" if mode == "entropy" else "default")
+            if mode == "hidiffusion":
+                hd.apply_hidiffusion(pipe)
+            elif mode == "deepshrink":
+                high_res_fix = [{"timestep": 600, "scale_factor": 0.5, "block_num": 1}]
+                pipe.unet = kohya.UNet2DConditionModelHighResFix.from_unet(pipe.unet, high_res_fix=high_res_fix).eval()
+            started = []
+
+            def before(*_):
+                started.append(time.perf_counter())
+
+            def after(*_):
+                report("unet_step_cfg", f"{size}x{size}", mode, (time.perf_counter() - started[0]) * 1e3, 1)
+                raise FirstUNetCallDone
+
+            pipe.unet.register_forward_pre_hook(before)
+            pipe.unet.register_forward_hook(after)
+            torch.manual_seed(42)
+            try:
+                pipe("a corgi on a beach", height=size, width=size, num_inference_steps=50, guidance_scale=7.5,
+                     generator=torch.Generator("cpu").manual_seed(42))
+            except FirstUNetCallDone:
+                pass
+            del pipe
 
 
 def make_scheduler(model: str, sampler: str, schedule: str | None):
@@ -132,10 +185,25 @@ def stages(args):
         report("vae_decode", f"{size}x{size}", "-", time_ms(decode, args.runs), args.runs)
 
 
+def load_any_pipeline(model: str):
+    """make_fixtures.py's SD pipeline, or for an SDXL folder StableDiffusionXLPipeline as its references
+    load it (no watermark; DDIM, sdscale's default sampler, from the folder's scheduler config)."""
+    index = json.loads((Path(model) / "model_index.json").read_text())
+    if index["_class_name"] != "StableDiffusionXLPipeline":
+        return load_pipeline(Path(model))
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=torch.float32, use_safetensors=True,
+                                                     add_watermarker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @torch.no_grad()
 def gen(args):
     start = time.perf_counter()
-    pipe = load_pipeline(Path(args.model))
+    pipe = load_any_pipeline(args.model)
     if args.sampler:
         pipe.scheduler = make_scheduler(args.model, args.sampler, args.schedule)
     if args.device != "cpu" or args.dtype != "f32":
@@ -192,11 +260,12 @@ def main():
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--gen", action="store_true", help="run one whole pipeline instead of the stages")
     parser.add_argument("--unet-only", action="store_true", help="only the guided UNet step, for any family's folder")
+    parser.add_argument("--hires-step", action="store_true", help="one guided UNet step of each hires mode (SD 2.x folder)")
     parser.add_argument("--sampler-steps", action="store_true", help="each scheduler's cost per UNet call, UNet left out")
     parser.add_argument("--sampler", choices=list(SAMPLERS), help="--gen: the scheduler (default: the pipeline's DDIM)")
     parser.add_argument("--schedule", choices=["karras", "exponential"], help="--gen: the sigma schedule")
     parser.add_argument("--prompt", default="a corgi on a beach")
-    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--negative-prompt", default=None, help="not given: None (SDXL: zeros, as sdscale)")
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--height", type=int, default=512)
     parser.add_argument("--steps", type=int, default=50)
@@ -212,6 +281,8 @@ def main():
         gen(args)
     elif args.unet_only:
         unet_only(args)
+    elif args.hires_step:
+        hires_step(args)
     elif args.sampler_steps:
         sampler_steps(args)
     else:

@@ -1,7 +1,9 @@
-"""Full-size random-weight SD 1.5 or LDM-256 models, for benchmarks (issue #11: one guided UNet step of each).
+"""Full-size random-weight SD 1.5, LDM-256 or SDXL base models, for benchmarks (issue #11: one guided UNet
+step of each; issue #22: SDXL beside diffusers).
 
     python scripts/make_full_family.py sd15 ~/.cache/sdscale/sd15-random --vae-from ~/.cache/sdscale/sd21-random
     python scripts/make_full_family.py ldm ~/.cache/sdscale/ldm-random --vae-from ~/.cache/sdscale/sd21-random
+    python scripts/make_full_family.py sdxl ~/.cache/sdscale/sdxl-random     # ~14 GB of f32 weights
 
 Starts from the committed tiny fixture of the family (tests/fixtures/tiny-sd15, tiny-ldm: the real Hub layout,
 its config keys and tokenizer files), sets every size field to the real model's, and writes weights drawn
@@ -10,12 +12,19 @@ real models' shapes; the VAE is SD's KL-f8 autoencoder (the same architecture in
 from a full-size SD 2.1-base folder made by `make_fixtures.py --full`. LDMBert keeps the fixture's small
 vocabulary (its tokenizer is the fixture's): only its embedding table is smaller than the real one.
 Random weights cost the same compute as real ones; the images are noise.
+
+SDXL: the layout of tests/fixtures/tiny-sdxl (stabilityai/stable-diffusion-xl-base-1.0's folders, tokenizers
+with the real vocabulary) with the real base-1.0 configs that sdscale ships in assets/sdxl-base-1-0/, every
+network full size (UNet 2.6 B parameters, CLIP-L, OpenCLIP bigG with its projection, the SDXL VAE), f32 only:
+the benchmark runs f32 on the CPU from mapped files. The UNet (10 GB) is written tensor by tensor, so making
+it needs its own size in RAM, not twice that.
 """
 
 import argparse
 import json
 import os
 import shutil
+import struct
 import sys
 from pathlib import Path
 
@@ -43,15 +52,71 @@ FAMILIES = {
 }
 
 
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def save_streaming(state: dict, path: Path) -> None:
+    """safetensors' file format written one tensor at a time: `save_file` serialises every tensor into
+    bytes first, which for SDXL's 10 GB UNet would need twice its size in RAM."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, tensor in state.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as file:
+        file.write(struct.pack("<Q", len(encoded)))
+        file.write(encoded)
+        for tensor in state.values():
+            file.write(tensor.contiguous().numpy().tobytes())
+
+
+def make_sdxl(out: Path) -> None:
+    assets = REPO / "assets" / "sdxl-base-1-0"
+    # Configs, tokenizers and scheduler as the fixture lays them out; no weights, decoys or exports.
+    shutil.copytree(REPO / "tests" / "fixtures" / "tiny-sdxl", out,
+                    ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.msgpack", "*.onnx", "*.xml",
+                                                  "*.onnx_data", "vae_1_0", "vae_decoder", "vae_encoder"))
+    for folder in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        shutil.copy(assets / folder / "config.json", out / folder / "config.json")
+    torch.manual_seed(0)
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    for folder, build, weights in [
+        ("unet", lambda c: UNet2DConditionModel.from_config(c), "diffusion_pytorch_model.safetensors"),
+        ("vae", lambda c: AutoencoderKL.from_config(c), "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", lambda c: CLIPTextModel(CLIPTextConfig(**c)), "model.safetensors"),
+        ("text_encoder_2", lambda c: CLIPTextModelWithProjection(CLIPTextConfig(**c)), "model.safetensors"),
+    ]:
+        with torch.no_grad():
+            model = build(json.loads((out / folder / "config.json").read_text()))
+        state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+        save_streaming(state, out / folder / weights)
+        print(f"{folder}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M parameters", flush=True)
+        del model, state
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("family", choices=sorted(FAMILIES))
+    parser.add_argument("family", choices=sorted([*FAMILIES, "sdxl"]))
     parser.add_argument("out", type=Path)
-    parser.add_argument("--vae-from", type=Path, required=True, help="a full-size SD 2.1-base folder (make_fixtures.py --full)")
+    parser.add_argument("--vae-from", type=Path, help="sd15, ldm: a full-size SD 2.1-base folder (make_fixtures.py --full)")
     args = parser.parse_args()
-    spec = FAMILIES[args.family]
     if REPO in args.out.resolve().parents:
         sys.exit(f"writes several GB: choose a directory outside the repository, not {args.out}")
+    if args.family == "sdxl":
+        if args.out.exists():
+            shutil.rmtree(args.out)
+        make_sdxl(args.out)
+        return
+    if args.vae_from is None:
+        sys.exit(f"{args.family} needs --vae-from DIR: a full-size SD 2.1-base folder (make_fixtures.py --full)")
+    spec = FAMILIES[args.family]
     fixture = REPO / "tests" / "fixtures" / spec["fixture"]
     if args.out.exists():
         shutil.rmtree(args.out)
