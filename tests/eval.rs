@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-fn eval_dir() -> PathBuf {
+pub(crate) fn eval_dir() -> PathBuf {
     fixtures().join("eval")
 }
 
@@ -70,7 +70,7 @@ fn formula_value(name: &str, shape: &[usize]) -> Vec<f32> {
 
 /// The formula Inception written as scripts/convert_inception.py writes the real one: every tensor
 /// named in inception_layout.json (the converter's output, checked by the fixture script).
-fn formula_inception() -> &'static Path {
+pub(crate) fn formula_inception() -> &'static Path {
     static FILE: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     let (_, path) = FILE.get_or_init(|| {
         let layout: Vec<(String, Vec<usize>)> =
@@ -162,7 +162,7 @@ fn inception_features_and_fid_match_pytorch_fid() {
 
 // ---- CLIP score --------------------------------------------------------------------------------
 
-fn tiny_clip() -> PathBuf {
+pub(crate) fn tiny_clip() -> PathBuf {
     eval_dir().join("tiny-clip")
 }
 

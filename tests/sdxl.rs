@@ -436,6 +436,117 @@ fn sdxl_resize_multidiffusion_and_compare_run() {
     assert_eq!(stdout(&result).lines().count(), 4, "three images and the grid");
 }
 
+/// The experiment tools on SDXL: a grid (2 prompts × 2 sizes × 2 modes) run as two Slurm array tasks,
+/// each writing its part and its own manifest; `eval` reads both manifests into one FID / CLIP-score
+/// table with a row per size and mode; `compare --html` writes a page holding every image it made.
+#[test]
+fn sdxl_grid_in_shards_eval_and_html_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model().display().to_string();
+    std::fs::write(dir.path().join("prompts.txt"), "a corgi\na red house\n").unwrap();
+    let grid = [
+        "gen",
+        "--model",
+        &model,
+        "--prompts",
+        "prompts.txt",
+        "--sizes",
+        "128,192x128",
+        "--modes",
+        "default,entropy",
+        "--steps",
+        "1",
+        "--seed",
+        "5",
+        "--manifest",
+        "manifest-{shard}.jsonl",
+        "-o",
+        "out/{width}x{height}/{mode}/{prompt_index}.png",
+    ];
+    for task in ["0", "1"] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_sdscale"))
+            .args(grid)
+            .current_dir(dir.path())
+            .env("HF_HOME", dir.path().join("hf-home"))
+            .env_remove("JOB_COMPLETION_INDEX")
+            .envs([("SLURM_ARRAY_TASK_ID", task), ("SLURM_ARRAY_TASK_MIN", "0"), ("SLURM_ARRAY_TASK_COUNT", "2")])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "shard {task}: {}", stderr(&output));
+        assert!(stderr(&output).contains(&format!("shard {task} of 2")), "{}", stderr(&output));
+    }
+    let pngs = crate::util::files_ending(dir.path(), ".png");
+    assert_eq!(pngs.len(), 8, "2 prompts × 2 sizes × 2 modes: {pngs:?}");
+    for png in &pngs {
+        assert_eq!(info_json(dir.path(), png)["family"], "SDXL");
+    }
+
+    let (inception, clip, reference) = (
+        crate::eval::formula_inception().display().to_string(),
+        crate::eval::tiny_clip().display().to_string(),
+        crate::eval::eval_dir().join("reference").display().to_string(),
+    );
+    let eval = [
+        "eval",
+        "--manifest",
+        "manifest-0.jsonl",
+        "manifest-1.jsonl",
+        "--inception",
+        &inception,
+        "--reference",
+        &reference,
+        "--clip",
+        &clip,
+        "--device",
+        "cpu",
+        "--format",
+        "json",
+    ];
+    let result = sdscale(dir.path(), &eval);
+    assert!(result.status.success(), "eval: {}", stderr(&result));
+    let table: serde_json::Value = serde_json::from_str(&stdout(&result)).unwrap();
+    let rows: Vec<String> = table["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .inspect(|row| assert_eq!(row["images"], 2, "{row}"))
+        .inspect(|row| assert!(row["fid"].as_f64().is_some() && row["clip_score"].as_f64().is_some(), "{row}"))
+        .map(|row| format!("{}x{} {}", row["width"], row["height"], row["mode"].as_str().unwrap()))
+        .collect();
+    assert_eq!(rows, ["128x128 default", "128x128 entropy", "192x128 default", "192x128 entropy"]);
+
+    let compare = [
+        "compare",
+        "--model",
+        &model,
+        "--prompt",
+        "a corgi",
+        "--width",
+        "192",
+        "--height",
+        "128",
+        "--steps",
+        "1",
+        "--seeds",
+        "1",
+        "--modes",
+        "default,entropy",
+        "--html",
+        "-o",
+        "page/corgi.png",
+    ];
+    let result = sdscale(dir.path(), &compare);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let written = crate::util::success_lines(&result);
+    let page = written.last().unwrap();
+    assert!(page.ends_with(".html"), "{written:?}");
+    let html = std::fs::read_to_string(dir.path().join(page)).unwrap();
+    for image in written.iter().filter(|p| p.ends_with(".png") && *p != "page/corgi.png") {
+        let name = Path::new(image).file_name().unwrap().to_str().unwrap();
+        assert!(html.contains(name), "the page lacks {name}");
+    }
+}
+
 /// `--sampler model` on SDXL is the model's own EulerDiscreteScheduler (leading spacing, steps_offset 1,
 /// start noise √(σ_max²+1)): the references made with the pipeline's own scheduler.
 #[test]
