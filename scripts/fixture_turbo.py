@@ -31,11 +31,17 @@ WHAT IS CONFIRMED and what is written from memory (no Hub access here; searched 
       with the 0.24.0.dev0 stamp and sample_size 512.
   sdxl-turbo text_encoder*/config.json, tokenizer*/   UNCONFIRMED: tiny-sdxl's files unchanged (base 1.0's keys
       and stamps; Turbo ships the same two CLIP encoders and tokenizers).
-  sd-turbo scheduler/scheduler_config.json   UNCONFIRMED (memory): EulerDiscreteScheduler (not ancestral),
-      0.24.0.dev0, timestep_spacing "trailing", steps_offset 1, epsilon, with the keys of that class in 0.24
-      (interpolation_type, sigma_min/sigma_max null, timestep_type "discrete", use_karras_sigmas false).
-  sd-turbo model_index.json     UNCONFIRMED (memory): StableDiffusionPipeline, 0.24.0.dev0, safety_checker /
-      feature_extractor / image_encoder [null, null], requires_safety_checker true (diffusers warns only).
+  sd-turbo scheduler/scheduler_config.json   the CLASS corroborated: EulerDiscreteScheduler, not ancestral
+      (public code loads `EulerDiscreteScheduler.from_pretrained("stabilityai/sd-turbo", subfolder="scheduler")`,
+      and diffusers.js tells SD-Turbo from SD by model_index's scheduler being EulerDiscreteScheduler);
+      timestep_spacing "trailing" follows from the model card (AutoPipelineForText2Image with its own scheduler
+      at num_inference_steps=1 gives images: "leading" and "linspace" put one step at t = 1 / 0, "trailing" at
+      999). The rest from memory (UNCONFIRMED): 0.24.0.dev0, steps_offset 1, epsilon (SD-Turbo renders at
+      512, from SD 2.1-base), and that class's 0.24 keys (interpolation_type, sigma_min/sigma_max null,
+      timestep_type "discrete", use_karras_sigmas false).
+  sd-turbo model_index.json     StableDiffusionPipeline with EulerDiscreteScheduler (corroborated, above); the
+      rest UNCONFIRMED (memory): 0.24.0.dev0, safety_checker / feature_extractor / image_encoder [null, null],
+      requires_safety_checker true (diffusers warns only).
   sd-turbo unet/config.json     the 0.24 key set as above, SD 2.x values (no added embedding, linear
       projection, no upcast_attention), sample_size 64 (UNCONFIRMED file).
   sd-turbo vae/config.json      UNCONFIRMED: tiny-sd's keys plus force_upcast true, scaling_factor 0.18215,
