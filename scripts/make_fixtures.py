@@ -59,6 +59,7 @@ Rerun from the repository root, with the reference environment kept outside the 
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only hires  # see scripts/fixture_hires.py
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only vae-tiling   # also vae-swap: fixture_vae.py
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only sdxl   # see scripts/fixture_sdxl.py
+    ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only turbo  # see scripts/fixture_turbo.py
 
 Do not install ftfy: transformers 5's CLIPTokenizer is a `tokenizers` pipeline that never uses it,
 and sdscale mirrors exactly that pipeline.
@@ -1657,7 +1658,7 @@ def main() -> None:
     parser.add_argument("--vae-gain", type=float, default=VAE_CONV_OUT_GAIN, help="VAE conv_out gain for --search-f")
     parser.add_argument("--only", choices=["multidiffusion", "sd15", "sd21v", "ldm", "sd15-single-file", "eval",
                                            "samplers", "samplers-schedulers", "samplers-images", "hires",
-                                           "vae-tiling", "vae-swap", "sdxl"],
+                                           "vae-tiling", "vae-swap", "sdxl", "turbo"],
                         help="multidiffusion: write only reference/multidiffusion.json, images/md_*.png and "
                              "images/md_latents.safetensors, from the existing tiny-sd/ (nothing else is rewritten); "
                              "sd15, sd21v, ldm: write only that family's tiny model (tiny-sd15/, tiny-sd21v/, "
@@ -1669,7 +1670,9 @@ def main() -> None:
                              "hires: write only tiny-sd-hires/ and reference/hires/ (see scripts/fixture_hires.py); "
                              "vae-tiling, vae-swap: the VAE references (see scripts/fixture_vae.py); "
                              "sdxl: write only tiny-sdxl/, tiny-sdxl-single-file.safetensors and "
-                             "reference/families/sdxl* (see scripts/fixture_sdxl.py)")
+                             "reference/families/sdxl* (see scripts/fixture_sdxl.py); "
+                             "turbo: write only tiny-sdxl-turbo/, tiny-sd-turbo/ (from tiny-sdxl/, tiny-sd/) and "
+                             "reference/families/turbo* (see scripts/fixture_turbo.py)")
     args = parser.parse_args()
     if args.fp16_variants and not args.full:
         parser.error("--fp16-variants goes with --full (the fixtures always have them)")
@@ -1699,6 +1702,10 @@ def main() -> None:
         import fixture_sdxl  # scripts/, beside this file
 
         fixture_sdxl.main(sys.modules[__name__], args.only)
+    elif args.only == "turbo":
+        import fixture_turbo  # scripts/, beside this file
+
+        fixture_turbo.main(sys.modules[__name__], args.only)
     elif args.only:
         import fixture_families  # scripts/, beside this file
 

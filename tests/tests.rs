@@ -21,4 +21,5 @@ mod reference;
 mod samplers;
 mod sdxl;
 mod shards;
+mod turbo;
 mod vae;
