@@ -3,7 +3,8 @@
 //! `apply_hidiffusion(pipe)` and diffusers' community kohya_hires_fix.py, DDIM, 5 steps, guidance 7.5,
 //! fp32 CPU (scripts/fixture_hires.py). Tolerance as for every image test: mean |Δ| ≤ 0.1 and max |Δ| ≤ 4
 //! levels of 255. Then the compositions with the entropy scale: bit for bit the plain method where it
-//! is inactive at the training size, different where it acts.
+//! is inactive at the training size, different where it acts. The SDXL rules at the end, on
+//! tiny-sdxl-hires (reference/hires/sdxl.json).
 
 use crate::util::{fixtures, image_diff, read_json, reference, sdscale, stderr};
 use sdscale::hires::hidiffusion::shift_step;
