@@ -27,7 +27,9 @@
 //!   while index < int(steps·0.3). The reference turns the aggressive rule off when the model's
 //!   name_or_path contains 'inpainting' or 'playground' (a text-to-image pipeline on a local folder
 //!   with such a name); sdscale keys no rule on the model's path and always follows the name-free rule.
-//!   `--hidiffusion-ratios T1:T2` means the non-aggressive rule with those ratios.
+//!   `--hidiffusion-ratios T1:T2` means the non-aggressive rule with those ratios. (The reference keeps
+//!   `aggressive_raunet` on its patched instances once set, so a pipeline that first rendered under
+//!   4096 px stays aggressive for later, larger calls; sdscale decides per call from the latent size.)
 //! - MSW-MSA: `transformer_blocks.0` and `.1` of `down_blocks.1.attentions.0/1` and
 //!   `up_blocks.1.attentions.0/1/2` (ten windowed blocks per UNet call).
 //! - The reference recognises a local SDXL folder by module names (its sdxl_module_key.txt) and uses
