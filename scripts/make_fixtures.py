@@ -57,6 +57,7 @@ Rerun from the repository root, with the reference environment kept outside the 
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only eval   # see scripts/eval_fixtures.py
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only samplers   # see scripts/fixture_samplers.py
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only hires  # see scripts/fixture_hires.py
+    ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only hires-sdxl  # the same script, main_sdxl
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only vae-tiling   # also vae-swap: fixture_vae.py
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only sdxl   # see scripts/fixture_sdxl.py
 
