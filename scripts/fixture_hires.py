@@ -29,6 +29,20 @@ References:
                 StableDiffusionHighResFixPipeline does in __init__.
 Both compose with the entropy scale through make_fixtures.py's EntropyAttnProcessor: N is each call's
 own key count (a window's, a shrunk level's), T the level's training count.
+
+`--only hires-sdxl` (main_sdxl): HiDiffusion's SDXL rules, written to tests/fixtures/tiny-sdxl-hires/ and
+reference/hires/sdxl.json + xl_*.png (the SD references above are not touched). The model: tiny-sdxl's
+text encoders, tokenizers, VAE and scheduler (copied: git stores the identical blobs once) with a UNet
+whose module names are a superset of the reference's sdxl_module_key.txt, so `apply_hidiffusion`
+recognises the local folder as SDXL by module names (name_or_path is a path, not
+'stabilityai/sdxl-turbo', so never the turbo rules): transformer_layers_per_block [1, 2, 10] and
+block_out_channels [8, 16, 8] (each level's width differs from the one before, so the conv_shortcuts of
+down_blocks.1/2.resnets.0 exist; level 2 narrow to keep its 60 transformer blocks small).
+StableDiffusionXLPipeline with add_watermarker=False and DDIM from the folder's scheduler config, as
+scripts/fixture_sdxl.py calls it. At latents under 512 on a side the reference runs its "aggressive"
+RAU-Net (is_aggressive_raunet, aggressive_step 8); the ratio-override case also sets
+is_aggressive_raunet=False for that call: sdscale's --hidiffusion-ratios on SDXL means the plain
+T1/T2 rule with those ratios.
 """
 
 from __future__ import annotations
@@ -63,6 +77,26 @@ CASES = [
     ("ds_multi", "deepshrink", 256, 256, 24, 0.0, {"deepshrink": [[200, 0.5, 1], [800, 0.5, 2], [600, 0.75, 1]]}),
     ("dse_default", "deepshrink+entropy", 256, 256, 21, 0.0, {}),
 ]
+
+
+# SDXL: (name, mode, width, height, seed, steps, options). Training size 128 px (16 latents).
+XL_CASES = [
+    ("xl_2x", "hidiffusion", 256, 256, 31, 5, {}),
+    ("xl_wide", "hidiffusion", 384, 256, 32, 7, {}),  # 7 steps: the aggressive stride-4 downsampler at step 0
+    ("xl_odd", "hidiffusion", 200, 264, 33, 7, {}),
+    ("xl_train", "hidiffusion", 128, 128, 34, 5, {}),
+    ("xl_t1t2", "hidiffusion", 264, 200, 35, 5, {"ratios": [0.6, 0.4]}),
+    ("xle_2x", "hidiffusion+entropy", 256, 256, 31, 5, {}),
+]
+XL_UNET_SEED = 2301
+# attn1 q/k factor. tiny-sdxl's 5.5 makes this deeper UNet (60 transformer blocks at level 2) chaotic:
+# diffusers' SDPA and explicit softmax then differ by 1.42 mean at 128 px; at 4 by 0.0005.
+XL_SHARPEN = 4.0
+XL_WINDOWED = 10  # transformer_blocks.0/1 of down_blocks.1.attentions.0/1 and up_blocks.1.attentions.0/1/2
+
+
+def xl_unet_config(fs) -> dict:
+    return dict(fs.TINY_UNET, block_out_channels=[8, 16, 8], transformer_layers_per_block=[1, 2, 10])
 
 
 def hires_unet_config(mf) -> dict:
@@ -186,3 +220,85 @@ def main(mf) -> None:
               f"({time.perf_counter() - start:.1f} s)", flush=True)
     mf.write_json(ref / "hires.json", entries)
     print(f"wrote {(ref / 'hires.json').relative_to(mf.REPO)}")
+
+
+def write_sdxl_model(mf, fs, out: Path):
+    from fixture_families import copy_files, save_weights
+
+    if out.exists():
+        shutil.rmtree(out)
+    src = mf.FIXTURES / "tiny-sdxl"
+    # Stored in f16 (half the bytes: 60 transformer blocks at level 2); the reference runs the same values in f32.
+    unet = mf.build_unet(xl_unet_config(fs), XL_UNET_SEED, XL_SHARPEN).half().float()
+    shutil.copytree(src / "scheduler", out / "scheduler")
+    shutil.copy(src / "model_index.json", out / "model_index.json")
+    for name in ("tokenizer", "tokenizer_2"):
+        shutil.copytree(src / name, out / name)
+    for name, stem in (("text_encoder", "model"), ("text_encoder_2", "model"), ("vae", "diffusion_pytorch_model")):
+        copy_files(src / name, out / name, ["config.json", f"{stem}.safetensors"])
+    mf.write_json(out / "unet" / "config.json", fs.unet_config_json(unet))
+    save_weights(mf, out / "unet", "diffusion_pytorch_model", {k: v.half() for k, v in unet.state_dict().items()},
+                 False, ())
+    return unet
+
+
+@torch.no_grad()
+def call_sdxl(mf, pipe, case: dict):
+    attention = "entropy" if case["mode"].endswith("+entropy") else "default"
+    mf.set_attention_mode(pipe.unet, pipe.vae, attention)
+    torch.manual_seed(case["seed"])  # the global generator: HiDiffusion's window shifts
+    return pipe(
+        case["prompt"],
+        negative_prompt=case["negative_prompt"],
+        height=case["height"],
+        width=case["width"],
+        num_inference_steps=case["steps"],
+        guidance_scale=case["guidance"],
+        generator=torch.Generator("cpu").manual_seed(case["seed"]),
+    ).images[0]
+
+
+def main_sdxl(mf) -> None:
+    import fixture_sdxl as fs  # scripts/, beside this file
+
+    torch.set_num_threads(1)
+    out = mf.FIXTURES / "tiny-sdxl-hires"
+    ref = mf.REF_DIR / "hires"
+    unet = write_sdxl_model(mf, fs, out)
+    print(f"wrote {out.relative_to(mf.REPO)}")
+    ref.mkdir(parents=True, exist_ok=True)
+    _, hd = import_hidiffusion()
+    keys = {k for k, _ in unet.named_modules()}
+    assert set(hd.sdxl_module_key) < keys, sorted(set(hd.sdxl_module_key) - keys)[:10]
+    assert not set(hd.sd15_module_key) < keys
+    entries = []
+    for name, mode, width, height, seed, steps, options in XL_CASES:
+        case = {"file": f"{name}.png", "prompt": PROMPT, "negative_prompt": NEGATIVE, "width": width,
+                "height": height, "steps": steps, "guidance": 7.5, "seed": seed, "eta": 0.0, "mode": mode,
+                **options}
+        pipe = fs.load_pipeline(str(out))  # a fresh pipeline: the patched blocks keep state on the instances
+        mf.assert_same_weights(pipe.unet, unet, "unet")
+        start = time.perf_counter()
+        hd.apply_hidiffusion(pipe)
+        block = pipe.unet.down_blocks[1]
+        assert type(block).__name__ == "cross_attn_down_block" and block.model == "sdxl", "not recognised as SDXL"
+        assert type(pipe.unet.down_blocks[1].downsamplers[0].conv).__name__ == "downsampler_block"
+        saved = dict(hd.switching_threshold_ratio_dict["sdxl_2048"]), hd.is_aggressive_raunet
+        if "ratios" in options:
+            t1, t2 = options["ratios"]
+            hd.switching_threshold_ratio_dict["sdxl_2048"].update({"T1_ratio": t1, "T2_ratio": t2})
+            hd.is_aggressive_raunet = False
+        try:
+            with RandLog() as log:
+                image = call_sdxl(mf, pipe, case)
+        finally:
+            hd.switching_threshold_ratio_dict["sdxl_2048"].update(saved[0])
+            hd.is_aggressive_raunet = saved[1]
+        assert len(log.draws) == XL_WINDOWED * steps, (len(log.draws), XL_WINDOWED * steps)
+        case["rand"] = log.draws
+        image.save(ref / case["file"])
+        entries.append(case)
+        print(f"  {case['file']}: {mode} {width}x{height} seed {seed} steps {steps} {options} "
+              f"({time.perf_counter() - start:.1f} s)", flush=True)
+    mf.write_json(ref / "sdxl.json", entries)
+    print(f"wrote {(ref / 'sdxl.json').relative_to(mf.REPO)}")

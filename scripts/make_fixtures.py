@@ -57,6 +57,7 @@ Rerun from the repository root, with the reference environment kept outside the 
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only eval   # see scripts/eval_fixtures.py
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only samplers   # see scripts/fixture_samplers.py
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only hires  # see scripts/fixture_hires.py
+    ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only hires-sdxl  # the same script, main_sdxl
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only vae-tiling   # also vae-swap: fixture_vae.py
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only sdxl   # see scripts/fixture_sdxl.py
     ~/.venvs/sdscale-ref/bin/python scripts/make_fixtures.py --only turbo  # see scripts/fixture_turbo.py
@@ -1658,7 +1659,7 @@ def main() -> None:
     parser.add_argument("--vae-gain", type=float, default=VAE_CONV_OUT_GAIN, help="VAE conv_out gain for --search-f")
     parser.add_argument("--only", choices=["multidiffusion", "sd15", "sd21v", "ldm", "sd15-single-file", "eval",
                                            "samplers", "samplers-schedulers", "samplers-images", "hires",
-                                           "vae-tiling", "vae-swap", "sdxl", "turbo"],
+                                           "hires-sdxl", "vae-tiling", "vae-swap", "sdxl", "turbo"],
                         help="multidiffusion: write only reference/multidiffusion.json, images/md_*.png and "
                              "images/md_latents.safetensors, from the existing tiny-sd/ (nothing else is rewritten); "
                              "sd15, sd21v, ldm: write only that family's tiny model (tiny-sd15/, tiny-sd21v/, "
@@ -1668,6 +1669,7 @@ def main() -> None:
                              "samplers: write only reference/samplers/ (see scripts/fixture_samplers.py; "
                              "samplers-schedulers / samplers-images: only its scheduler or image part); "
                              "hires: write only tiny-sd-hires/ and reference/hires/ (see scripts/fixture_hires.py); "
+                             "hires-sdxl: write only tiny-sdxl-hires/ and reference/hires/sdxl.json, xl_*.png; "
                              "vae-tiling, vae-swap: the VAE references (see scripts/fixture_vae.py); "
                              "sdxl: write only tiny-sdxl/, tiny-sdxl-single-file.safetensors and "
                              "reference/families/sdxl* (see scripts/fixture_sdxl.py); "
@@ -1694,6 +1696,10 @@ def main() -> None:
         import fixture_hires  # scripts/, beside this file
 
         fixture_hires.main(sys.modules[__name__])
+    elif args.only == "hires-sdxl":
+        import fixture_hires  # scripts/, beside this file
+
+        fixture_hires.main_sdxl(sys.modules[__name__])
     elif args.only in ("vae-tiling", "vae-swap"):
         import fixture_vae  # scripts/, beside this file
 

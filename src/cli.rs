@@ -253,8 +253,10 @@ pub struct HiresArgs {
     #[arg(long, value_name = "T:SCALE:BLOCK")]
     pub deepshrink: Vec<String>,
 
-    /// HiDiffusion's T1:T2 ratios (RAU-Net while step < steps·T1, its pool while step < steps·T2)
-    /// [default: the hidiffusion package's: 0.4:0 under 2048 px on a side, else 0.7:0.3].
+    /// HiDiffusion's T1:T2 ratios. SD: the stride-4 downsampler while step < steps·T1, the pool while
+    /// step < steps·T2. SDXL: the pool while step < steps·T1, the downsampler while step < steps·T2
+    /// (the package's non-aggressive rule) [default: the hidiffusion package's: SD 0.4:0 under 2048 px
+    /// on a side, else 0.7:0.3; SDXL its aggressive schedule under 4096 px, else 0.7:0.3].
     #[arg(long, value_name = "T1:T2")]
     pub hidiffusion_ratios: Option<String>,
 

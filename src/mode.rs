@@ -29,7 +29,8 @@ pub enum Mode {
     /// windows of the training size (64×64 latents for SD's 512²) with stride 8 and average them every
     /// step.
     Multidiffusion,
-    /// HiDiffusion (RAU-Net + MSW-MSA), as the PyPI `hidiffusion` package applies it: SD 1.5 / 2.1-base.
+    /// HiDiffusion (RAU-Net + MSW-MSA), as the PyPI `hidiffusion` package applies it: SD 1.5 / 2.1-base
+    /// and SDXL, each with the package's rules for it.
     Hidiffusion,
     /// Kohya's Deep Shrink, as diffusers' community `kohya_hires_fix` pipeline (`--deepshrink` entries).
     Deepshrink,

@@ -34,13 +34,15 @@ pub enum Part {
     Up,
 }
 
-/// One attention (a `Transformer2DModel`) whose first transformer block's self-attention runs in 2×2
-/// shifted windows, with the shift step k (0..=3) of each image of the batch.
+/// One transformer block (`transformer_blocks.{transformer_block}` of attention `attention` of a block)
+/// whose self-attention runs in 2×2 shifted windows, with the shift step k (0..=3) of each image of the
+/// batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WindowedAttention {
     pub part: Part,
     pub block: usize,
     pub attention: usize,
+    pub transformer_block: usize,
     /// k per image (not per batch entry: the guided batch [negatives…, prompts…] shares image i's k
     /// between entries i and B + i, as the reference's single call shares its draw).
     pub shifts: Vec<u8>,
@@ -96,11 +98,14 @@ impl UNetPlan {
         self.shrink.iter().find(|(b, _)| *b == block).map(|(_, s)| *s)
     }
 
-    /// The shift steps of attention `attention` of `part` block `block`, when it is windowed.
-    pub fn window(&self, part: Part, block: usize, attention: usize) -> Option<&[u8]> {
+    /// The shift steps of `transformer_blocks.{transformer_block}` of attention `attention` of `part`
+    /// block `block`, when its self-attention is windowed.
+    pub fn window(&self, part: Part, block: usize, attention: usize, transformer_block: usize) -> Option<&[u8]> {
         self.windows
             .iter()
-            .find(|w| w.part == part && w.block == block && w.attention == attention)
+            .find(|w| {
+                (w.part, w.block, w.attention, w.transformer_block) == (part, block, attention, transformer_block)
+            })
             .map(|w| w.shifts.as_slice())
     }
 }

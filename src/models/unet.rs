@@ -626,13 +626,14 @@ impl Transformer2DModel {
         })
     }
 
-    fn forward(
+    /// `windows(j)`: the shift steps when `transformer_blocks.j`'s self-attention is windowed.
+    fn forward<'w>(
         &self,
         xs: &Tensor,
         text: &Tensor,
         scale: AttentionScale,
         probe: Option<&dyn AttentionObserver>,
-        window: Option<&[u8]>,
+        windows: &dyn Fn(usize) -> Option<&'w [u8]>,
     ) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let residual = xs;
@@ -645,14 +646,15 @@ impl Transformer2DModel {
             Projection::Conv(proj) => to_tokens(proj.forward(&xs)?)?,
         };
         // The policy decides both scales here, once per layer and call: N = the keys this call's
-        // self-attention sees (h·w, or a window's under HiDiffusion), T its level's training count.
-        // A window applies to transformer_blocks.0 only, as the reference patches it.
-        let n_keys = if window.is_some() { hires::hidiffusion::window_keys(h, w) } else { h * w };
-        let scales = (scale.self_attention(self.head_dim, n_keys, self.level), scale.cross_attention(self.head_dim));
-        let plain_scales = (scale.self_attention(self.head_dim, h * w, self.level), scales.1);
-        for (i, block) in self.transformer_blocks.iter().enumerate() {
-            let window = window.filter(|_| i == 0).map(|shifts| (shifts, h, w));
-            let scales = if window.is_some() { scales } else { plain_scales };
+        // self-attention sees (h·w, or a window's in the transformer blocks HiDiffusion windows), T its
+        // level's training count.
+        let cross = scale.cross_attention(self.head_dim);
+        let plain_scales = (scale.self_attention(self.head_dim, h * w, self.level), cross);
+        let window_scales =
+            (scale.self_attention(self.head_dim, hires::hidiffusion::window_keys(h, w), self.level), cross);
+        for (j, block) in self.transformer_blocks.iter().enumerate() {
+            let window = windows(j).map(|shifts| (shifts, h, w));
+            let scales = if window.is_some() { window_scales } else { plain_scales };
             xs = block.forward(&xs, text, scales, probe, window)?;
         }
         // (b, c, h, w)
@@ -719,8 +721,8 @@ impl DownBlock {
         for (i, resnet) in self.resnets.iter().enumerate() {
             xs = resnet.forward(&xs, Some(call.temb))?;
             if let Some(attention) = self.attentions.get(i) {
-                let window = call.plan.window(Part::Down, index, i);
-                xs = attention.forward(&xs, call.text, call.scale, call.probe, window)?;
+                let windows = |j| call.plan.window(Part::Down, index, i, j);
+                xs = attention.forward(&xs, call.text, call.scale, call.probe, &windows)?;
             }
             if i == 0 && call.plan.pool.is_some_and(|pool| pool.down_block == index) {
                 let (_, _, h, w) = xs.dims4()?;
@@ -776,8 +778,8 @@ impl UpBlock {
             let joined = op(OpKind::Elementwise, xs.device(), || Tensor::cat(&[&xs, &skip], 1))?;
             xs = resnet.forward(&joined, Some(call.temb))?;
             if let Some(attention) = self.attentions.get(i) {
-                let window = call.plan.window(Part::Up, index, i);
-                xs = attention.forward(&xs, call.text, call.scale, call.probe, window)?;
+                let windows = |j| call.plan.window(Part::Up, index, i, j);
+                xs = attention.forward(&xs, call.text, call.scale, call.probe, &windows)?;
             }
             if let (1, Some((h, w))) = (i, unpool_to) {
                 xs = hires::resample::bicubic(&xs, h, w, None)?;
@@ -819,7 +821,7 @@ impl MidBlock {
     ) -> Result<Tensor> {
         let mut xs = self.resnets[0].forward(xs, Some(temb))?;
         for (attention, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            xs = attention.forward(&xs, text, scale, probe, None)?;
+            xs = attention.forward(&xs, text, scale, probe, &|_| None)?;
             xs = resnet.forward(&xs, Some(temb))?;
         }
         Ok(xs)
