@@ -159,6 +159,7 @@ class RandLog:
 
 @torch.no_grad()
 def call(mf, pipe, case: dict):
+    """One reference call, SD's or SDXL's pipeline alike."""
     attention = "entropy" if case["mode"].endswith("+entropy") else "default"
     mf.set_attention_mode(pipe.unet, pipe.vae, attention)
     torch.manual_seed(case["seed"])  # the global generator: HiDiffusion's window shifts
@@ -242,22 +243,6 @@ def write_sdxl_model(mf, fs, out: Path):
     return unet
 
 
-@torch.no_grad()
-def call_sdxl(mf, pipe, case: dict):
-    attention = "entropy" if case["mode"].endswith("+entropy") else "default"
-    mf.set_attention_mode(pipe.unet, pipe.vae, attention)
-    torch.manual_seed(case["seed"])  # the global generator: HiDiffusion's window shifts
-    return pipe(
-        case["prompt"],
-        negative_prompt=case["negative_prompt"],
-        height=case["height"],
-        width=case["width"],
-        num_inference_steps=case["steps"],
-        guidance_scale=case["guidance"],
-        generator=torch.Generator("cpu").manual_seed(case["seed"]),
-    ).images[0]
-
-
 def main_sdxl(mf) -> None:
     import fixture_sdxl as fs  # scripts/, beside this file
 
@@ -290,7 +275,7 @@ def main_sdxl(mf) -> None:
             hd.is_aggressive_raunet = False
         try:
             with RandLog() as log:
-                image = call_sdxl(mf, pipe, case)
+                image = call(mf, pipe, case)
         finally:
             hd.switching_threshold_ratio_dict["sdxl_2048"].update(saved[0])
             hd.is_aggressive_raunet = saved[1]
