@@ -11,9 +11,12 @@ use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
 
-/// Query rows per block: about 1 MiB of scores, within 16 … 256 rows.
+/// Query rows per block: about 1 MiB of scores (one core's L2), within 64 … 256 rows. Each block's two
+/// gemms pack all of kᵀ and v again, so past 4 096 keys the floor of 64 rows (larger score blocks)
+/// pays: a 1024² SD 2.1 UNet step (16 384 keys) took 78.4 s against 83.5 s with 16-row blocks, while a
+/// 256-row block at 4 096 keys (4 MiB) was 9 % slower than 64 rows at 512² (2026-12-07, BENCHMARKS.md).
 fn block_rows(n_keys: usize) -> usize {
-    ((1 << 18) / n_keys.max(1)).clamp(16, 256)
+    ((1 << 18) / n_keys.max(1)).clamp(64, 256)
 }
 
 /// softmax(scale · q·kᵀ)·v with q (b, n_q, d), k and v (b, n_k, d); with `measure`, the row statistics
