@@ -130,13 +130,7 @@ fn main() -> Result<()> {
             let unet = pipeline.unet();
             let mut time = unet.time_features(981.0, 2, dtype, &device)?;
             if let Some(pooled) = &pooled {
-                // SDXL's add_time_ids at this size: (h, w) original, (0, 0) crop, (h, w) target.
-                let ids = [size as f32, size as f32, 0.0, 0.0, size as f32, size as f32].repeat(2);
-                let time_ids = Tensor::from_vec(ids, (2, 6), &device)?;
-                let added = unet
-                    .added_features(pooled, &time_ids, dtype)?
-                    .ok_or_else(|| anyhow::anyhow!("pooled text embeddings, but the UNet has no added embedding"))?;
-                time = Tensor::cat(&[&time, &added], 1)?;
+                time = Tensor::cat(&[&time, &pipeline.added_features(pooled, PixelSize::new(size, size))?], 1)?;
             }
             for (mode, scale) in [("default", AttentionScale::Default), ("entropy", entropy)] {
                 if !modes.split(',').any(|m| m == mode) {

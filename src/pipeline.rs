@@ -437,15 +437,20 @@ impl Pipeline {
     /// crop, (height, width) target size, as `StableDiffusionXLPipeline._get_add_time_ids` makes them
     /// by default (the same for the negative rows).
     fn conditioning(&self, (text, pooled): (Tensor, Option<Tensor>), size: PixelSize) -> Result<Conditioning> {
-        let Some(pooled) = pooled else { return Ok(Conditioning { text, added: None }) };
+        let added = pooled.map(|pooled| self.added_features(&pooled, size)).transpose()?;
+        Ok(Conditioning { text, added })
+    }
+
+    /// SDXL's added features for pooled embeddings (one row each) rendered at `size`, to append to the
+    /// UNet's time features (see [`UNet2DConditionModel::added_features`]).
+    pub fn added_features(&self, pooled: &Tensor, size: PixelSize) -> Result<Tensor> {
         let rows = pooled.dim(0)?;
         let (h, w) = (size.height as f32, size.width as f32);
         let ids: Vec<f32> = (0..rows).flat_map(|_| [h, w, 0.0, 0.0, h, w]).collect();
         // diffusers builds them in the embeddings' dtype (exact in f16 up to 2048).
         let time_ids = Tensor::from_vec(ids, (rows, 6), &self.device)?.to_dtype(self.dtype)?;
-        let added = self.unet.added_features(&pooled, &time_ids, self.dtype)?;
-        ensure!(added.is_some(), "the text encoders make pooled embeddings but the UNet has no added embedding");
-        Ok(Conditioning { text, added })
+        let added = self.unet.added_features(pooled, &time_ids, self.dtype)?;
+        added.ok_or_else(|| anyhow!("the text encoders make pooled embeddings but the UNet has no added embedding"))
     }
 
     /// The guided noise prediction for `latents` (B, c, h, w): the UNet on [latents, latents] with the

@@ -3,7 +3,7 @@
 //! made by `scripts/make_fixtures.py --only <name>`) within the usual tolerance (mean |Δ| ≤ 0.1, max
 //! |Δ| ≤ 4 levels), in both modes, and the two modes are bit-identical at the family's training size.
 
-use crate::util::{fixtures, image_diff, sdscale, stderr, stdout};
+use crate::util::{copy_dir, fixtures, image_diff, sdscale, stderr, stdout};
 use sdscale::weights::{ModelFiles, ModelSource};
 use std::path::{Path, PathBuf};
 
@@ -171,19 +171,6 @@ fn sd15_ignores_the_safety_checker_and_records_its_family() {
     }
     let png = render_with(dir.path(), &copy, &one_step(case("sd15", "wide160x96_entropy.png")), &[]);
     assert_eq!(info_json(dir.path(), &png)["family"], "SD 1.x");
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let path = entry.unwrap().path();
-        let target = to.join(path.file_name().unwrap());
-        if path.is_dir() {
-            copy_dir(&path, &target);
-        } else {
-            std::fs::copy(&path, &target).unwrap();
-        }
-    }
 }
 
 // ---- SD 2.1 (768, v-prediction) ------------------------------------------------------------------

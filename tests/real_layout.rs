@@ -5,7 +5,7 @@
 //! `.bin` files (decoys here, never to be opened) and a root `.ckpt`. Its single-file form
 //! (`tiny-sd-single-file.safetensors`) is the original LDM layout that AUTOMATIC1111 and ComfyUI use.
 
-use crate::util::{fixtures, image_diff, model_arg, read_json, reference, sdscale, stderr, tiny_model};
+use crate::util::{copy_dir, fixtures, image_diff, model_arg, read_json, reference, sdscale, stderr, tiny_model};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -86,19 +86,6 @@ fn render(dir: &Path, name: &str, model: &[&str], extra: &[&str]) -> (PathBuf, s
     args.extend(["-o".into(), out.display().to_string()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     (out.clone(), sdscale(dir, &args))
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let path = entry.unwrap().path();
-        let target = to.join(path.file_name().unwrap());
-        if path.is_dir() {
-            copy_dir(&path, &target);
-        } else {
-            std::fs::copy(&path, &target).unwrap();
-        }
-    }
 }
 
 /// Half precision reads the `.fp16.safetensors` files: with the f32 files truncated to nothing the

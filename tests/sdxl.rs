@@ -5,7 +5,7 @@
 //! "no negative prompt" and "" stay apart through the CLI, metadata and `--from`; the SGM single file
 //! renders the folder's image.
 
-use crate::util::{fixtures, image_diff, max_abs_diff, sdscale, stderr, stdout};
+use crate::util::{copy_dir, fixtures, image_diff, max_abs_diff, sdscale, stderr, stdout};
 use candle_core::{DType, Device, Tensor};
 use sdscale::pipeline::{GenerateRequest, Pipeline};
 use sdscale::weights::{ModelFiles, ModelSource};
@@ -373,19 +373,6 @@ fn sdxl_f16_decodes_in_f32_when_the_vae_says_force_upcast() {
     let plain = dir.path().join("config.json");
     std::fs::write(&plain, config.to_string()).unwrap();
     assert!(decode(&load(&plain, DType::F16), DType::F16) != f32, "without force_upcast the decode runs in f16");
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let path = entry.unwrap().path();
-        let target = to.join(path.file_name().unwrap());
-        if path.is_dir() {
-            copy_dir(&path, &target);
-        } else {
-            std::fs::copy(&path, &target).unwrap();
-        }
-    }
 }
 
 // ---- entropy -------------------------------------------------------------------------------------

@@ -154,3 +154,17 @@ pub fn success_lines(output: &Output) -> Vec<String> {
     assert!(output.status.success(), "sdscale failed ({:?}): {}", output.status, stderr(output));
     stdout(output).lines().map(str::to_string).collect()
 }
+
+/// Copies a folder tree (a fixture model to alter in a temporary directory).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
+}
