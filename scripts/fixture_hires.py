@@ -229,7 +229,8 @@ def write_sdxl_model(mf, fs, out: Path):
     if out.exists():
         shutil.rmtree(out)
     src = mf.FIXTURES / "tiny-sdxl"
-    # Stored in f16 (half the bytes: 60 transformer blocks at level 2); the reference runs the same values in f32.
+    # Values rounded through f16 (as first made, so the references stay the same), stored in f32 as the real
+    # unet/diffusion_pytorch_model.safetensors is.
     unet = mf.build_unet(xl_unet_config(fs), XL_UNET_SEED, XL_SHARPEN).half().float()
     shutil.copytree(src / "scheduler", out / "scheduler")
     shutil.copy(src / "model_index.json", out / "model_index.json")
@@ -238,8 +239,7 @@ def write_sdxl_model(mf, fs, out: Path):
     for name, stem in (("text_encoder", "model"), ("text_encoder_2", "model"), ("vae", "diffusion_pytorch_model")):
         copy_files(src / name, out / name, ["config.json", f"{stem}.safetensors"])
     mf.write_json(out / "unet" / "config.json", fs.unet_config_json(unet))
-    save_weights(mf, out / "unet", "diffusion_pytorch_model", {k: v.half() for k, v in unet.state_dict().items()},
-                 False, ())
+    save_weights(mf, out / "unet", "diffusion_pytorch_model", unet.state_dict(), False, ())
     return unet
 
 
